@@ -1,0 +1,226 @@
+"""One typed configuration, loaded once at start-up and passed down.
+
+`gateway.yaml` is read, `${VAR}` / `${VAR:-default}` are filled in from the
+environment, and the result is validated into `Config`. Anything wrong is a
+`ConfigError` whose message names the key, e.g.
+"server.port: Expected `int`, got `str`".
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import msgspec
+import yaml
+
+from memory.config import MemoryConfig
+
+
+class ConfigError(Exception):
+    """The configuration cannot be used; the message names the offending key."""
+
+
+class _Settings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    pass
+
+
+class ServerConfig(_Settings):
+    host: str = "127.0.0.1"
+    port: int = 8080
+    # Requests with base64 images are large; above this the gateway answers 413.
+    max_body_bytes: int = 32 * 1024 * 1024
+    log_level: str = "info"
+
+
+class HTTPConfig(_Settings):
+    """The shared upstream client. `read_timeout` is the gap allowed between
+    two chunks of a stream (and until the first token), not a whole-request limit."""
+
+    connect_timeout: float = 10.0
+    read_timeout: float = 600.0
+    write_timeout: float = 60.0
+    pool_timeout: float = 10.0
+    max_connections: int = 512
+    max_keepalive_connections: int = 128
+
+
+class UpstreamConfig(_Settings):
+    name: str
+    base_url: str
+    # When set, replaces whatever key the client sent (the client's key never
+    # reaches this upstream). When empty, the client's Authorization passes through.
+    api_key: str | None = None
+    # Model names (exact or glob: `gpt-*`) routed here. The default upstream
+    # takes every model no other upstream claims.
+    models: list[str] = msgspec.field(default_factory=list)
+    default: bool = False
+
+
+class UserKey(_Settings):
+    """A bearer key issued by the gateway: it names a user, optionally with the
+    upstream key to use on their behalf."""
+
+    key: str
+    user_id: str
+    upstream_api_key: str | None = None
+
+
+class AuthConfig(_Settings):
+    # With `require_key`, a request whose bearer key is not a gateway key gets 401.
+    require_key: bool = False
+    # Protects the management API; when empty only loopback clients may use it.
+    admin_key: str | None = None
+    keys: list[UserKey] = msgspec.field(default_factory=list)
+
+
+class IdentityConfig(_Settings):
+    user_header: str = "X-User-Id"
+    agent_header: str = "X-Agent-Id"
+    session_header: str = "X-Session-Id"
+    # Read the user from the chat body's `user` field when no key or header names one.
+    body_user_field: bool = True
+
+
+class Config(_Settings):
+    server: ServerConfig = msgspec.field(default_factory=ServerConfig)
+    http: HTTPConfig = msgspec.field(default_factory=HTTPConfig)
+    upstreams: list[UpstreamConfig] = msgspec.field(
+        default_factory=lambda: [
+            UpstreamConfig(name="openai", base_url="https://api.openai.com/v1", default=True)
+        ]
+    )
+    auth: AuthConfig = msgspec.field(default_factory=AuthConfig)
+    identity: IdentityConfig = msgspec.field(default_factory=IdentityConfig)
+    data_dir: str = "./memory-gateway-data"
+    memory: MemoryConfig = msgspec.field(default_factory=MemoryConfig)
+
+    def __post_init__(self) -> None:
+        if not self.upstreams:
+            raise ValueError("at least one upstream is required - at `$.upstreams`")
+        defaults = [u for u in self.upstreams if u.default]
+        if len(defaults) > 1:
+            raise ValueError("only one upstream may be the default - at `$.upstreams`")
+        names = [u.name for u in self.upstreams]
+        if len(set(names)) != len(names):
+            raise ValueError("upstream names must be unique - at `$.upstreams`")
+        for u in self.upstreams:
+            if not u.base_url.startswith(("http://", "https://")):
+                raise ValueError(
+                    f"base_url of upstream {u.name!r} must start with http:// or https://"
+                    " - at `$.upstreams`"
+                )
+        if len({k.key for k in self.auth.keys}) != len(self.auth.keys):
+            raise ValueError("gateway keys must be unique - at `$.auth.keys`")
+        if not 0 < self.server.port < 65536:
+            raise ValueError("port must be between 1 and 65535 - at `$.server.port`")
+
+    @property
+    def default_upstream(self) -> UpstreamConfig:
+        for u in self.upstreams:
+            if u.default:
+                return u
+        return self.upstreams[0]
+
+    @property
+    def data_path(self) -> Path:
+        return Path(self.data_dir).expanduser()
+
+
+_VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+
+
+def interpolate(value: Any, env: Mapping[str, str], path: str = "$") -> Any:
+    """Fill `${VAR}` and `${VAR:-default}` in every string of a parsed YAML tree."""
+    if isinstance(value, dict):
+        return {k: interpolate(v, env, f"{path}.{k}") for k, v in value.items()}
+    if isinstance(value, list):
+        return [interpolate(v, env, f"{path}[{i}]") for i, v in enumerate(value)]
+    if not isinstance(value, str):
+        return value
+
+    def replace(m: re.Match[str]) -> str:
+        name, default = m.group(1), m.group(2)
+        if name in env and (env[name] != "" or default is None):
+            return env[name]
+        if default is not None:
+            return default
+        raise ConfigError(f"{path[2:] or path}: environment variable {name} is not set")
+
+    whole = _VAR.fullmatch(value)
+    result = _VAR.sub(replace, value)
+    # A value that was only `${VAR:-}` and came out empty means "unset".
+    if whole and result == "":
+        return None
+    return result
+
+
+def _key_path(message: str) -> str:
+    """Turn msgspec's "... - at `$.server.port`" into "server.port: ..."."""
+    m = re.search(r"^(.*) - at `\$\.?(.*)`$", message)
+    if not m:
+        return message
+    text, where = m.groups()
+    return f"{where}: {text}" if where else text
+
+
+def load_config(
+    path: str | Path | None = None,
+    *,
+    env: Mapping[str, str] | None = None,
+    overrides: Mapping[str, Any] | None = None,
+) -> Config:
+    """Read, interpolate and validate the configuration.
+
+    `overrides` are dotted keys from the command line (`server.port`, `data_dir`,
+    `upstream`), applied after the file.
+    """
+    env = os.environ if env is None else env
+    raw: dict[str, Any] = {}
+    if path is not None:
+        try:
+            text = Path(path).read_text(encoding="utf-8")
+        except OSError as exc:
+            raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from None
+        try:
+            loaded = yaml.safe_load(text)
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{path} is not valid YAML: {exc}") from None
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{path} must contain a mapping at the top level")
+        raw = interpolate(loaded, env)
+    raw = _apply_overrides(raw, overrides or {})
+    try:
+        return msgspec.convert(raw, Config, strict=False)
+    except (msgspec.ValidationError, ValueError) as exc:
+        raise ConfigError(_key_path(str(exc))) from None
+
+
+def _apply_overrides(raw: dict[str, Any], overrides: Mapping[str, Any]) -> dict[str, Any]:
+    raw = dict(raw)
+    for key, value in overrides.items():
+        if value is None:
+            continue
+        if key == "upstream":
+            upstreams = [dict(u) for u in raw.get("upstreams") or []]
+            target = next((u for u in upstreams if u.get("default")), None)
+            if target is None and upstreams:
+                target = upstreams[0]
+            if target is None:
+                upstreams.append({"name": "default", "base_url": value, "default": True})
+            else:
+                target["base_url"] = value
+            raw["upstreams"] = upstreams
+            continue
+        node = raw
+        *parents, leaf = key.split(".")
+        for part in parents:
+            node[part] = dict(node.get(part) or {})
+            node = node[part]
+        node[leaf] = value
+    return raw

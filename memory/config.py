@@ -1,0 +1,107 @@
+"""Typed settings of the memory engine.
+
+The engine is a library: it receives one `MemoryConfig`, already validated, and
+never reads the environment itself. The gateway embeds this model in its own
+configuration (`memory:` in gateway.yaml).
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import msgspec
+
+
+class _Settings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    pass
+
+
+class EmbedderConfig(_Settings):
+    """Which model turns text into vectors.
+
+    `local` is USE multilingual v3 shipped inside the package (no key, no
+    network); `openai` calls any OpenAI-compatible `/v1/embeddings`.
+    """
+
+    provider: Literal["local", "openai"] = "local"
+    model: str = "use-multilingual-v3"
+    base_url: str | None = None
+    api_key: str | None = None
+    dimensions: int | None = None
+    batch_size: int = 32
+    timeout: float = 30.0
+
+
+class LLMConfig(_Settings):
+    """The model that extracts and updates facts (one call per exchange).
+
+    `base_url` defaults to the gateway's default upstream. With no `api_key`,
+    the key of the request that produced the exchange is used (kept in process
+    memory only).
+    """
+
+    base_url: str | None = None
+    model: str = "gpt-4o-mini"
+    api_key: str | None = None
+    timeout: float = 60.0
+    temperature: float = 0.0
+    max_tokens: int = 1024
+
+
+class SearchConfig(_Settings):
+    limit: int = 8
+    # Reciprocal-rank fusion of vector and full-text results; `False` is vector only.
+    hybrid: bool = True
+    # Hits whose cosine similarity is below this are dropped (full-text-only
+    # hits must still reach it through their vector score).
+    min_score: float = 0.2
+    # Existing memories shown to the extractor with each exchange.
+    extraction_context: int = 10
+
+
+class SpoolConfig(_Settings):
+    # Different users run in parallel up to this many; one user is always serial.
+    concurrency: int = 4
+    max_attempts: int = 5
+    backoff_initial: float = 1.0
+    backoff_max: float = 60.0
+    # Finished jobs are kept this long (for stats and idempotent replay), then purged.
+    keep_done_seconds: float = 86400.0
+
+
+class MaintenanceConfig(_Settings):
+    # Compaction, index refresh and cleanup of old versions run this often.
+    interval_seconds: float = 60.0
+    # A vector index is built once the table holds this many rows.
+    vector_index_min_rows: int = 100_000
+    # Old table versions older than this are removed at maintenance.
+    keep_versions_seconds: float = 600.0
+
+
+class RedactionConfig(_Settings):
+    # Secrets (API keys, passwords, card numbers...) are masked before storage.
+    enabled: bool = True
+
+
+class InjectionConfig(_Settings):
+    # Where the memory system message goes. `before_last_user` keeps every
+    # earlier message byte-identical so provider prompt caching keeps working.
+    position: Literal["before_last_user", "after_system", "end"] = "before_last_user"
+    max_chars: int = 2000
+    # Retrieval slower than this is abandoned; the request goes on without memories.
+    deadline_ms: int = 250
+
+
+class MemoryConfig(_Settings):
+    enabled: bool = True
+    # Default `X-Memory-Mode` when a request names none.
+    mode: Literal["auto", "read", "write", "off"] = "auto"
+    embedder: EmbedderConfig = msgspec.field(default_factory=EmbedderConfig)
+    llm: LLMConfig = msgspec.field(default_factory=LLMConfig)
+    search: SearchConfig = msgspec.field(default_factory=SearchConfig)
+    spool: SpoolConfig = msgspec.field(default_factory=SpoolConfig)
+    maintenance: MaintenanceConfig = msgspec.field(default_factory=MaintenanceConfig)
+    redaction: RedactionConfig = msgspec.field(default_factory=RedactionConfig)
+    injection: InjectionConfig = msgspec.field(default_factory=InjectionConfig)
+    # Overrides of the prompts in memory/prompts.py, by name (e.g. `extraction`).
+    prompts: dict[str, str] = msgspec.field(default_factory=dict)

@@ -1,0 +1,117 @@
+"""The engine's vocabulary: who a memory belongs to, what it is, what happened to it."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any, Literal
+
+import msgspec
+
+MAX_ID_LENGTH = 256
+
+
+class InvalidScope(ValueError):
+    """An id that cannot name a user, agent or session."""
+
+
+def validate_id(kind: str, value: str) -> str:
+    """Reject ids that are empty, too long or carry control characters."""
+    if not value:
+        raise InvalidScope(f"{kind} must not be empty")
+    if len(value) > MAX_ID_LENGTH:
+        raise InvalidScope(f"{kind} is longer than {MAX_ID_LENGTH} characters")
+    if any(ord(c) < 32 or 127 <= ord(c) < 160 for c in value):
+        raise InvalidScope(f"{kind} contains control characters")
+    return value
+
+
+class Scope(msgspec.Struct, frozen=True, kw_only=True):
+    """Whose memories an operation may see or change.
+
+    Every store read and write takes one; the store turns it into the only
+    filter that touches the tables.
+    """
+
+    user_id: str
+    agent_id: str | None = None
+    session_id: str | None = None
+
+    def __post_init__(self) -> None:
+        validate_id("user_id", self.user_id)
+        if self.agent_id is not None:
+            validate_id("agent_id", self.agent_id)
+        if self.session_id is not None:
+            validate_id("session_id", self.session_id)
+
+
+class Memory(msgspec.Struct, kw_only=True):
+    id: str
+    user_id: str
+    agent_id: str | None
+    session_id: str | None
+    text: str
+    metadata: dict[str, Any]
+    created_at: datetime
+    updated_at: datetime
+    # The exchange (spool job id) or API call that produced the current text.
+    source: str | None = None
+    # Set when a later fact replaced this one: the old fact stays answerable
+    # ("where did I live before?") but is no longer injected by default.
+    superseded_by: str | None = None
+    superseded_at: datetime | None = None
+
+
+class Hit(msgspec.Struct, kw_only=True):
+    memory: Memory
+    # Fused relevance, higher is better; `similarity` is the raw cosine.
+    score: float
+    similarity: float
+
+
+Event = Literal["ADD", "UPDATE", "DELETE"]
+Actor = Literal["extractor", "api", "import"]
+
+
+class HistoryEntry(msgspec.Struct, kw_only=True):
+    id: str
+    memory_id: str
+    user_id: str
+    event: Event
+    old_text: str | None
+    new_text: str | None
+    at: datetime
+    source: str | None
+    actor: Actor
+
+
+class Operation(msgspec.Struct, kw_only=True):
+    """One decision of the extractor, with aliases already resolved to ids."""
+
+    op: Literal["ADD", "UPDATE", "DELETE", "NONE"]
+    text: str | None = None
+    memory_id: str | None = None
+
+
+class Exchange(msgspec.Struct, kw_only=True):
+    """A finished chat turn handed to the engine for extraction."""
+
+    scope: Scope
+    # Only the user turns that are new in this request (plus any system text
+    # the app sent), OpenAI message dicts.
+    messages: list[dict[str, Any]]
+    reply: str | None
+    at: datetime
+    source: str | None = None
+
+
+class SpoolStats(msgspec.Struct, kw_only=True):
+    pending: int
+    running: int
+    failed: int
+    done: int
+
+
+class Stats(msgspec.Struct, kw_only=True):
+    memories: int
+    users: int
+    spool: SpoolStats
