@@ -76,6 +76,11 @@ class MaintenanceConfig(_Settings):
     vector_index_min_rows: int = 100_000
     # Old table versions older than this are removed at maintenance.
     keep_versions_seconds: float = 600.0
+    # Maintenance also runs once this many writes happened since the last run.
+    optimize_after_writes: int = 500
+    # Bounds of LanceDB's index and metadata caches, so RSS stays flat.
+    index_cache_bytes: int = 64 * 1024 * 1024
+    metadata_cache_bytes: int = 32 * 1024 * 1024
 
 
 class RedactionConfig(_Settings):
