@@ -67,6 +67,10 @@ class SpoolConfig(_Settings):
     backoff_max: float = 60.0
     # Finished jobs are kept this long (for stats and idempotent replay), then purged.
     keep_done_seconds: float = 86400.0
+    # A claimed job whose worker stops renewing its lease (crash) is resumed after this.
+    lease_seconds: float = 30.0
+    # Fallback poll for jobs of other processes; this process wakes its workers directly.
+    poll_interval: float = 2.0
 
 
 class MaintenanceConfig(_Settings):
