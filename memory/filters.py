@@ -1,0 +1,94 @@
+"""The only place that writes LanceDB filter strings.
+
+LanceDB filters are DataFusion SQL. A string literal is delimited by single
+quotes, a quote inside it is written twice, and backslashes are plain
+characters (no escape processing) - checked against LanceDB 0.40 in
+tests/memory/test_filters.py. Every value that reaches a filter goes through
+`literal`, and every store query is narrowed to one user by `scope_filter`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from memory.models import Scope
+
+
+class UnsafeFilterValue(ValueError):
+    """A value that cannot be written as a SQL string literal."""
+
+
+def literal(value: str) -> str:
+    """Quote `value` as a DataFusion string literal."""
+    if not isinstance(value, str):
+        raise UnsafeFilterValue(f"filter values must be str, not {type(value).__name__}")
+    if "\x00" in value:
+        raise UnsafeFilterValue("filter values must not contain NUL")
+    return "'" + value.replace("'", "''") + "'"
+
+
+def _in_list(column: str, values: Sequence[str]) -> str:
+    if not values:
+        return "false"
+    if len(values) == 1:
+        return f"{column} = {literal(values[0])}"
+    return f"{column} IN ({', '.join(literal(v) for v in values)})"
+
+
+def build_filter(
+    *,
+    user_id: str | None = None,
+    agent_id: str | None = None,
+    ids: Sequence[str] | None = None,
+    memory_ids: Sequence[str] | None = None,
+    hashes: Sequence[str] | None = None,
+    superseded_by: Sequence[str] | None = None,
+    active_only: bool = False,
+) -> str:
+    """Join the given conditions with AND; `None` means "no condition".
+
+    `ids` matches the `id` column, `memory_ids` the history table's
+    `memory_id`, `superseded_by` the rows replaced by those ids. An empty
+    sequence matches nothing. `active_only` keeps rows no later fact replaced.
+    """
+    parts: list[str] = []
+    if user_id is not None:
+        parts.append(f"user_id = {literal(user_id)}")
+    if agent_id is not None:
+        parts.append(f"agent_id = {literal(agent_id)}")
+    if ids is not None:
+        parts.append(_in_list("id", ids))
+    if memory_ids is not None:
+        parts.append(_in_list("memory_id", memory_ids))
+    if hashes is not None:
+        parts.append(_in_list("hash", hashes))
+    if superseded_by is not None:
+        parts.append(_in_list("superseded_by", superseded_by))
+    if active_only:
+        parts.append("superseded_by IS NULL")
+    if not parts:
+        return "true"
+    return " AND ".join(f"({p})" for p in parts)
+
+
+def scope_filter(
+    scope: Scope,
+    *,
+    ids: Sequence[str] | None = None,
+    memory_ids: Sequence[str] | None = None,
+    hashes: Sequence[str] | None = None,
+    superseded_by: Sequence[str] | None = None,
+    active_only: bool = False,
+) -> str:
+    """The filter of everything `scope` may see: its user, narrowed to its agent
+    when one is given. `session_id` is provenance, not a boundary: a user's
+    long-term memories follow them across sessions."""
+    return build_filter(
+        user_id=scope.user_id,
+        agent_id=scope.agent_id,
+        ids=ids,
+        memory_ids=memory_ids,
+        hashes=hashes,
+        superseded_by=superseded_by,
+        active_only=active_only,
+    )

@@ -1,0 +1,840 @@
+"""Per-user facts in LanceDB: the `memories` and `history` tables.
+
+Every read and write is narrowed by `filters.scope_filter`, the only filter
+builder. Writes go through one asyncio lock (LanceDB's update/delete/merge can
+conflict with each other) and are retried on commit conflicts. Search fuses
+cosine similarity with n-gram full-text search (so Chinese works) by
+reciprocal rank.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import builtins
+import hashlib
+import logging
+import re
+import unicodedata
+import uuid
+from collections.abc import Awaitable, Callable, Iterable, Sequence
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any, TypeVar
+
+import lancedb
+import msgspec
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+from lancedb.index import FTS, BTree, IvfPq
+from lancedb.query import ColumnOrdering
+
+from memory.config import MemoryConfig
+from memory.embedding import Embedder, EmbedderError
+from memory.filters import build_filter, scope_filter
+from memory.fusion import reciprocal_rank_fusion
+from memory.models import Actor, HistoryEntry, Hit, Memory, Operation, Scope
+from memory.schema import (
+    HISTORY,
+    MEMORIES,
+    EmbedderMismatch,
+    check_embedder,
+    history_schema,
+    memories_schema,
+)
+
+__all__ = ["EmbedderMismatch", "MemoryStore", "normalized_hash"]
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+# Deterministic ids of the rows and history entries an extraction job creates.
+_ID_NAMESPACE = uuid.UUID("6f1c3a52-4d0e-5b8a-9f57-2b9c1e0d7a41")
+# n-grams of 1..3 characters: a one- or two-character Chinese word (猫, 上海) matches.
+_FTS_CONFIG = FTS(
+    base_tokenizer="ngram",
+    ngram_min_length=1,
+    ngram_max_length=3,
+    lower_case=True,
+    ascii_folding=True,
+    stem=False,
+    remove_stop_words=False,
+    max_token_length=None,
+)
+# Full-text queries are cut to this many characters: n-gram queries grow with length.
+_FTS_QUERY_CHARS = 256
+_MEMORY_COLUMNS = [
+    "id",
+    "user_id",
+    "agent_id",
+    "session_id",
+    "text",
+    "metadata",
+    "created_at",
+    "updated_at",
+    "source",
+    "superseded_by",
+    "superseded_at",
+]
+_ORDER = [ColumnOrdering(column_name="created_at"), ColumnOrdering(column_name="id")]
+_IN_CHUNK = 500
+_WRITE_ATTEMPTS = 6
+_SPACE = re.compile(r"\s+")
+_TRAILING = ".!?;,\u3002\uff01\uff1f\uff1b\uff0c"  # ASCII and full-width
+
+
+def normalized_hash(text: str) -> str:
+    """sha256 of the text with case, width, whitespace and final punctuation folded."""
+    folded = _SPACE.sub(" ", unicodedata.normalize("NFKC", text).casefold()).strip()
+    folded = folded.rstrip(_TRAILING).strip()
+    return hashlib.sha256(folded.encode()).hexdigest()
+
+
+def _op_id(source: str, index: int, kind: str) -> str:
+    return str(uuid.uuid5(_ID_NAMESPACE, f"{source}:{index}" + (f":{kind}" if kind else "")))
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
+def _utc(at: datetime) -> datetime:
+    return at.replace(tzinfo=UTC) if at.tzinfo is None else at.astimezone(UTC)
+
+
+def _is_conflict(exc: Exception) -> bool:
+    text = str(exc).lower()
+    return "conflict" in text or "retryable" in text
+
+
+def _to_memory(row: dict[str, Any]) -> Memory:
+    return Memory(
+        id=row["id"],
+        user_id=row["user_id"],
+        agent_id=row["agent_id"],
+        session_id=row["session_id"],
+        text=row["text"],
+        metadata=msgspec.json.decode(row["metadata"]) if row["metadata"] else {},
+        created_at=row["created_at"],
+        updated_at=row["updated_at"],
+        source=row["source"],
+        superseded_by=row["superseded_by"],
+        superseded_at=row["superseded_at"],
+    )
+
+
+def _to_entry(row: dict[str, Any]) -> HistoryEntry:
+    return HistoryEntry(
+        id=row["id"],
+        memory_id=row["memory_id"],
+        user_id=row["user_id"],
+        event=row["event"],
+        old_text=row["old_text"],
+        new_text=row["new_text"],
+        at=row["at"],
+        source=row["source"],
+        actor=row["actor"],
+    )
+
+
+class MemoryStore:
+    """The engine's storage. Open with `MemoryStore.open`; the caller owns the
+    embedder and closes it after the store."""
+
+    def __init__(
+        self,
+        db: Any,
+        memories: Any,
+        history: Any,
+        embedder: Embedder,
+        config: MemoryConfig,
+    ) -> None:
+        self._db = db
+        self._memories = memories
+        self._history = history
+        self._embedder = embedder
+        self._config = config
+        self._schema = memories_schema(embedder.name, embedder.dimensions)
+        self._history_schema = history_schema()
+        self._lock = asyncio.Lock()
+        self._writes = 0
+        self._writes_changed = asyncio.Event()
+        self._closed = False
+
+    @classmethod
+    async def open(cls, path: Path, embedder: Embedder, config: MemoryConfig) -> MemoryStore:
+        """Create or open the tables under `path`; warm the embedder.
+
+        Raises `EmbedderMismatch` when the tables were built with another
+        embedder name or dimension.
+        """
+        warm: Callable[[], Awaitable[None]] | None = getattr(embedder, "warm", None)
+        if warm is not None:
+            await warm()
+        if not embedder.dimensions:
+            raise EmbedderError(f"embedder {embedder.name!r} does not know its dimension")
+        await asyncio.to_thread(Path(path).mkdir, parents=True, exist_ok=True)
+        session = lancedb.Session(
+            index_cache_size_bytes=config.maintenance.index_cache_bytes,
+            metadata_cache_size_bytes=config.maintenance.metadata_cache_bytes,
+        )
+        db = await lancedb.connect_async(str(path), session=session)
+        memories = await db.create_table(
+            MEMORIES, schema=memories_schema(embedder.name, embedder.dimensions), exist_ok=True
+        )
+        check_embedder(await memories.schema(), embedder.name, embedder.dimensions)
+        history = await db.create_table(HISTORY, schema=history_schema(), exist_ok=True)
+        store = cls(db, memories, history, embedder, config)
+        await store._ensure_indices()
+        return store
+
+    async def _ensure_indices(self) -> None:
+        have = {tuple(i.columns): i.index_type for i in await self._memories.list_indices()}
+        if ("text",) not in have:
+            await self._memories.create_index("text", config=_FTS_CONFIG)
+        for column in ("user_id", "id"):
+            if (column,) not in have:
+                await self._memories.create_index(column, config=BTree())
+        if ("vector",) not in have:
+            rows = await self._memories.count_rows()
+            if rows >= self._config.maintenance.vector_index_min_rows:
+                await self._memories.create_index("vector", config=IvfPq(distance_type="cosine"))
+        have_h = {tuple(i.columns) for i in await self._history.list_indices()}
+        for column in ("memory_id", "user_id"):
+            if (column,) not in have_h:
+                await self._history.create_index(column, config=BTree())
+
+    async def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        async with self._lock:
+            self._memories.close()
+            self._history.close()
+            self._db.close()
+
+    async def ready(self) -> bool:
+        if self._closed:
+            return False
+        try:
+            await self._memories.count_rows(build_filter(ids=[]))
+        except Exception:
+            log.exception("memory store is not ready")
+            return False
+        return True
+
+    # ---------- writes: one at a time, retried on commit conflicts ----------
+
+    async def _retry(self, fn: Callable[[], Awaitable[T]]) -> T:
+        for attempt in range(_WRITE_ATTEMPTS):
+            try:
+                return await fn()
+            except Exception as exc:
+                if attempt == _WRITE_ATTEMPTS - 1 or not _is_conflict(exc):
+                    raise
+                log.warning("LanceDB commit conflict, retrying (%s)", exc)
+                await asyncio.sleep(0.02 * 2**attempt)
+        raise AssertionError("unreachable")
+
+    def _wrote(self, n: int = 1) -> None:
+        self._writes += n
+        self._writes_changed.set()
+
+    @property
+    def writes_since_optimize(self) -> int:
+        return self._writes
+
+    async def wait_for_writes(self, n: int) -> None:
+        """Return once at least `n` writes happened since the last optimize."""
+        while self._writes < n:
+            self._writes_changed.clear()
+            await self._writes_changed.wait()
+
+    async def _insert(self, rows: list[dict[str, Any]]) -> None:
+        if rows:
+            data = pa.Table.from_pylist(rows, schema=self._schema)
+            await self._retry(lambda: self._memories.add(data))
+            self._wrote()
+
+    async def _upsert(self, rows: list[dict[str, Any]]) -> None:
+        """Replace whole rows by id (rows already read under a scope filter)."""
+        if rows:
+            data = pa.Table.from_pylist(rows, schema=self._schema)
+            await self._retry(
+                lambda: self._memories.merge_insert("id").when_matched_update_all().execute(data)
+            )
+            self._wrote()
+
+    async def _record(self, entries: list[dict[str, Any]]) -> None:
+        if entries:
+            data = pa.Table.from_pylist(entries, schema=self._history_schema)
+            await self._retry(lambda: self._history.add(data))
+            self._wrote()
+
+    async def _remove(self, where: str) -> None:
+        await self._retry(lambda: self._memories.delete(where))
+        self._wrote()
+
+    # ---------- reads ----------
+
+    async def _rows(
+        self, where: str, *, vectors: bool = False, limit: int | None = None
+    ) -> list[dict[str, Any]]:
+        columns = [*_MEMORY_COLUMNS, "vector", "hash"] if vectors else [*_MEMORY_COLUMNS, "hash"]
+        query = self._memories.query().where(where).select(columns)
+        if limit is not None:
+            query = query.limit(limit)
+        return await query.to_list()
+
+    async def _rows_by_ids(
+        self, scope: Scope, ids: Sequence[str], *, vectors: bool = False
+    ) -> dict[str, dict[str, Any]]:
+        found: dict[str, dict[str, Any]] = {}
+        unique = list(dict.fromkeys(ids))
+        for i in range(0, len(unique), _IN_CHUNK):
+            chunk = unique[i : i + _IN_CHUNK]
+            for row in await self._rows(scope_filter(scope, ids=chunk), vectors=vectors):
+                found[row["id"]] = row
+        return found
+
+    async def _history_ids(self, ids: Sequence[str]) -> set[str]:
+        if not ids:
+            return set()
+        rows = (
+            await self._history.query().where(build_filter(ids=list(ids))).select(["id"]).to_list()
+        )
+        return {r["id"] for r in rows}
+
+    async def _embed(self, texts: Sequence[str]) -> np.ndarray:
+        vectors = await self._embedder.embed(texts)
+        if vectors.shape != (len(texts), self._embedder.dimensions):
+            raise EmbedderError(
+                f"embedder returned shape {vectors.shape}, "
+                f"expected ({len(texts)}, {self._embedder.dimensions})"
+            )
+        return vectors
+
+    # ---------- search ----------
+
+    async def search(
+        self,
+        scope: Scope,
+        query: str,
+        *,
+        limit: int | None = None,
+        min_score: float | None = None,
+        include_superseded: bool = False,
+    ) -> list[Hit]:
+        """The memories of `scope` most relevant to `query`, best first.
+
+        Cosine similarity and full-text (BM25 over 1-3 character n-grams)
+        candidates are fused by reciprocal rank; a hit must still reach
+        `min_score` cosine similarity. Fresh rows not yet in the full-text
+        index are searched too (LanceDB scans unindexed rows).
+        """
+        search = self._config.search
+        limit = search.limit if limit is None else limit
+        min_score = search.min_score if min_score is None else min_score
+        if limit <= 0:
+            return []
+        vector = (await self._embed([query]))[0]
+        where = scope_filter(scope, active_only=not include_superseded)
+        candidates = max(limit * 3, 20)
+        vector_query = (
+            self._memories.query()
+            .nearest_to(vector)
+            .distance_type("cosine")
+            .where(where)
+            .select([*_MEMORY_COLUMNS, "_distance"])
+            .limit(candidates)
+        )
+        fts_text = query.strip()[:_FTS_QUERY_CHARS]
+        if search.hybrid and fts_text:
+            by_vector, by_text = await asyncio.gather(
+                vector_query.to_list(), self._text_candidates(fts_text, where, candidates)
+            )
+        else:
+            by_vector, by_text = await vector_query.to_list(), []
+
+        similarity: dict[str, float] = {}
+        rows: dict[str, dict[str, Any]] = {}
+        for row in by_vector:
+            similarity[row["id"]] = 1.0 - float(row["_distance"])
+            rows[row["id"]] = row
+        for row in by_text:
+            if row["id"] not in similarity:
+                stored = np.asarray(row["vector"], dtype=np.float32)
+                similarity[row["id"]] = float(stored @ vector)
+                rows[row["id"]] = row
+        if by_text:
+            fused = reciprocal_rank_fusion(
+                [[r["id"] for r in by_vector], [r["id"] for r in by_text]]
+            )
+        else:
+            fused = dict(similarity)
+        ranked = sorted(
+            (i for i in fused if similarity[i] >= min_score), key=lambda i: (-fused[i], i)
+        )
+        return [
+            Hit(memory=_to_memory(rows[i]), score=fused[i], similarity=similarity[i])
+            for i in ranked[:limit]
+        ]
+
+    async def _text_candidates(self, text: str, where: str, limit: int) -> list[dict[str, Any]]:
+        try:
+            return (
+                await self._memories.query()
+                .nearest_to_text(text, columns="text")
+                .where(where)
+                .select([*_MEMORY_COLUMNS, "vector", "_score"])
+                .limit(limit)
+                .to_list()
+            )
+        except Exception:
+            # Full text is a booster: a failing FTS query must not fail retrieval.
+            log.exception("full-text search failed; using vector results only")
+            return []
+
+    async def related(self, scope: Scope, text: str, k: int) -> list[Memory]:
+        """The `k` active memories closest to `text` (the extractor's context)."""
+        if k <= 0:
+            return []
+        vector = (await self._embed([text]))[0]
+        rows = (
+            await self._memories.query()
+            .nearest_to(vector)
+            .distance_type("cosine")
+            .where(scope_filter(scope, active_only=True))
+            .select([*_MEMORY_COLUMNS, "_distance"])
+            .limit(k)
+            .to_list()
+        )
+        return [_to_memory(r) for r in rows]
+
+    # ---------- extraction decisions ----------
+
+    async def apply(
+        self,
+        scope: Scope,
+        ops: Sequence[Operation],
+        *,
+        source: str,
+        actor: Actor,
+        at: datetime,
+    ) -> list[HistoryEntry]:
+        """Apply one extraction job's decisions; replaying the same job is a no-op.
+
+        The i-th operation's new row and history entry have ids derived from
+        (source, i), and each step checks what is already there, so a job
+        interrupted anywhere and replayed ends in the same state. Ids outside
+        `scope` are ignored.
+        """
+        at = _utc(at)
+        async with self._lock:
+            return await self._apply(scope, ops, source=source, actor=actor, at=at)
+
+    async def _apply(
+        self, scope: Scope, ops: Sequence[Operation], *, source: str, actor: Actor, at: datetime
+    ) -> list[HistoryEntry]:
+        new_ids = {i: _op_id(source, i, "") for i in range(len(ops))}
+        entry_ids = {i: _op_id(source, i, "history") for i in range(len(ops))}
+        targets = [op.memory_id for op in ops if op.op in ("UPDATE", "DELETE") and op.memory_id]
+        existing = await self._rows_by_ids(scope, [*targets, *new_ids.values()], vectors=True)
+        recorded = await self._history_ids(list(entry_ids.values()))
+        texts = {
+            i: op.text.strip()
+            for i, op in enumerate(ops)
+            if op.op in ("ADD", "UPDATE") and op.text and op.text.strip()
+        }
+        active_hashes = (
+            {
+                row["hash"]: row["id"]
+                for row in await self._rows(
+                    scope_filter(
+                        scope, hashes=[normalized_hash(t) for t in texts.values()], active_only=True
+                    )
+                )
+            }
+            if texts
+            else {}
+        )
+
+        inserts: dict[str, dict[str, Any]] = {}
+        supersede: dict[str, dict[str, Any]] = {}
+        deletes: list[str] = []
+        entries: list[dict[str, Any]] = []
+        touched: set[str] = set()
+        pending_embed: list[tuple[str, str]] = []  # (row id, text)
+
+        def entry(
+            i: int,
+            memory_id: str,
+            event: str,
+            old: str | None,
+            new: str | None,
+            agent_id: str | None,
+        ) -> None:
+            entries.append(
+                {
+                    "id": entry_ids[i],
+                    "memory_id": memory_id,
+                    "user_id": scope.user_id,
+                    "agent_id": agent_id,
+                    "event": event,
+                    "old_text": old,
+                    "new_text": new,
+                    "at": at,
+                    "source": source,
+                    "actor": actor,
+                }
+            )
+
+        def new_row(
+            i: int, text: str, agent_id: str | None, session_id: str | None, metadata: str
+        ) -> dict[str, Any]:
+            row = {
+                "id": new_ids[i],
+                "user_id": scope.user_id,
+                "agent_id": agent_id,
+                "session_id": session_id,
+                "text": text,
+                "vector": None,
+                "hash": normalized_hash(text),
+                "metadata": metadata,
+                "created_at": at,
+                "updated_at": at,
+                "source": source,
+                "superseded_by": None,
+                "superseded_at": None,
+            }
+            pending_embed.append((new_ids[i], text))
+            return row
+
+        for i, op in enumerate(ops):
+            nid = new_ids[i]
+            if op.op == "ADD":
+                if i not in texts or entry_ids[i] in recorded:
+                    continue
+                text = texts[i]
+                if nid in existing:  # inserted before an interruption
+                    entry(i, nid, "ADD", None, text, existing[nid]["agent_id"])
+                    continue
+                digest = normalized_hash(text)
+                if digest in active_hashes:
+                    continue
+                inserts[nid] = new_row(i, text, scope.agent_id, scope.session_id, "{}")
+                active_hashes[digest] = nid
+                entry(i, nid, "ADD", None, text, scope.agent_id)
+            elif op.op == "UPDATE":
+                target = existing.get(op.memory_id or "")
+                if (
+                    i not in texts
+                    or entry_ids[i] in recorded
+                    or target is None
+                    or target["id"] in touched
+                ):
+                    continue
+                text = texts[i]
+                if target["superseded_by"] not in (None, nid):
+                    continue
+                digest = normalized_hash(text)
+                if digest == target["hash"]:
+                    continue
+                touched.add(target["id"])
+                replacement = active_hashes.get(digest)
+                if replacement is None or replacement == target["id"]:
+                    replacement = nid
+                    if nid not in existing:
+                        inserts[nid] = new_row(
+                            i,
+                            text,
+                            target["agent_id"],
+                            scope.session_id or target["session_id"],
+                            target["metadata"],
+                        )
+                    active_hashes[digest] = nid
+                if target["superseded_by"] is None:
+                    supersede[target["id"]] = {
+                        **target,
+                        "superseded_by": replacement,
+                        "superseded_at": at,
+                    }
+                entry(i, replacement, "UPDATE", target["text"], text, target["agent_id"])
+            elif op.op == "DELETE":
+                target = existing.get(op.memory_id or "")
+                if target is None or target["id"] in touched:
+                    continue
+                touched.add(target["id"])
+                deletes.append(target["id"])
+                if entry_ids[i] not in recorded:
+                    entry(i, target["id"], "DELETE", target["text"], None, target["agent_id"])
+
+        if pending_embed:
+            vectors = await self._embed([text for _, text in pending_embed])
+            for (row_id, _), vec in zip(pending_embed, vectors, strict=True):
+                inserts[row_id]["vector"] = vec
+        # Order matters for replay: rows, then supersession, then history, then deletes.
+        await self._insert(list(inserts.values()))
+        await self._upsert(list(supersede.values()))
+        await self._record(entries)
+        if deletes:
+            await self._remove(scope_filter(scope, ids=deletes))
+        return [_to_entry(e) for e in entries]
+
+    # ---------- direct API ----------
+
+    async def add(
+        self,
+        scope: Scope,
+        text: str,
+        *,
+        metadata: dict[str, Any] | None = None,
+        source: str | None = None,
+        actor: Actor = "api",
+        at: datetime | None = None,
+    ) -> Memory:
+        """Store `text` as given; an active duplicate (same normalized text) is
+        returned instead of a second copy."""
+        text = text.strip()
+        if not text:
+            raise ValueError("memory text must not be empty")
+        at = _utc(at) if at else _now()
+        digest = normalized_hash(text)
+        vector = (await self._embed([text]))[0]
+        async with self._lock:
+            dupes = await self._rows(
+                scope_filter(scope, hashes=[digest], active_only=True), limit=1
+            )
+            if dupes:
+                return _to_memory(dupes[0])
+            row = {
+                "id": str(uuid.uuid4()),
+                "user_id": scope.user_id,
+                "agent_id": scope.agent_id,
+                "session_id": scope.session_id,
+                "text": text,
+                "vector": vector,
+                "hash": digest,
+                "metadata": msgspec.json.encode(metadata or {}).decode(),
+                "created_at": at,
+                "updated_at": at,
+                "source": source,
+                "superseded_by": None,
+                "superseded_at": None,
+            }
+            await self._insert([row])
+            await self._record([self._entry(row, "ADD", None, text, at, source, actor)])
+        return _to_memory(row)
+
+    def _entry(
+        self,
+        row: dict[str, Any],
+        event: str,
+        old: str | None,
+        new: str | None,
+        at: datetime,
+        source: str | None,
+        actor: Actor,
+    ) -> dict[str, Any]:
+        return {
+            "id": str(uuid.uuid4()),
+            "memory_id": row["id"],
+            "user_id": row["user_id"],
+            "agent_id": row["agent_id"],
+            "event": event,
+            "old_text": old,
+            "new_text": new,
+            "at": at,
+            "source": source,
+            "actor": actor,
+        }
+
+    async def get(self, scope: Scope, memory_id: str) -> Memory | None:
+        rows = await self._rows(scope_filter(scope, ids=[memory_id]), limit=1)
+        return _to_memory(rows[0]) if rows else None
+
+    async def list(
+        self, scope: Scope, *, limit: int = 100, offset: int = 0, include_superseded: bool = False
+    ) -> list[Memory]:
+        """Oldest first, stable across pages."""
+        rows = (
+            await self._memories.query()
+            .where(scope_filter(scope, active_only=not include_superseded))
+            .select(_MEMORY_COLUMNS)
+            .order_by(_ORDER)
+            .offset(max(0, offset))
+            .limit(max(0, limit))
+            .to_list()
+        )
+        return [_to_memory(r) for r in rows]
+
+    async def update(
+        self,
+        scope: Scope,
+        memory_id: str,
+        *,
+        text: str | None = None,
+        metadata: dict[str, Any] | None = None,
+        actor: Actor = "api",
+    ) -> Memory | None:
+        """Edit a memory in place (same id); `None` when it is not in `scope`."""
+        if text is not None:
+            text = text.strip()
+            if not text:
+                raise ValueError("memory text must not be empty")
+        vector = (await self._embed([text]))[0] if text is not None else None
+        async with self._lock:
+            found = await self._rows_by_ids(scope, [memory_id], vectors=True)
+            old = found.get(memory_id)
+            if old is None:
+                return None
+            at = _now()
+            row = {**old, "updated_at": at}
+            if text is not None:
+                row.update(text=text, vector=vector, hash=normalized_hash(text))
+            if metadata is not None:
+                row["metadata"] = msgspec.json.encode(metadata).decode()
+            await self._upsert([row])
+            await self._record(
+                [self._entry(row, "UPDATE", old["text"], row["text"], at, None, actor)]
+            )
+        return _to_memory(row)
+
+    async def delete(self, scope: Scope, memory_id: str, *, actor: Actor = "api") -> bool:
+        async with self._lock:
+            rows = await self._rows(scope_filter(scope, ids=[memory_id]), limit=1)
+            if not rows:
+                return False
+            await self._record(
+                [self._entry(rows[0], "DELETE", rows[0]["text"], None, _now(), None, actor)]
+            )
+            await self._remove(scope_filter(scope, ids=[memory_id]))
+        return True
+
+    async def delete_all(self, scope: Scope) -> int:
+        """Erase the scope's memories and their history ("forget me")."""
+        where = scope_filter(scope)
+        async with self._lock:
+            count = await self._memories.count_rows(where)
+            await self._remove(where)
+            await self._retry(lambda: self._history.delete(where))
+            self._wrote()
+        return count
+
+    async def history(self, scope: Scope, memory_id: str) -> builtins.list[HistoryEntry]:
+        """Oldest first, following the chain of rows this one replaced and the
+        rows that replaced it."""
+        chain = {memory_id}
+        frontier = [memory_id]
+        while frontier:
+            older = await self._rows(scope_filter(scope, superseded_by=frontier))
+            rows = await self._rows(scope_filter(scope, ids=frontier))
+            frontier = [r["id"] for r in older if r["id"] not in chain]
+            frontier += [
+                r["superseded_by"]
+                for r in rows
+                if r["superseded_by"] and r["superseded_by"] not in chain
+            ]
+            chain.update(frontier)
+        rows = (
+            await self._history.query()
+            .where(scope_filter(scope, memory_ids=sorted(chain)))
+            .to_list()
+        )
+        rows.sort(key=lambda r: (r["at"], r["event"] != "ADD", r["id"]))
+        return [_to_entry(r) for r in rows]
+
+    async def export(self, scope: Scope) -> builtins.list[Memory]:
+        """Every memory of the scope, superseded ones included, oldest first."""
+        rows = (
+            await self._memories.query()
+            .where(scope_filter(scope))
+            .select(_MEMORY_COLUMNS)
+            .order_by(_ORDER)
+            .to_list()
+        )
+        return [_to_memory(r) for r in rows]
+
+    async def import_memories(self, scope: Scope, memories: Iterable[Memory]) -> int:
+        """Insert memories under `scope`'s user, keeping ids and timestamps.
+
+        An id already present (for any user) is skipped, so importing twice
+        is harmless and an import never overwrites someone else's row.
+        """
+        incoming: dict[str, Memory] = {}
+        for m in memories:
+            if m.text.strip():
+                incoming.setdefault(m.id, m)
+        imported = 0
+        ids = list(incoming)
+        for start in range(0, len(ids), _IN_CHUNK):
+            chunk = ids[start : start + _IN_CHUNK]
+            async with self._lock:
+                taken = {
+                    r["id"]
+                    for r in await self._memories.query()
+                    .where(build_filter(ids=chunk))
+                    .select(["id"])
+                    .to_list()
+                }
+                fresh = [incoming[i] for i in chunk if i not in taken]
+                if not fresh:
+                    continue
+                vectors = await self._embed([m.text for m in fresh])
+                rows = [
+                    {
+                        "id": m.id,
+                        "user_id": scope.user_id,
+                        "agent_id": scope.agent_id or m.agent_id,
+                        "session_id": m.session_id,
+                        "text": m.text,
+                        "vector": vec,
+                        "hash": normalized_hash(m.text),
+                        "metadata": msgspec.json.encode(m.metadata).decode(),
+                        "created_at": _utc(m.created_at),
+                        "updated_at": _utc(m.updated_at),
+                        "source": m.source,
+                        "superseded_by": m.superseded_by,
+                        "superseded_at": _utc(m.superseded_at) if m.superseded_at else None,
+                    }
+                    for m, vec in zip(fresh, vectors, strict=True)
+                ]
+                await self._insert(rows)
+                await self._record(
+                    [
+                        self._entry(
+                            r, "ADD", None, r["text"], r["created_at"], r["source"], "import"
+                        )
+                        for r in rows
+                    ]
+                )
+                imported += len(rows)
+        return imported
+
+    async def users(self) -> builtins.list[tuple[str, int]]:
+        """(user_id, active memory count), most memories first."""
+        table = (
+            await self._memories.query()
+            .where(build_filter(active_only=True))
+            .select(["user_id"])
+            .to_arrow()
+        )
+        if table.num_rows == 0:
+            return []
+        counts = pc.value_counts(table.column("user_id")).to_pylist()
+        return sorted(((c["values"], c["counts"]) for c in counts), key=lambda x: (-x[1], x[0]))
+
+    async def count(self, scope: Scope | None = None) -> int:
+        """Active memories of `scope`, or of everyone."""
+        where = scope_filter(scope, active_only=True) if scope else build_filter(active_only=True)
+        return await self._memories.count_rows(where)
+
+    async def optimize(self) -> None:
+        """Compact fragments, fold new rows into the indices, drop old versions."""
+        keep = timedelta(seconds=self._config.maintenance.keep_versions_seconds)
+        async with self._lock:
+            await self._retry(lambda: self._memories.optimize(cleanup_older_than=keep))
+            await self._retry(lambda: self._history.optimize(cleanup_older_than=keep))
+            await self._ensure_indices()
+            self._writes = 0

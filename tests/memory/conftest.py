@@ -1,0 +1,71 @@
+"""Shared fixtures of the memory engine tests: a store in a temporary
+directory, a fast deterministic embedder, and the real local one."""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import re
+from collections.abc import AsyncIterator, Sequence
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from memory.config import MemoryConfig
+from memory.embedding import LocalEmbedder, normalize
+from memory.store import MemoryStore
+
+
+class HashEmbedder:
+    """Bag of hashed words and character bigrams: texts sharing words are
+    close, unrelated texts are nearly orthogonal. Deterministic and instant."""
+
+    def __init__(self, dimensions: int = 256, name: str = "test-hash") -> None:
+        self.name = name
+        self.dimensions = dimensions
+        self.calls: list[list[str]] = []
+        self.closed = False
+
+    def _features(self, text: str) -> list[str]:
+        text = text.lower()
+        words = re.findall(r"\w+", text)
+        chars = [c for c in text if not c.isspace()]
+        return words + ["".join(p) for p in itertools.pairwise(chars)]
+
+    async def embed(self, texts: Sequence[str]) -> np.ndarray:
+        self.calls.append(list(texts))
+        out = np.zeros((len(texts), self.dimensions), dtype=np.float32)
+        for row, text in enumerate(texts):
+            for feature in self._features(text) or ["<empty>"]:
+                h = int.from_bytes(hashlib.blake2b(feature.encode(), digest_size=8).digest())
+                out[row, h % self.dimensions] += 1.0 if (h >> 32) & 1 else -1.0
+        return normalize(out)
+
+    async def close(self) -> None:
+        self.closed = True
+
+
+@pytest.fixture
+def embedder() -> HashEmbedder:
+    return HashEmbedder()
+
+
+@pytest.fixture
+def memory_config() -> MemoryConfig:
+    return MemoryConfig()
+
+
+@pytest.fixture
+async def store(
+    tmp_path: Path, embedder: HashEmbedder, memory_config: MemoryConfig
+) -> AsyncIterator[MemoryStore]:
+    store = await MemoryStore.open(tmp_path / "memory", embedder, memory_config)
+    yield store
+    await store.close()
+
+
+@pytest.fixture(scope="session")
+def local_embedder() -> LocalEmbedder:
+    """The real default embedder, loaded once for the whole run (~2 s)."""
+    return LocalEmbedder()
