@@ -12,7 +12,7 @@ import os
 import re
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import msgspec
 import yaml
@@ -33,7 +33,9 @@ class ServerConfig(_Settings):
     port: int = 8080
     # Requests with base64 images are large; above this the gateway answers 413.
     max_body_bytes: int = 32 * 1024 * 1024
-    log_level: str = "info"
+    log_level: Literal["critical", "error", "warning", "info", "debug", "trace"] = "info"
+    # One log line per request (uvicorn's access log); off by default, it costs latency.
+    access_log: bool = False
 
 
 class HTTPConfig(_Settings):

@@ -1,0 +1,81 @@
+"""`memory-gateway serve`: load the configuration, then run the app under uvicorn."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from gateway.config import Config, ConfigError, load_config
+
+DEFAULT_CONFIG = Path("gateway.yaml")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="memory-gateway",
+        description="An OpenAI-compatible gateway that gives any chat app long-term memory.",
+    )
+    commands = parser.add_subparsers(dest="command", required=True)
+    serve = commands.add_parser("serve", help="run the gateway")
+    serve.add_argument(
+        "--config", type=Path, help="configuration file (default: ./gateway.yaml if present)"
+    )
+    serve.add_argument("--host", help="address to listen on (server.host)")
+    serve.add_argument("--port", type=int, help="port to listen on (server.port)")
+    serve.add_argument(
+        "--upstream", help="base URL of the default upstream, e.g. http://127.0.0.1:11434/v1"
+    )
+    serve.add_argument("--data", help="data directory (data_dir)")
+    return parser
+
+
+def config_from_args(args: argparse.Namespace) -> Config:
+    path = args.config
+    if path is None and DEFAULT_CONFIG.is_file():
+        path = DEFAULT_CONFIG
+    return load_config(
+        path,
+        overrides={
+            "server.host": args.host,
+            "server.port": args.port,
+            "upstream": args.upstream,
+            "data_dir": args.data,
+        },
+    )
+
+
+def serve(config: Config) -> None:
+    import uvicorn
+
+    from gateway.app import create_app
+
+    level = "DEBUG" if config.server.log_level == "trace" else config.server.log_level.upper()
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    uvicorn.run(
+        create_app(config),
+        host=config.server.host,
+        port=config.server.port,
+        loop="uvloop" if sys.platform != "win32" else "asyncio",
+        http="httptools",
+        lifespan="on",
+        log_level=config.server.log_level,
+        access_log=config.server.access_log,
+        server_header=False,
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        config = config_from_args(args)
+    except ConfigError as exc:
+        print(f"memory-gateway: configuration error: {exc}", file=sys.stderr)
+        return 2
+    serve(config)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,75 @@
+"""The two seams of the chat pipeline, filled by the memory engine.
+
+`before_forward` may rewrite the messages before they go upstream;
+`after_completion` receives the finished exchange, off the request path, only
+when the upstream answered successfully and completely.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Protocol, runtime_checkable
+
+from litestar.datastructures import Headers
+
+from gateway.identity import Identity
+
+
+@dataclass(slots=True)
+class ChatContext:
+    """One chat request, as the hooks see it."""
+
+    identity: Identity
+    request_headers: Headers
+    stream: bool
+    # Hooks may add headers (e.g. X-Memory-Status); they are sent on streams too.
+    response_headers: dict[str, str] = field(default_factory=dict)
+    # Free space for a hook to carry state from before_forward to after_completion.
+    state: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(slots=True)
+class CompletedExchange:
+    # The body as the client sent it, before any rewrite by before_forward.
+    request_body: dict[str, Any]
+    # Choice 0's assistant content, assembled from the parsed copy.
+    reply_text: str | None
+    finish_reason: str | None
+    tool_calls: bool
+
+
+@runtime_checkable
+class ChatHooks(Protocol):
+    async def startup(self) -> None: ...
+
+    async def shutdown(self) -> None: ...
+
+    async def ready(self) -> bool: ...
+
+    async def before_forward(self, ctx: ChatContext, body: dict[str, Any]) -> bool:
+        """Rewrite `body["messages"]` (replace the list, don't mutate it) and return True,
+        or return False to forward the client's original bytes."""
+        ...
+
+    async def after_completion(self, ctx: ChatContext, exchange: CompletedExchange) -> None:
+        """Errors are logged, never shown to the client."""
+        ...
+
+
+class NoHooks:
+    """A plain proxy: nothing is rewritten, nothing is remembered."""
+
+    async def startup(self) -> None:
+        return None
+
+    async def shutdown(self) -> None:
+        return None
+
+    async def ready(self) -> bool:
+        return True
+
+    async def before_forward(self, ctx: ChatContext, body: dict[str, Any]) -> bool:
+        return False
+
+    async def after_completion(self, ctx: ChatContext, exchange: CompletedExchange) -> None:
+        return None

@@ -1,0 +1,119 @@
+"""Who is asking: a per-user gateway key, a header, or the body's `user`.
+
+The user id found here scopes every memory read and write, so invalid ids are
+rejected with 400 rather than silently truncated, and keys are compared in
+constant time.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Literal
+
+from gateway.config import AuthConfig, IdentityConfig, UserKey
+from gateway.errors import GatewayError
+from memory.models import InvalidScope, validate_id
+
+Via = Literal["key", "header", "body"]
+
+
+@dataclass(slots=True)
+class Identity:
+    user_id: str | None = None
+    agent_id: str | None = None
+    session_id: str | None = None
+    via: Via | None = None
+    # The key actually sent upstream (for the extraction call made on the
+    # user's behalf); kept in memory only, never logged.
+    upstream_api_key: str | None = None
+    # The gateway key that named the user, when one did.
+    key: UserKey | None = None
+
+    def __repr__(self) -> str:
+        # Keys must never reach a log line through a stray `%r`.
+        return (
+            f"Identity(user_id={self.user_id!r}, agent_id={self.agent_id!r}, "
+            f"session_id={self.session_id!r}, via={self.via!r})"
+        )
+
+
+def bearer_token(authorization: str | None) -> str | None:
+    if authorization and authorization[:7].lower() == "bearer ":
+        return authorization[7:].strip() or None
+    return None
+
+
+class KeyRing:
+    """The gateway-issued keys, matched by SHA-256 digest in constant time."""
+
+    def __init__(self, keys: list[UserKey]) -> None:
+        self._keys = [(hashlib.sha256(k.key.encode()).digest(), k) for k in keys]
+
+    def __bool__(self) -> bool:
+        return bool(self._keys)
+
+    def match(self, token: str | None) -> UserKey | None:
+        if token is None or not self._keys:
+            return None
+        digest = hashlib.sha256(token.encode()).digest()
+        found = None
+        # No early exit: the time taken does not depend on which key matched.
+        for candidate, key in self._keys:
+            if hmac.compare_digest(candidate, digest):
+                found = key
+        return found
+
+
+def _checked(kind: str, value: str | None) -> str | None:
+    if value is None:
+        return None
+    try:
+        return validate_id(kind, value)
+    except InvalidScope as exc:
+        raise GatewayError(400, f"invalid {kind}: {exc}", param=kind, code="invalid_id") from None
+
+
+class IdentityResolver:
+    def __init__(self, auth: AuthConfig, identity: IdentityConfig) -> None:
+        self.require_key = auth.require_key
+        self.keys = KeyRing(auth.keys)
+        self.user_header = identity.user_header.lower()
+        self.agent_header = identity.agent_header.lower()
+        self.session_header = identity.session_header.lower()
+        self.body_user_field = identity.body_user_field
+        # Consumed by the gateway; the upstream provider has no business seeing them.
+        self.consumed_headers = frozenset(
+            {self.user_header, self.agent_header, self.session_header}
+        )
+
+    def from_headers(self, headers: Mapping[str, str]) -> Identity:
+        """Resolve everything the headers say; 401 for an unknown key when keys are required."""
+        key = self.keys.match(bearer_token(headers.get("authorization")))
+        if key is None and self.require_key:
+            raise GatewayError(
+                401,
+                "a valid gateway API key is required",
+                code="invalid_api_key",
+                retryable=False,
+            )
+        ident = Identity(
+            agent_id=_checked("agent_id", headers.get(self.agent_header)),
+            session_id=_checked("session_id", headers.get(self.session_header)),
+            key=key,
+        )
+        if key is not None:
+            ident.user_id, ident.via = key.user_id, "key"
+        elif (user := headers.get(self.user_header)) is not None:
+            ident.user_id, ident.via = _checked("user_id", user), "header"
+        return ident
+
+    def from_body(self, ident: Identity, body: Mapping[str, object]) -> None:
+        """Fall back to the chat body's `user` field when nothing else named the user."""
+        if ident.user_id is not None or not self.body_user_field:
+            return
+        user = body.get("user")
+        if isinstance(user, str):
+            ident.user_id, ident.via = _checked("user", user), "body"

@@ -1,0 +1,327 @@
+"""Forwarding: one request in, one request upstream, the answer back untouched.
+
+Chat completions go through the two hook seams; every other `/v1/` path is
+relayed verbatim with bodies streamed both ways. Response bytes are never
+re-chunked or re-serialized: each upstream chunk is handed to the ASGI server
+as soon as it arrives.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from typing import Any
+
+import anyio
+import httpx
+import msgspec
+from litestar import Request
+from litestar.background_tasks import BackgroundTask
+from litestar.response.base import ASGIResponse
+from litestar.response.streaming import ASGIStreamingResponse
+
+from gateway.config import Config
+from gateway.errors import GatewayError
+from gateway.forward import client_response_headers, upstream_request_headers
+from gateway.hooks import ChatContext, ChatHooks, CompletedExchange
+from gateway.identity import IdentityResolver
+from gateway.routing import Router, Upstream
+from gateway.sse import SSEParser, parse_completion, sse_error_event
+from gateway.tasks import BackgroundTasks
+
+logger = logging.getLogger("gateway")
+
+# Passthrough bodies up to this size are read whole to route by their `model`;
+# larger ones are streamed to the default upstream.
+ROUTING_PEEK_BYTES = 1024 * 1024
+
+
+class _Model(msgspec.Struct):
+    model: str | None = None
+
+
+_model_decoder = msgspec.json.Decoder(_Model)
+
+
+def _peek_model(raw: bytes) -> str | None:
+    try:
+        return _model_decoder.decode(raw).model
+    except msgspec.DecodeError:
+        return None
+
+
+def _upstream_url(upstream: Upstream, request: Request[Any, Any, Any]) -> str:
+    scope = request.scope
+    raw_path: bytes | None = scope.get("raw_path")  # type: ignore[assignment]
+    path = raw_path.decode("latin-1") if raw_path else scope["path"]
+    # Drop the leading "/v1": base_url already ends with its version prefix.
+    url = upstream.base_url + path[3:]
+    query: bytes = scope.get("query_string", b"")  # type: ignore[assignment]
+    return f"{url}?{query.decode('latin-1')}" if query else url
+
+
+def _bad_request(
+    message: str, *, param: str | None = None, code: str | None = None
+) -> GatewayError:
+    return GatewayError(400, message, param=param, code=code, retryable=False)
+
+
+class Proxy:
+    def __init__(self, config: Config, hooks: ChatHooks, tasks: BackgroundTasks) -> None:
+        self.config = config
+        self.hooks = hooks
+        self.tasks = tasks
+        self.router = Router(config)
+        self.identity = IdentityResolver(config.auth, config.identity)
+        self._consumed = frozenset(h.encode() for h in self.identity.consumed_headers)
+        self._max_body = config.server.max_body_bytes
+        self._client: httpx.AsyncClient | None = None
+
+    @property
+    def client(self) -> httpx.AsyncClient:
+        if self._client is None:
+            raise RuntimeError("the proxy is not started")
+        return self._client
+
+    async def start(self) -> None:
+        http = self.config.http
+        self._client = httpx.AsyncClient(
+            timeout=httpx.Timeout(
+                connect=http.connect_timeout,
+                read=http.read_timeout,
+                write=http.write_timeout,
+                pool=http.pool_timeout,
+            ),
+            limits=httpx.Limits(
+                max_connections=http.max_connections,
+                max_keepalive_connections=http.max_keepalive_connections,
+            ),
+            follow_redirects=False,
+        )
+
+    async def close(self) -> None:
+        if self._client is not None:
+            await self._client.aclose()
+            self._client = None
+
+    async def _send(self, request: httpx.Request, upstream: Upstream) -> httpx.Response:
+        try:
+            return await self.client.send(request, stream=True)
+        except httpx.TimeoutException as exc:
+            logger.warning("upstream %s timed out: %s", upstream.name, type(exc).__name__)
+            raise GatewayError(
+                504,
+                f"upstream {upstream.name!r} did not answer in time",
+                code="upstream_timeout",
+            ) from None
+        except httpx.TransportError as exc:
+            logger.warning("upstream %s unreachable: %s", upstream.name, type(exc).__name__)
+            raise GatewayError(
+                502,
+                f"upstream {upstream.name!r} is unreachable: {type(exc).__name__}",
+                code="upstream_unreachable",
+            ) from None
+
+    # -- chat completions -------------------------------------------------
+
+    async def chat(self, request: Request[Any, Any, Any]) -> ASGIResponse:
+        if request.method != "POST":
+            return await self.passthrough(request)
+        identity = self.identity.from_headers(request.headers)
+        raw = await request.body()
+        try:
+            body = msgspec.json.decode(raw)
+        except msgspec.DecodeError as exc:
+            raise _bad_request(
+                f"the request body is not valid JSON: {exc}", code="invalid_json"
+            ) from None
+        if not isinstance(body, dict):
+            raise _bad_request("the request body must be a JSON object", code="invalid_json")
+        messages = body.get("messages")
+        if not isinstance(messages, list):
+            raise _bad_request("'messages' must be a list", param="messages", code="invalid_type")
+        self.identity.from_body(identity, body)
+        upstream = self.router.pick(body.get("model"))
+        stream = body.get("stream") is True
+        ctx = ChatContext(identity=identity, request_headers=request.headers, stream=stream)
+
+        work = {**body, "messages": list(messages)}
+        content = msgspec.json.encode(work) if await self.hooks.before_forward(ctx, work) else raw
+
+        headers = upstream_request_headers(
+            request.scope["headers"],  # type: ignore[arg-type]
+            upstream=upstream,
+            identity=identity,
+            consumed=self._consumed,
+            identity_encoding=True,
+        )
+        up_request = self.client.build_request(
+            "POST", _upstream_url(upstream, request), headers=headers, content=content
+        )
+        response = await self._send(up_request, upstream)
+        if stream and response.is_success:
+            return self._stream_chat(response, ctx, body, upstream)
+        try:
+            data = await response.aread()
+        except httpx.HTTPError as exc:
+            raise self._read_error(exc, upstream) from None
+        finally:
+            await response.aclose()
+        if not stream and response.is_success:
+            completion = parse_completion(data)
+            if completion is not None:
+                self._complete(
+                    ctx, body, completion.text, completion.finish_reason, completion.tool_calls
+                )
+        return ASGIResponse(
+            body=data,
+            status_code=response.status_code,
+            headers=client_response_headers(
+                response.headers.multi_items(), decoded=True, extra=ctx.response_headers
+            ),
+        )
+
+    def _stream_chat(
+        self, response: httpx.Response, ctx: ChatContext, body: dict[str, Any], upstream: Upstream
+    ) -> ASGIResponse:
+        parser = SSEParser()
+
+        async def relay() -> AsyncIterator[bytes]:
+            try:
+                async for chunk in response.aiter_bytes():
+                    parser.feed(chunk)
+                    yield chunk
+            except httpx.HTTPError as exc:
+                # Never a fake [DONE]: the SDK raises on an `error` event.
+                logger.warning("upstream %s stream broke: %s", upstream.name, type(exc).__name__)
+                message = f"the upstream stream from {upstream.name!r} broke: {type(exc).__name__}"
+                code = (
+                    "upstream_timeout"
+                    if isinstance(exc, httpx.TimeoutException)
+                    else "upstream_error"
+                )
+                yield (b"" if parser.at_boundary else b"\n\n") + sse_error_event(message, code=code)
+                return
+            finally:
+                with anyio.CancelScope(shield=True):
+                    await response.aclose()
+            parser.close()
+            if parser.done and parser.finish_reason is not None and not parser.error:
+                self._complete(ctx, body, parser.text, parser.finish_reason, parser.tool_calls)
+
+        iterator = relay()
+        return ASGIStreamingResponse(
+            iterator=iterator,
+            status_code=response.status_code,
+            headers=client_response_headers(
+                response.headers.multi_items(), decoded=True, extra=ctx.response_headers
+            ),
+            background=BackgroundTask(_release, iterator, response),
+        )
+
+    def _complete(
+        self,
+        ctx: ChatContext,
+        body: dict[str, Any],
+        text: str | None,
+        finish_reason: str | None,
+        tool_calls: bool,
+    ) -> None:
+        exchange = CompletedExchange(
+            request_body=body, reply_text=text, finish_reason=finish_reason, tool_calls=tool_calls
+        )
+        self.tasks.spawn(self.hooks.after_completion(ctx, exchange), name="after_completion")
+
+    @staticmethod
+    def _read_error(exc: httpx.HTTPError, upstream: Upstream) -> GatewayError:
+        logger.warning("upstream %s body failed: %s", upstream.name, type(exc).__name__)
+        if isinstance(exc, httpx.TimeoutException):
+            return GatewayError(
+                504, f"upstream {upstream.name!r} did not answer in time", code="upstream_timeout"
+            )
+        return GatewayError(
+            502,
+            f"upstream {upstream.name!r} broke off its answer: {type(exc).__name__}",
+            code="upstream_error",
+        )
+
+    # -- everything else under /v1/ --------------------------------------
+
+    async def passthrough(self, request: Request[Any, Any, Any]) -> ASGIResponse:
+        identity = self.identity.from_headers(request.headers)
+        raw_headers: list[tuple[bytes, bytes]] = request.scope["headers"]  # type: ignore[assignment]
+        length: int | None = None
+        chunked = False
+        json_body = False
+        for name, value in raw_headers:
+            if name == b"content-length":
+                try:
+                    length = int(value)
+                except ValueError:
+                    raise _bad_request("invalid Content-Length") from None
+            elif name == b"transfer-encoding":
+                chunked = True
+            elif name == b"content-type":
+                json_body = b"json" in value
+        if length is not None and length > self._max_body:
+            raise GatewayError(
+                413,
+                "request body is larger than the configured server.max_body_bytes",
+                code="request_too_large",
+                retryable=False,
+            )
+
+        content: bytes | AsyncIterator[bytes] | None = None
+        model: str | None = None
+        if length is not None and ((length <= ROUTING_PEEK_BYTES and json_body) or length == 0):
+            content = await request.body()
+            model = _peek_model(content) if content else None
+        elif length is not None or chunked:
+            content = _body_chunks(request)
+        upstream = self.router.pick(model)
+        headers = upstream_request_headers(
+            raw_headers,
+            upstream=upstream,
+            identity=identity,
+            consumed=self._consumed,
+            keep_length=isinstance(content, AsyncIterator),
+        )
+        up_request = self.client.build_request(
+            request.method, _upstream_url(upstream, request), headers=headers, content=content
+        )
+        response = await self._send(up_request, upstream)
+
+        async def relay() -> AsyncIterator[bytes]:
+            try:
+                async for chunk in response.aiter_raw():
+                    yield chunk
+            finally:
+                with anyio.CancelScope(shield=True):
+                    await response.aclose()
+
+        iterator = relay()
+        return ASGIStreamingResponse(
+            iterator=iterator,
+            status_code=response.status_code,
+            headers=client_response_headers(response.headers.multi_items(), decoded=False),
+            is_head_response=request.method == "HEAD",
+            background=BackgroundTask(_release, iterator, response),
+        )
+
+
+async def _body_chunks(request: Request[Any, Any, Any]) -> AsyncIterator[bytes]:
+    async for chunk in request.stream():
+        if chunk:
+            yield chunk
+
+
+async def _release(iterator: Any, response: httpx.Response) -> None:
+    """Runs after the response, even when the client went away mid-stream.
+
+    Litestar cancels a streaming response without closing its generator
+    (litestar#3772); closing both here guarantees the upstream connection is
+    released instead of leaking until garbage collection.
+    """
+    with anyio.CancelScope(shield=True):
+        await iterator.aclose()
+        await response.aclose()

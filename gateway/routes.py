@@ -1,0 +1,44 @@
+"""The gateway's HTTP surface: health, readiness, chat, and every other /v1/ path."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from litestar import Request, Response, get, route
+from litestar.response.base import ASGIResponse
+
+from gateway.proxy import Proxy
+
+ALL_METHODS = ["GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"]
+
+
+def _proxy(request: Request[Any, Any, Any]) -> Proxy:
+    proxy: Proxy = request.app.state.proxy
+    return proxy
+
+
+@get("/health", sync_to_thread=False)
+def health() -> Response[bytes]:
+    return Response(content=b'{"status":"ok"}', media_type="application/json")
+
+
+@get("/ready")
+async def ready(request: Request[Any, Any, Any]) -> Response[bytes]:
+    if await _proxy(request).hooks.ready():
+        return Response(content=b'{"status":"ready"}', media_type="application/json")
+    return Response(
+        content=b'{"status":"not ready"}', status_code=503, media_type="application/json"
+    )
+
+
+@route("/v1/chat/completions", http_method=ALL_METHODS)
+async def chat_completions(request: Request[Any, Any, Any]) -> ASGIResponse:
+    return await _proxy(request).chat(request)
+
+
+@route("/v1/{path:path}", http_method=ALL_METHODS)
+async def passthrough(request: Request[Any, Any, Any]) -> ASGIResponse:
+    return await _proxy(request).passthrough(request)
+
+
+handlers = [health, ready, chat_completions, passthrough]
