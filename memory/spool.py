@@ -1,0 +1,442 @@
+"""A durable queue of exchanges waiting for extraction, in SQLite.
+
+`enqueue` returns only after the job is committed, so an acknowledged exchange
+survives a crash. The database uses WAL with `synchronous=FULL`: in WAL mode
+`NORMAL` survives a process crash but may drop the last commits on power loss,
+and an acknowledged exchange must survive both; FULL costs one fsync of the WAL
+per commit, which is small next to the LLM call every job makes.
+
+Claiming is a `BEGIN IMMEDIATE` transaction (SQLite's single writer lock), so it
+is atomic across threads and processes sharing the file. Only the oldest
+unfinished job of a user can be claimed, and only when it is due and not held by
+a live lease: one user is strictly serial, users run in parallel, and a crashed
+worker's job is picked up again once its lease expires. The validated LLM
+decision is stored with the job before it is applied, so a job that crashed
+mid-apply is re-applied from the decision without a second LLM call; applying is
+idempotent, which makes the effect exactly-once.
+
+Every SQLite call runs on one dedicated thread: the event loop never waits on disk.
+API keys are never written here: jobs carry the (already redacted) exchange only.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sqlite3
+import time
+import uuid
+from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+import msgspec
+
+from memory.models import Exchange, Operation, SpoolStats
+
+JobState = Literal["pending", "running", "done", "failed"]
+T = TypeVar("T")
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS jobs (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    id TEXT NOT NULL UNIQUE,
+    user_id TEXT NOT NULL,
+    agent_id TEXT,
+    session_id TEXT,
+    payload BLOB NOT NULL,
+    state TEXT NOT NULL,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    next_attempt_at REAL NOT NULL,
+    lease_owner TEXT,
+    lease_until REAL,
+    last_error TEXT,
+    decision BLOB,
+    created_at REAL NOT NULL,
+    updated_at REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS jobs_unfinished ON jobs (user_id, seq)
+    WHERE state IN ('pending', 'running');
+CREATE INDEX IF NOT EXISTS jobs_state ON jobs (state, updated_at);
+"""
+
+# The head of each user's queue: the oldest job not yet done or failed.
+_HEADS = """
+SELECT j.* FROM jobs AS j
+JOIN (SELECT MIN(seq) AS seq FROM jobs WHERE state IN ('pending', 'running') GROUP BY user_id)
+    AS h ON h.seq = j.seq
+"""
+
+_encoder = msgspec.json.Encoder()
+_exchange_decoder = msgspec.json.Decoder(Exchange)
+_ops_decoder = msgspec.json.Decoder(list[Operation])
+
+
+class Job(msgspec.Struct, kw_only=True):
+    """A claimed job: the exchange to process and, once known, the LLM's decision."""
+
+    id: str
+    user_id: str
+    exchange: Exchange
+    attempts: int
+    # The lease this claim holds; every later write about the job must present it.
+    lease: str
+    decision: list[Operation] | None = None
+
+
+class JobInfo(msgspec.Struct, kw_only=True):
+    """A job as reported to callers (no payload)."""
+
+    id: str
+    user_id: str
+    agent_id: str | None
+    session_id: str | None
+    state: JobState
+    attempts: int
+    next_attempt_at: float
+    last_error: str | None
+    created_at: float
+    updated_at: float
+
+
+class Claim(msgspec.Struct, kw_only=True):
+    job: Job | None
+    # Seconds until some job becomes claimable, when none is now (None: none pending).
+    wait: float | None = None
+
+
+def _info(row: sqlite3.Row) -> JobInfo:
+    return JobInfo(
+        id=row["id"],
+        user_id=row["user_id"],
+        agent_id=row["agent_id"],
+        session_id=row["session_id"],
+        state=row["state"],
+        attempts=row["attempts"],
+        next_attempt_at=row["next_attempt_at"],
+        last_error=row["last_error"],
+        created_at=row["created_at"],
+        updated_at=row["updated_at"],
+    )
+
+
+class Spool:
+    """The job queue. Open with `await Spool.open(path)`; close with `await close()`."""
+
+    def __init__(self, path: Path, *, lease_seconds: float, clock: Callable[[], float]) -> None:
+        self.path = path
+        self.lease_seconds = lease_seconds
+        self._clock = clock
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="spool")
+        self._db: sqlite3.Connection | None = None
+
+    @classmethod
+    async def open(
+        cls,
+        path: Path,
+        *,
+        lease_seconds: float = 30.0,
+        clock: Callable[[], float] = time.time,
+    ) -> Spool:
+        spool = cls(path, lease_seconds=lease_seconds, clock=clock)
+        try:
+            await spool._run(spool._connect)
+        except BaseException:
+            spool._executor.shutdown(wait=False)
+            raise
+        return spool
+
+    def _connect(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=30.0)
+        db.row_factory = sqlite3.Row
+        db.execute("PRAGMA journal_mode=WAL")
+        db.execute("PRAGMA synchronous=FULL")
+        db.execute("PRAGMA busy_timeout=30000")
+        db.executescript(_SCHEMA)
+        self._db = db
+
+    async def close(self) -> None:
+        if self._db is not None:
+            await self._run(self._db.close)
+            self._db = None
+        self._executor.shutdown(wait=True)
+
+    async def _run(self, fn: Callable[..., T], *args: Any) -> T:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._executor, fn, *args)
+
+    def _conn(self) -> sqlite3.Connection:
+        if self._db is None:
+            raise RuntimeError("the spool is closed")
+        return self._db
+
+    def _write(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        """Run `fn` in one immediate (write-locked) transaction."""
+        db = self._conn()
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            result = fn(db)
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+        db.execute("COMMIT")
+        return result
+
+    # -- producing -----------------------------------------------------------
+
+    async def enqueue(self, exchange: Exchange) -> str:
+        """Store the exchange durably; returns the job id once committed."""
+        job_id = str(uuid.uuid4())
+        payload = _encoder.encode(exchange)
+        scope = exchange.scope
+
+        def insert(db: sqlite3.Connection) -> None:
+            now = self._clock()
+            db.execute(
+                "INSERT INTO jobs (id, user_id, agent_id, session_id, payload, state,"
+                " next_attempt_at, created_at, updated_at)"
+                " VALUES (?, ?, ?, ?, ?, 'pending', ?, ?, ?)",
+                (job_id, scope.user_id, scope.agent_id, scope.session_id, payload, now, now, now),
+            )
+
+        await self._run(self._write, insert)
+        return job_id
+
+    # -- consuming -----------------------------------------------------------
+
+    async def claim(self, *, users: Iterable[str] | None = None) -> Claim:
+        """Lease the next claimable job; `users` limits the choice (e.g. users with a key)."""
+        allowed = None if users is None else json.dumps(sorted(set(users)))
+        lease = str(uuid.uuid4())
+
+        def claim(db: sqlite3.Connection) -> Claim:
+            now = self._clock()
+            where = ""
+            params: list[Any] = []
+            if allowed is not None:
+                where = " WHERE j.user_id IN (SELECT value FROM json_each(?))"
+                params.append(allowed)
+            heads = db.execute(_HEADS + where, params).fetchall()
+            best: sqlite3.Row | None = None
+            soonest: float | None = None
+            for row in heads:
+                if row["state"] == "pending":
+                    due = row["next_attempt_at"]
+                else:
+                    due = row["lease_until"] if row["lease_until"] is not None else now
+                if due <= now:
+                    if best is None or (row["next_attempt_at"], row["seq"]) < (
+                        best["next_attempt_at"],
+                        best["seq"],
+                    ):
+                        best = row
+                elif soonest is None or due < soonest:
+                    soonest = due
+            if best is None:
+                return Claim(job=None, wait=None if soonest is None else max(0.0, soonest - now))
+            attempts = best["attempts"] + 1
+            db.execute(
+                "UPDATE jobs SET state = 'running', attempts = ?, lease_owner = ?,"
+                " lease_until = ?, updated_at = ? WHERE seq = ?",
+                (attempts, lease, now + self.lease_seconds, now, best["seq"]),
+            )
+            decision = best["decision"]
+            return Claim(
+                job=Job(
+                    id=best["id"],
+                    user_id=best["user_id"],
+                    exchange=_exchange_decoder.decode(best["payload"]),
+                    attempts=attempts,
+                    lease=lease,
+                    decision=None if decision is None else _ops_decoder.decode(decision),
+                )
+            )
+
+        return await self._run(self._write, claim)
+
+    def _owned(self, db: sqlite3.Connection, job: Job, sql: str, params: Sequence[Any]) -> bool:
+        cur = db.execute(
+            sql + " WHERE id = ? AND lease_owner = ? AND state = 'running'",
+            (*params, job.id, job.lease),
+        )
+        return cur.rowcount == 1
+
+    async def heartbeat(self, job: Job) -> bool:
+        """Extend the lease; False when it was lost (expired and taken, or job deleted)."""
+
+        def renew(db: sqlite3.Connection) -> bool:
+            now = self._clock()
+            return self._owned(
+                db, job, "UPDATE jobs SET lease_until = ?", (now + self.lease_seconds,)
+            )
+
+        return await self._run(self._write, renew)
+
+    async def owns(self, job: Job) -> bool:
+        """Does this claim still hold the job? Checked right before applying."""
+
+        def check(db: sqlite3.Connection) -> bool:
+            row = db.execute(
+                "SELECT 1 FROM jobs WHERE id = ? AND lease_owner = ? AND state = 'running'",
+                (job.id, job.lease),
+            ).fetchone()
+            return row is not None
+
+        return await self._run(check, self._conn())
+
+    async def save_decision(self, job: Job, ops: Sequence[Operation]) -> bool:
+        """Record the validated LLM answer so a replay never asks the model again."""
+        decision = _encoder.encode(list(ops))
+
+        def save(db: sqlite3.Connection) -> bool:
+            return self._owned(
+                db,
+                job,
+                "UPDATE jobs SET decision = ?, updated_at = ?",
+                (decision, self._clock()),
+            )
+
+        ok = await self._run(self._write, save)
+        if ok:
+            job.decision = list(ops)
+        return ok
+
+    async def complete(self, job: Job) -> bool:
+        def done(db: sqlite3.Connection) -> bool:
+            return self._owned(
+                db,
+                job,
+                "UPDATE jobs SET state = 'done', lease_owner = NULL, lease_until = NULL,"
+                " last_error = NULL, updated_at = ?",
+                (self._clock(),),
+            )
+
+        return await self._run(self._write, done)
+
+    async def fail(self, job: Job, error: str, *, retry_in: float | None) -> bool:
+        """Record a failed attempt: back to pending after `retry_in` seconds, or parked."""
+
+        def fail(db: sqlite3.Connection) -> bool:
+            now = self._clock()
+            if retry_in is None:
+                return self._owned(
+                    db,
+                    job,
+                    "UPDATE jobs SET state = 'failed', lease_owner = NULL, lease_until = NULL,"
+                    " last_error = ?, updated_at = ?",
+                    (error, now),
+                )
+            return self._owned(
+                db,
+                job,
+                "UPDATE jobs SET state = 'pending', lease_owner = NULL, lease_until = NULL,"
+                " last_error = ?, next_attempt_at = ?, updated_at = ?",
+                (error, now + retry_in, now),
+            )
+
+        return await self._run(self._write, fail)
+
+    async def release(self, job: Job) -> bool:
+        """Give the job back untouched (shutdown): due now, the attempt not counted."""
+
+        def release(db: sqlite3.Connection) -> bool:
+            return self._owned(
+                db,
+                job,
+                "UPDATE jobs SET state = 'pending', lease_owner = NULL, lease_until = NULL,"
+                " attempts = MAX(attempts - 1, 0), updated_at = ?",
+                (self._clock(),),
+            )
+
+        return await self._run(self._write, release)
+
+    # -- management ----------------------------------------------------------
+
+    async def get(self, job_id: str) -> JobInfo | None:
+        def get(db: sqlite3.Connection) -> JobInfo | None:
+            row = db.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
+            return None if row is None else _info(row)
+
+        return await self._run(get, self._conn())
+
+    async def jobs(
+        self, *, state: JobState | None = None, user_id: str | None = None, limit: int = 100
+    ) -> list[JobInfo]:
+        def select(db: sqlite3.Connection) -> list[JobInfo]:
+            clauses, params = [], []
+            if state is not None:
+                clauses.append("state = ?")
+                params.append(state)
+            if user_id is not None:
+                clauses.append("user_id = ?")
+                params.append(user_id)
+            where = f" WHERE {' AND '.join(clauses)}" if clauses else ""
+            rows = db.execute(
+                f"SELECT * FROM jobs{where} ORDER BY seq LIMIT ?",  # noqa: S608 (fixed clauses)
+                (*params, limit),
+            ).fetchall()
+            return [_info(r) for r in rows]
+
+        return await self._run(select, self._conn())
+
+    async def retry_failed(self, user_id: str | None = None) -> int:
+        """Put failed jobs back in the queue with fresh attempts."""
+
+        def retry(db: sqlite3.Connection) -> int:
+            now = self._clock()
+            sql = (
+                "UPDATE jobs SET state = 'pending', attempts = 0, next_attempt_at = ?,"
+                " updated_at = ? WHERE state = 'failed'"
+            )
+            params: list[Any] = [now, now]
+            if user_id is not None:
+                sql += " AND user_id = ?"
+                params.append(user_id)
+            return db.execute(sql, params).rowcount
+
+        return await self._run(self._write, retry)
+
+    async def delete_user(self, user_id: str, agent_id: str | None = None) -> int:
+        """Forget every job of a user (or of one of their agents), whatever its state."""
+
+        def delete(db: sqlite3.Connection) -> int:
+            if agent_id is None:
+                return db.execute("DELETE FROM jobs WHERE user_id = ?", (user_id,)).rowcount
+            return db.execute(
+                "DELETE FROM jobs WHERE user_id = ? AND agent_id = ?", (user_id, agent_id)
+            ).rowcount
+
+        return await self._run(self._write, delete)
+
+    async def purge(self, older_than: float) -> int:
+        """Remove done jobs finished more than `older_than` seconds ago."""
+
+        def purge(db: sqlite3.Connection) -> int:
+            cutoff = self._clock() - older_than
+            return db.execute(
+                "DELETE FROM jobs WHERE state = 'done' AND updated_at < ?", (cutoff,)
+            ).rowcount
+
+        return await self._run(self._write, purge)
+
+    async def stats(self) -> SpoolStats:
+        def count(db: sqlite3.Connection) -> SpoolStats:
+            counts = dict.fromkeys(("pending", "running", "failed", "done"), 0)
+            for state, n in db.execute("SELECT state, COUNT(*) FROM jobs GROUP BY state"):
+                counts[state] = n
+            return SpoolStats(**counts)
+
+        return await self._run(count, self._conn())
+
+    async def unfinished(self) -> int:
+        """Pending plus running jobs."""
+
+        def count(db: sqlite3.Connection) -> int:
+            row = db.execute(
+                "SELECT COUNT(*) FROM jobs WHERE state IN ('pending', 'running')"
+            ).fetchone()
+            return int(row[0])
+
+        return await self._run(count, self._conn())

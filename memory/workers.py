@@ -1,0 +1,196 @@
+"""Background workers draining the spool: bounded concurrency, one user at a time.
+
+The spool decides what may run (per-user order, leases); the pool runs up to
+`spool.concurrency` jobs, renews their leases, turns failures into retries with
+capped exponential backoff, and parks a job as failed after `max_attempts`.
+Enqueues in this process wake idle workers at once; a slow poll covers jobs
+written by other processes and backoffs coming due.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import time
+from collections.abc import Awaitable, Callable, Iterable
+
+from memory.config import SpoolConfig
+from memory.redaction import redact
+from memory.spool import Job, Spool
+
+log = logging.getLogger("memory.workers")
+
+Handler = Callable[[Job], Awaitable[None]]
+MAX_ERROR_CHARS = 2000
+
+
+class Deferred(Exception):
+    """Raised by a handler to hand the job back untouched (e.g. its key is unknown)."""
+
+
+class LeaseLost(Exception):
+    """Another worker took the job (our lease expired) or the job was deleted."""
+
+
+def backoff(config: SpoolConfig, attempts: int) -> float:
+    """Capped exponential delay before attempt `attempts + 1`, with a little jitter."""
+    delay = min(config.backoff_max, config.backoff_initial * 2 ** max(attempts - 1, 0))
+    return delay * random.uniform(0.8, 1.0)
+
+
+class WorkerPool:
+    def __init__(
+        self,
+        spool: Spool,
+        handler: Handler,
+        config: SpoolConfig,
+        *,
+        users: Callable[[], Iterable[str] | None] = lambda: None,
+    ) -> None:
+        self._spool = spool
+        self._handler = handler
+        self._config = config
+        # Which users' jobs may be claimed now (None: everyone).
+        self._users = users
+        self._tasks: list[asyncio.Task[None]] = []
+        self._wakers: list[asyncio.Event] = []
+        self._inflight: dict[str, tuple[Job, asyncio.Task[None]]] = {}
+        self._changed = asyncio.Event()
+        self._stopping = False
+        self._last_purge = 0.0
+
+    @property
+    def running(self) -> bool:
+        return bool(self._tasks) and not self._stopping
+
+    def start(self) -> None:
+        if self._tasks:
+            return
+        self._stopping = False
+        for n in range(max(1, self._config.concurrency)):
+            waker = asyncio.Event()
+            self._wakers.append(waker)
+            self._tasks.append(asyncio.create_task(self._work(waker), name=f"spool-worker-{n}"))
+
+    def notify(self) -> None:
+        """Something may have become claimable: wake every idle worker."""
+        for waker in self._wakers:
+            waker.set()
+
+    async def changed(self, timeout: float) -> None:  # noqa: ASYNC109 - returns on timeout
+        """Wait until a job finishes or fails in this process, or `timeout` passes."""
+        event = self._changed
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(event.wait(), timeout)
+
+    def _signal_change(self) -> None:
+        self._changed.set()
+        self._changed = asyncio.Event()
+
+    async def stop(self) -> None:
+        """Stop claiming; interrupt running jobs and give their leases back."""
+        self._stopping = True
+        self.notify()
+        for _, task in list(self._inflight.values()):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._tasks.clear()
+        self._wakers.clear()
+
+    async def cancel_user(self, user_id: str) -> None:
+        """Stop this process's running jobs of a user (their rows are being erased)."""
+        tasks = [task for job, task in self._inflight.values() if job.user_id == user_id]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def _work(self, waker: asyncio.Event) -> None:
+        while not self._stopping:
+            waker.clear()
+            try:
+                await self._maybe_purge()
+                claim = await self._spool.claim(users=self._users())
+            except Exception:
+                log.exception("claiming a spool job failed")
+                claim = None
+            if claim is not None and claim.job is not None:
+                await self._run(claim.job)
+                continue
+            wait = self._config.poll_interval
+            if claim is not None and claim.wait is not None:
+                wait = min(wait, claim.wait + 0.01)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(waker.wait(), wait)
+
+    async def _maybe_purge(self) -> None:
+        now = time.monotonic()
+        if now - self._last_purge < 60.0:
+            return
+        self._last_purge = now
+        await self._spool.purge(self._config.keep_done_seconds)
+
+    async def _run(self, job: Job) -> None:
+        task = asyncio.create_task(self._handler(job), name=f"spool-job-{job.id}")
+        self._inflight[job.id] = (job, task)
+        heartbeat = asyncio.create_task(self._heartbeat(job, task))
+        try:
+            try:
+                await asyncio.shield(task)
+            except asyncio.CancelledError:
+                if not task.done():
+                    # The worker itself is cancelled: stop the job, give it back, go.
+                    task.cancel()
+                    with contextlib.suppress(BaseException):
+                        await task
+                    await self._settle(job, task)
+                    raise
+            await self._settle(job, task)
+        finally:
+            heartbeat.cancel()
+            self._inflight.pop(job.id, None)
+            self._signal_change()
+
+    async def _settle(self, job: Job, task: asyncio.Task[None]) -> None:
+        """Record how the job ended."""
+        try:
+            if task.cancelled():
+                # Shutdown, a lost lease or an erased user: give the job back if still ours.
+                await self._spool.release(job)
+                return
+            exc = task.exception()
+            if exc is None:
+                await self._spool.complete(job)
+                self.notify()  # the user's next job is claimable now
+                return
+            if isinstance(exc, Deferred):
+                await self._spool.release(job)
+                return
+            if isinstance(exc, LeaseLost):
+                return
+            error = redact(str(exc) or type(exc).__name__)[:MAX_ERROR_CHARS]
+            if job.attempts >= self._config.max_attempts:
+                log.warning("spool job %s failed for good: %s", job.id, error)
+                await self._spool.fail(job, error, retry_in=None)
+                self.notify()
+            else:
+                delay = backoff(self._config, job.attempts)
+                log.info("spool job %s failed (retry in %.1fs): %s", job.id, delay, error)
+                await self._spool.fail(job, error, retry_in=delay)
+        except Exception:
+            log.exception("recording the outcome of spool job %s failed", job.id)
+
+    async def _heartbeat(self, job: Job, task: asyncio.Task[None]) -> None:
+        interval = max(self._config.lease_seconds / 3, 0.05)
+        while not task.done():
+            await asyncio.sleep(interval)
+            try:
+                alive = await self._spool.heartbeat(job)
+            except Exception:
+                log.exception("renewing the lease of spool job %s failed", job.id)
+                continue
+            if not alive:
+                log.warning("spool job %s: lease lost, abandoning it", job.id)
+                task.cancel()
+                return
