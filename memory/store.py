@@ -180,10 +180,18 @@ class MemoryStore:
             metadata_cache_size_bytes=config.maintenance.metadata_cache_bytes,
         )
         db = await lancedb.connect_async(str(path), session=session)
-        memories = await db.create_table(
-            MEMORIES, schema=memories_schema(embedder.name, embedder.dimensions), exist_ok=True
-        )
-        check_embedder(await memories.schema(), embedder.name, embedder.dimensions)
+        names = set((await db.list_tables()).tables)
+        if MEMORIES in names:
+            memories = await db.open_table(MEMORIES)
+            try:
+                check_embedder(await memories.schema(), embedder.name, embedder.dimensions)
+            except EmbedderMismatch:
+                memories.close()
+                db.close()
+                raise
+        else:
+            schema = memories_schema(embedder.name, embedder.dimensions)
+            memories = await db.create_table(MEMORIES, schema=schema, exist_ok=True)
         history = await db.create_table(HISTORY, schema=history_schema(), exist_ok=True)
         store = cls(db, memories, history, embedder, config)
         await store._ensure_indices()

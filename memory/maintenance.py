@@ -1,0 +1,64 @@
+"""Background upkeep of the store: LanceDB `optimize` on a timer and after
+bursts of writes, so thousands of small writes neither slow reads nor grow
+the data directory without bound."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+
+from memory.config import MaintenanceConfig
+from memory.store import MemoryStore
+
+log = logging.getLogger(__name__)
+
+
+class Maintenance:
+    """Runs `store.optimize()` every `interval_seconds`, or sooner once
+    `optimize_after_writes` writes piled up. Failures are logged and retried
+    at the next turn; they never stop the loop."""
+
+    def __init__(self, store: MemoryStore, config: MaintenanceConfig) -> None:
+        self._store = store
+        self._config = config
+        self._task: asyncio.Task[None] | None = None
+        self.runs = 0
+        self.failures = 0
+
+    def start(self) -> None:
+        if self._task is None or self._task.done():
+            self._task = asyncio.get_running_loop().create_task(
+                self._loop(), name="memory-maintenance"
+            )
+
+    async def stop(self) -> None:
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+    async def run_once(self) -> bool:
+        """One optimize; `False` (logged) when it failed."""
+        try:
+            await self._store.optimize()
+        except Exception:
+            self.failures += 1
+            log.exception("memory store maintenance failed")
+            return False
+        self.runs += 1
+        return True
+
+    async def _loop(self) -> None:
+        while True:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(
+                    self._store.wait_for_writes(max(1, self._config.optimize_after_writes)),
+                    timeout=self._config.interval_seconds,
+                )
+            if self._store.writes_since_optimize == 0:
+                continue
+            if not await self.run_once():
+                # Back off a full interval instead of spinning on pending writes.
+                await asyncio.sleep(self._config.interval_seconds)
