@@ -50,8 +50,12 @@ class LLMConfig(_Settings):
 
 class SearchConfig(_Settings):
     limit: int = 8
-    # Reciprocal-rank fusion of vector and full-text results; `False` is vector only.
+    # Vector and full-text results fused (see `fusion`); `False` is vector only.
     hybrid: bool = True
+    # How full-text joins the vector side: `boost` adds up to `text_weight` to the
+    # cosine (scaled BM25); `rrf` is plain reciprocal-rank fusion. See docs/embedders.md.
+    fusion: Literal["boost", "rrf"] = "boost"
+    text_weight: float = 0.1
     # Hits whose cosine similarity is below this are dropped (full-text-only
     # hits must still reach it through their vector score).
     min_score: float = 0.2
