@@ -14,7 +14,7 @@ import msgspec
 
 class _Delta(msgspec.Struct):
     content: str | None = None
-    tool_calls: msgspec.Raw | None = None
+    tool_calls: msgspec.Raw = msgspec.Raw()
 
 
 class _ChunkChoice(msgspec.Struct):
@@ -25,7 +25,7 @@ class _ChunkChoice(msgspec.Struct):
 
 class _Chunk(msgspec.Struct):
     choices: list[_ChunkChoice] | None = None
-    error: msgspec.Raw | None = None
+    error: msgspec.Raw = msgspec.Raw()
 
 
 _chunk_decoder = msgspec.json.Decoder(_Chunk)
@@ -33,7 +33,7 @@ _chunk_decoder = msgspec.json.Decoder(_Chunk)
 
 class _Message(msgspec.Struct):
     content: str | None = None
-    tool_calls: msgspec.Raw | None = None
+    tool_calls: msgspec.Raw = msgspec.Raw()
 
 
 class _Choice(msgspec.Struct):
@@ -57,8 +57,9 @@ class Completion(msgspec.Struct):
     tool_calls: bool = False
 
 
-def _has_tool_calls(raw: msgspec.Raw | None) -> bool:
-    return raw is not None and bytes(raw) not in (b"null", b"[]")
+def _present(raw: msgspec.Raw) -> bool:
+    # An absent field decodes to the empty Raw; `null` and `[]` say "none" too.
+    return len(raw) > 0 and bytes(raw) not in (b"null", b"[]")
 
 
 def parse_completion(body: bytes) -> Completion | None:
@@ -72,7 +73,7 @@ def parse_completion(body: bytes) -> Completion | None:
             return Completion(
                 text=choice.message.content,
                 finish_reason=choice.finish_reason,
-                tool_calls=_has_tool_calls(choice.message.tool_calls),
+                tool_calls=_present(choice.message.tool_calls),
             )
     return None
 
@@ -158,7 +159,7 @@ class SSEParser:
         except msgspec.DecodeError:
             self.invalid = True
             return
-        if chunk.error is not None:
+        if _present(chunk.error):
             self.error = True
         for choice in chunk.choices or ():
             if choice.index != 0:
@@ -167,7 +168,7 @@ class SSEParser:
             if delta is not None:
                 if delta.content:
                     self._parts.append(delta.content)
-                if _has_tool_calls(delta.tool_calls):
+                if _present(delta.tool_calls):
                     self.tool_calls = True
             if choice.finish_reason is not None:
                 self.finish_reason = choice.finish_reason

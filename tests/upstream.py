@@ -40,7 +40,7 @@ class Recorded:
     disconnected: threading.Event = field(default_factory=threading.Event)
     # Set once the whole reply has been written.
     finished: threading.Event = field(default_factory=threading.Event)
-    # Indices of the chunks written so far (streamed replies).
+    # Indices of the chunks released to the connection so far (streamed replies).
     sent: list[int] = field(default_factory=list)
 
     @property
@@ -418,8 +418,8 @@ class ScriptedUpstream:
             if recorded.disconnected.is_set():
                 return
             data = item if isinstance(item, bytes) else sse(item)
-            await send({"type": "http.response.body", "body": data, "more_body": True})
             recorded.sent.append(i)
+            await send({"type": "http.response.body", "body": data, "more_body": True})
         if reply.cut_after is not None:
             raise CutStream("scripted cut")
         await send({"type": "http.response.body", "body": b"", "more_body": False})
