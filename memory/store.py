@@ -32,7 +32,7 @@ from lancedb.query import ColumnOrdering
 from memory.config import MemoryConfig
 from memory.embedding import Embedder, EmbedderError
 from memory.filters import build_filter, scope_filter
-from memory.fusion import reciprocal_rank_fusion
+from memory.fusion import boosted_similarity, reciprocal_rank_fusion
 from memory.models import Actor, HistoryEntry, Hit, Memory, Operation, Scope
 from memory.schema import (
     HISTORY,
@@ -375,12 +375,15 @@ class MemoryStore:
                 stored = np.asarray(row["vector"], dtype=np.float32)
                 similarity[row["id"]] = float(stored @ vector)
                 rows[row["id"]] = row
-        if by_text:
+        if not by_text:
+            fused = dict(similarity)
+        elif search.fusion == "rrf":
             fused = reciprocal_rank_fusion(
                 [[r["id"] for r in by_vector], [r["id"] for r in by_text]]
             )
         else:
-            fused = dict(similarity)
+            bm25 = {r["id"]: float(r["_score"]) for r in by_text}
+            fused = boosted_similarity(similarity, bm25, weight=search.text_weight)
         ranked = sorted(
             (i for i in fused if similarity[i] >= min_score), key=lambda i: (-fused[i], i)
         )
