@@ -173,8 +173,8 @@ async def real_store(tmp_path, local_embedder, memory_config):
     [
         ("Where do I live?", "我住在上海"),
         ("What am I allergic to?", "我对花生过敏"),
-        ("我的女儿叫什么名字？", "My daughter is called Emma"),
-        ("我养了什么宠物？", "I have a golden retriever named Max"),
+        ("我的女儿叫什么名字？", "My daughter is called Emma"),  # noqa: RUF001
+        ("我养了什么宠物？", "I have a golden retriever named Max"),  # noqa: RUF001
         ("我喜欢什么运动", "我最喜欢的运动是游泳"),
         ("What is my job?", "I work as a software engineer at a bank"),
     ],
