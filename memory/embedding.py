@@ -147,7 +147,7 @@ class LocalEmbedder:
     def __init__(self, *, batch_size: int = 32, threads: int = 1, cache_size: int = 1024) -> None:
         self._threads = threads
         self._model: Any = None
-        self._batcher = _Batcher(self._encode, batch_size, "embedder")
+        self._batcher = _Batcher(lambda texts: self._encode(texts), batch_size, "embedder")
         self._cache = _QueryCache(cache_size)
 
     def _load(self) -> Any:
