@@ -39,11 +39,14 @@ def test_client_disconnect_mid_stream_closes_the_upstream_connection(gateway, up
 def test_raw_socket_disconnect_while_the_gateway_waits_for_the_upstream(gateway, upstream):
     never = threading.Event()
     upstream.push(_long_story(never))
-    with httpx.Client(base_url=gateway.url, timeout=30) as http, http.stream(
-        "POST",
-        "/v1/chat/completions",
-        json={"model": "m", "messages": MESSAGES, "stream": True},
-    ) as response:
+    with (
+        httpx.Client(base_url=gateway.url, timeout=30) as http,
+        http.stream(
+            "POST",
+            "/v1/chat/completions",
+            json={"model": "m", "messages": MESSAGES, "stream": True},
+        ) as response,
+    ):
         iterator = response.iter_raw()
         assert b"once" in next(iterator)
         # Leaving the block closes the connection while the gateway is parked on the upstream.

@@ -1,0 +1,120 @@
+"""`memory-gateway serve` as a subprocess: a bad config exits 2 with one line; a good one serves."""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _run(args: list[str], cwd: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "gateway", *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+@pytest.mark.parametrize(
+    ("text", "named"),
+    [
+        ("server:\n  port: eighty\n", "server.port"),
+        ("sever:\n  port: 80\n", "sever"),
+        ("upstreams: []\n", "upstreams"),
+        ("memory:\n  search:\n    limit: many\n", "memory.search.limit"),
+    ],
+)
+def test_a_wrong_config_is_one_line_naming_the_key_and_exit_2(tmp_path, text, named):
+    config = tmp_path / "bad.yaml"
+    config.write_text(text)
+    result = _run(["serve", "--config", str(config)], tmp_path)
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert named in lines[0]
+
+
+def test_without_config_the_gateway_yaml_in_the_current_directory_is_used(tmp_path):
+    (tmp_path / "gateway.yaml").write_text("server:\n  log_level: chatty\n")
+    result = _run(["serve"], tmp_path)
+    assert result.returncode == 2
+    assert "server.log_level" in result.stderr
+
+
+def test_bad_flags_are_config_errors_too(tmp_path):
+    result = _run(["serve", "--port", "70000"], tmp_path)
+    assert result.returncode == 2
+    assert "server.port" in result.stderr
+    result = _run(["serve", "--upstream", "localhost:11434"], tmp_path)
+    assert result.returncode == 2
+    assert "upstreams" in result.stderr
+
+
+def test_a_missing_config_file_is_exit_2(tmp_path):
+    result = _run(["serve", "--config", str(tmp_path / "nope.yaml")], tmp_path)
+    assert result.returncode == 2
+    assert "nope.yaml" in result.stderr
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_serve_with_built_in_defaults_and_flags(tmp_path, upstream):
+    port = _free_port()
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "gateway",
+            "serve",
+            "--port",
+            str(port),
+            "--upstream",
+            upstream.url,
+            "--data",
+            str(tmp_path / "data"),
+        ],
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        base = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                if httpx.get(base + "/health", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert process.poll() is None, process.stdout.read()
+            assert time.monotonic() < deadline, "the gateway did not come up"
+            time.sleep(0.1)
+        assert httpx.get(base + "/ready").status_code == 200
+        response = httpx.post(
+            base + "/v1/chat/completions",
+            json={"model": "m", "messages": [{"role": "user", "content": "ping"}]},
+            headers={"authorization": "Bearer sk-secret-key-123"},
+            timeout=30,
+        )
+        assert response.json()["choices"][0]["message"]["content"] == "echo: ping"
+    finally:
+        process.terminate()
+        output, _ = process.communicate(timeout=30)
+    # uvicorn shuts down gracefully, then re-raises SIGTERM as its exit status.
+    assert process.returncode in (0, -15)
+    assert "Application shutdown complete" in output
+    assert "sk-secret-key-123" not in output

@@ -1,0 +1,198 @@
+"""Who the gateway attributes a request to, and which key it sends upstream."""
+
+from __future__ import annotations
+
+import httpx
+import openai
+import pytest
+
+from gateway.config import UserKey
+from gateway.identity import KeyRing, bearer_token
+from tests.conftest import gateway_config_for
+from tests.recording import RecordingHooks
+
+MESSAGES = [{"role": "user", "content": "hi"}]
+KEYS = [
+    {"key": "gk-alice", "user_id": "alice", "upstream_api_key": "sk-alice-upstream"},
+    {"key": "gk-bob", "user_id": "bob"},
+]
+
+
+@pytest.fixture
+def hooks() -> RecordingHooks:
+    return RecordingHooks()
+
+
+def _gateway(
+    start_gateway, upstream, tmp_path, hooks, *, auth=None, upstream_key=None, identity=None
+):
+    sections = {"auth": auth or {"keys": KEYS}}
+    if identity:
+        sections["identity"] = identity
+    config = gateway_config_for(upstream.url, tmp_path, **sections)
+    if upstream_key:
+        config.upstreams[0].api_key = upstream_key
+    return start_gateway(config, hooks=hooks)
+
+
+def _chat(gw, api_key="sk-client", **kwargs):
+    with gw.client(api_key=api_key, default_headers=kwargs.pop("headers", None)) as sdk:
+        return sdk.chat.completions.create(model="m", messages=MESSAGES, **kwargs)
+
+
+def test_a_per_user_key_names_the_user_and_maps_to_its_upstream_key(
+    start_gateway, upstream, tmp_path, hooks
+):
+    gw = _gateway(start_gateway, upstream, tmp_path, hooks, upstream_key="sk-shared")
+    _chat(gw, api_key="gk-alice")
+    ident = hooks.contexts[-1].identity
+    assert (ident.user_id, ident.via) == ("alice", "key")
+    assert ident.upstream_api_key == "sk-alice-upstream"
+    assert upstream.last().headers["authorization"] == "Bearer sk-alice-upstream"
+
+
+def test_a_per_user_key_without_its_own_upstream_key_uses_the_upstreams(
+    start_gateway, upstream, tmp_path, hooks
+):
+    gw = _gateway(start_gateway, upstream, tmp_path, hooks, upstream_key="sk-shared")
+    _chat(gw, api_key="gk-bob")
+    assert hooks.contexts[-1].identity.user_id == "bob"
+    assert upstream.last().headers["authorization"] == "Bearer sk-shared"
+
+
+def test_a_gateway_key_never_reaches_the_upstream(start_gateway, upstream, tmp_path, hooks):
+    gw = _gateway(start_gateway, upstream, tmp_path, hooks)
+    _chat(gw, api_key="gk-bob")
+    assert "authorization" not in upstream.last().headers
+    # Passthrough paths too.
+    httpx.get(gw.base_url + "/models", headers={"authorization": "Bearer gk-bob"})
+    assert "authorization" not in upstream.last().headers
+
+
+def test_bring_your_own_key_passes_through(start_gateway, upstream, tmp_path, hooks):
+    gw = _gateway(start_gateway, upstream, tmp_path, hooks)
+    _chat(gw, api_key="sk-my-own")
+    assert upstream.last().headers["authorization"] == "Bearer sk-my-own"
+    assert hooks.contexts[-1].identity.upstream_api_key == "sk-my-own"
+    assert hooks.contexts[-1].identity.user_id is None
+
+
+def test_a_configured_upstream_key_replaces_the_clients(start_gateway, upstream, tmp_path, hooks):
+    gw = _gateway(start_gateway, upstream, tmp_path, hooks, upstream_key="sk-operator")
+    _chat(gw, api_key="sk-my-own")
+    assert upstream.last().headers["authorization"] == "Bearer sk-operator"
+
+
+def test_require_key_rejects_unknown_keys_with_401(start_gateway, upstream, tmp_path, hooks):
+    gw = _gateway(
+        start_gateway, upstream, tmp_path, hooks, auth={"require_key": True, "keys": KEYS}
+    )
+    with pytest.raises(openai.AuthenticationError) as raised:
+        _chat(gw, api_key="sk-unknown")
+    assert raised.value.body["code"] == "invalid_api_key"
+    response = httpx.get(gw.base_url + "/models")
+    assert response.status_code == 401
+    assert response.json()["error"]["type"] == "authentication_error"
+    assert upstream.requests == []
+    assert _chat(gw, api_key="gk-alice").choices[0].message.content == "echo: hi"
+    # Health stays open to the orchestrator.
+    assert httpx.get(gw.url + "/health").status_code == 200
+
+
+def test_header_identity_with_agent_and_session(start_gateway, upstream, tmp_path, hooks):
+    gw = _gateway(start_gateway, upstream, tmp_path, hooks)
+    _chat(
+        gw,
+        headers={"X-User-Id": "carol", "X-Agent-Id": "tutor", "X-Session-Id": "s-1"},
+        user="ignored",
+    )
+    ident = hooks.contexts[-1].identity
+    assert (ident.user_id, ident.agent_id, ident.session_id, ident.via) == (
+        "carol",
+        "tutor",
+        "s-1",
+        "header",
+    )
+    # The gateway's own headers are not sent to the provider; the body is untouched.
+    sent = upstream.last()
+    assert "x-user-id" not in sent.headers and "x-agent-id" not in sent.headers
+    assert sent.json["user"] == "ignored"
+
+
+def test_the_header_name_is_configurable(start_gateway, upstream, tmp_path, hooks):
+    gw = _gateway(start_gateway, upstream, tmp_path, hooks, identity={"user_header": "X-Customer"})
+    _chat(gw, headers={"X-Customer": "dave", "X-User-Id": "not-me"})
+    assert hooks.contexts[-1].identity.user_id == "dave"
+
+
+def test_body_user_field_identity(start_gateway, upstream, tmp_path, hooks):
+    gw = _gateway(start_gateway, upstream, tmp_path, hooks)
+    _chat(gw, user="erin")
+    ident = hooks.contexts[-1].identity
+    assert (ident.user_id, ident.via) == ("erin", "body")
+
+
+def test_body_user_field_can_be_switched_off(start_gateway, upstream, tmp_path, hooks):
+    gw = _gateway(start_gateway, upstream, tmp_path, hooks, identity={"body_user_field": False})
+    _chat(gw, user="erin")
+    assert hooks.contexts[-1].identity.user_id is None
+
+
+def test_a_key_wins_over_header_and_body(start_gateway, upstream, tmp_path, hooks):
+    gw = _gateway(start_gateway, upstream, tmp_path, hooks)
+    _chat(gw, api_key="gk-alice", headers={"X-User-Id": "mallory"}, user="mallory")
+    assert hooks.contexts[-1].identity.user_id == "alice"
+
+
+@pytest.mark.parametrize(
+    ("where", "value", "reason"),
+    [
+        ("header", "u" * 257, "longer than 256"),
+        ("header", "a\tb", "control characters"),
+        ("body", "a\nb", "control characters"),
+        ("body", "x" * 300, "longer than 256"),
+        ("agent", "a" * 257, "agent_id is longer than 256"),
+    ],
+)
+def test_invalid_ids_are_400_saying_why(
+    start_gateway, upstream, tmp_path, hooks, where, value, reason
+):
+    gw = _gateway(start_gateway, upstream, tmp_path, hooks)
+    body = {"model": "m", "messages": MESSAGES}
+    headers = {}
+    if where == "header":
+        headers["X-User-Id"] = value
+    elif where == "agent":
+        headers["X-Agent-Id"] = value
+    else:
+        body["user"] = value
+    response = httpx.post(gw.base_url + "/chat/completions", json=body, headers=headers)
+    assert response.status_code == 400
+    assert reason in response.json()["error"]["message"]
+    assert upstream.requests == []
+
+
+def test_a_256_character_id_is_accepted(start_gateway, upstream, tmp_path, hooks):
+    gw = _gateway(start_gateway, upstream, tmp_path, hooks)
+    _chat(gw, headers={"X-User-Id": "u" * 256})
+    assert hooks.contexts[-1].identity.user_id == "u" * 256
+
+
+def test_key_ring_matches_only_exact_keys():
+    ring = KeyRing([UserKey(key="gk-one", user_id="one"), UserKey(key="gk-two", user_id="two")])
+    assert ring.match("gk-two").user_id == "two"
+    assert ring.match("gk-tw") is None
+    assert ring.match("gk-two ") is None
+    assert ring.match(None) is None
+    assert bearer_token("Bearer gk-two") == "gk-two"
+    assert bearer_token("bearer gk-two") == "gk-two"
+    assert bearer_token("Basic abc") is None
+
+
+def test_identity_repr_hides_keys():
+    from gateway.identity import Identity
+
+    ident = Identity(
+        user_id="u", upstream_api_key="sk-secret", key=UserKey(key="gk-secret", user_id="u")
+    )
+    assert "secret" not in repr(ident)
