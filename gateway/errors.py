@@ -14,6 +14,7 @@ from typing import Any
 import msgspec
 from litestar import Request, Response
 from litestar.exceptions import HTTPException
+from litestar.types import ExceptionHandlersMap
 
 logger = logging.getLogger("gateway")
 
@@ -102,7 +103,7 @@ def _unexpected(_: Request[Any, Any, Any], exc: Exception) -> Response[bytes]:
     return Response(content=body, status_code=500, media_type="application/json")
 
 
-exception_handlers: dict[type[Exception], Any] = {
+exception_handlers: ExceptionHandlersMap = {
     GatewayError: _gateway_error,
     HTTPException: _http_exception,
     Exception: _unexpected,

@@ -213,7 +213,8 @@ class Proxy:
         return ASGIStreamingResponse(
             iterator=iterator,
             status_code=response.status_code,
-            headers=client_response_headers(
+            # A list keeps repeated headers (set-cookie); the base class accepts it.
+            headers=client_response_headers(  # type: ignore[arg-type]
                 response.headers.multi_items(), decoded=True, extra=ctx.response_headers
             ),
             background=BackgroundTask(_release, iterator, response),
@@ -303,7 +304,10 @@ class Proxy:
         return ASGIStreamingResponse(
             iterator=iterator,
             status_code=response.status_code,
-            headers=client_response_headers(response.headers.multi_items(), decoded=False),
+            # A list keeps repeated headers (set-cookie); the base class accepts it.
+            headers=client_response_headers(  # type: ignore[arg-type]
+                response.headers.multi_items(), decoded=False
+            ),
             is_head_response=request.method == "HEAD",
             background=BackgroundTask(_release, iterator, response),
         )

@@ -5,11 +5,20 @@ from __future__ import annotations
 from typing import Any
 
 from litestar import Request, Response, get, route
+from litestar.enums import HttpMethod
 from litestar.response.base import ASGIResponse
 
 from gateway.proxy import Proxy
 
-ALL_METHODS = ["GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"]
+ALL_METHODS = [
+    HttpMethod.GET,
+    HttpMethod.POST,
+    HttpMethod.PUT,
+    HttpMethod.PATCH,
+    HttpMethod.DELETE,
+    HttpMethod.HEAD,
+    HttpMethod.OPTIONS,
+]
 
 
 def _proxy(request: Request[Any, Any, Any]) -> Proxy:

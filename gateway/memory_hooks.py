@@ -1,0 +1,157 @@
+"""Where a chat request gets its memories, and where its exchange is recorded.
+
+The read path runs before forwarding, under a deadline: memory may make a
+request a few milliseconds slower, never make it fail. The write path runs
+after a successful completion, off the request path: the new user turns and
+the reply go to the engine's durable spool.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from datetime import UTC, datetime
+from typing import Any, Literal, cast
+
+from gateway.config import Config
+from gateway.errors import GatewayError
+from gateway.hooks import ChatContext, CompletedExchange
+from memory import injection
+from memory.engine import MemoryEngine
+from memory.models import Exchange, Hit, Scope
+
+logger = logging.getLogger("gateway.memory")
+
+Mode = Literal["auto", "read", "write", "off"]
+MODES: frozenset[str] = frozenset({"auto", "read", "write", "off"})
+MODE_HEADER = "x-memory-mode"
+# Response headers have practical size limits; ids beyond this are left out.
+MAX_IDS_HEADER = 1024
+
+
+class MemoryHooks:
+    """The memory engine behind the chat pipeline's two seams."""
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.memory = config.memory
+        self._engine: MemoryEngine | None = None
+
+    @property
+    def engine(self) -> MemoryEngine:
+        if self._engine is None:
+            raise RuntimeError("the memory engine is not started")
+        return self._engine
+
+    async def startup(self) -> None:
+        self._engine = await MemoryEngine.open(
+            self.memory,
+            self.config.data_path,
+            default_base_url=self.config.default_upstream.base_url,
+        )
+        await self._engine.start()
+
+    async def shutdown(self) -> None:
+        if self._engine is not None:
+            await self._engine.close()
+            self._engine = None
+
+    async def ready(self) -> bool:
+        return self._engine is not None and await self._engine.ready()
+
+    def _mode(self, ctx: ChatContext) -> Mode:
+        value = ctx.request_headers.get(MODE_HEADER)
+        if value is None:
+            return self.memory.mode
+        mode = value.strip().lower()
+        if mode not in MODES:
+            raise GatewayError(
+                400,
+                f"X-Memory-Mode must be one of auto, read, write, off (got {value[:40]!r})",
+                param="X-Memory-Mode",
+                code="invalid_memory_mode",
+                retryable=False,
+            )
+        return cast(Mode, mode)
+
+    async def before_forward(self, ctx: ChatContext, body: dict[str, Any]) -> bool:
+        mode = self._mode(ctx)
+        ctx.state["memory_mode"] = mode
+        headers = ctx.response_headers
+        user_id = ctx.identity.user_id
+        if user_id is None:
+            headers["X-Memory-Status"] = "no-user"
+            return False
+        if not self.memory.enabled or mode == "off" or self._engine is None:
+            headers["X-Memory-Status"] = "off"
+            return False
+        scope = self._scope(ctx)
+        ctx.state["memory_scope"] = scope
+        # A bring-your-own-key user's next request releases jobs waiting for a key.
+        self._engine.provide_key(user_id, ctx.identity.upstream_api_key)
+        headers["X-Memory-Status"] = "ok"
+        headers["X-Memory-Injected"] = "0"
+        messages = body.get("messages")
+        if mode == "write" or not isinstance(messages, list):
+            return False
+        query = injection.last_user_text(messages)
+        if not query.strip():
+            return False
+        hits = await self._recall(scope, query, headers)
+        if not hits:
+            return False
+        text, used = injection.render(hits, self.memory.injection.max_chars)
+        if text is None:
+            return False
+        message = {"role": "system", "content": text}
+        body["messages"] = injection.place(messages, message, self.memory.injection.position)
+        headers["X-Memory-Injected"] = str(len(used))
+        headers["X-Memory-Ids"] = _bounded_ids(used)
+        return True
+
+    async def _recall(self, scope: Scope, query: str, headers: dict[str, str]) -> list[Hit]:
+        """Search under the deadline; on timeout or failure go on without memories."""
+        deadline = self.memory.injection.deadline_ms / 1000
+        try:
+            return await asyncio.wait_for(self.engine.search(scope, query), deadline)
+        except TimeoutError:
+            logger.warning("memory search exceeded its %.0f ms deadline", deadline * 1000)
+        except Exception:
+            logger.exception("memory search failed; answering without memories")
+        headers["X-Memory-Status"] = "degraded"
+        return []
+
+    async def after_completion(self, ctx: ChatContext, exchange: CompletedExchange) -> None:
+        scope = ctx.state.get("memory_scope")
+        if scope is None or ctx.state.get("memory_mode") not in ("auto", "write"):
+            return
+        messages = exchange.request_body.get("messages")
+        turns = injection.new_turns(messages if isinstance(messages, list) else [])
+        if not turns:
+            return
+        await self.engine.record_exchange(
+            Exchange(
+                scope=scope,
+                messages=turns,
+                reply=exchange.reply_text or None,
+                at=datetime.now(UTC),
+            ),
+            api_key=ctx.identity.upstream_api_key,
+        )
+
+    @staticmethod
+    def _scope(ctx: ChatContext) -> Scope:
+        ident = ctx.identity
+        assert ident.user_id is not None
+        return Scope(user_id=ident.user_id, agent_id=ident.agent_id, session_id=ident.session_id)
+
+
+def _bounded_ids(hits: list[Hit]) -> str:
+    ids: list[str] = []
+    size = 0
+    for hit in hits:
+        size += len(hit.memory.id) + 1
+        if size > MAX_IDS_HEADER:
+            break
+        ids.append(hit.memory.id)
+    return ",".join(ids)
