@@ -165,11 +165,8 @@ class Extractor:
         default_base_url: str | None = None,
         http_client: httpx.AsyncClient | None = None,
     ) -> None:
-        base_url = config.llm.base_url or default_base_url
-        if not base_url:
-            raise ValueError("memory.llm.base_url is not set and there is no default upstream")
         self._config = config
-        self._base_url = base_url.rstrip("/")
+        self._base_url = (config.llm.base_url or default_base_url or "").rstrip("/")
         self._http_client = http_client
         self._client: openai.AsyncOpenAI | None = None
         # The first mode that the upstream accepted, per (base_url, model).
@@ -184,6 +181,8 @@ class Extractor:
         return self._modes.get((self._base_url, self._config.llm.model))
 
     def _client_for(self, api_key: str | None) -> openai.AsyncOpenAI:
+        if not self._base_url:
+            raise ExtractionError("memory.llm.base_url is not set and there is no default upstream")
         key = api_key or self._config.llm.api_key
         if not key:
             raise ExtractionError("no API key for the extraction model")
@@ -195,7 +194,8 @@ class Extractor:
                 base_url=self._base_url,
                 max_retries=0,
                 timeout=self._config.llm.timeout,
-                http_client=self._http_client,
+                # The SDK accepts a legacy httpx client as well as its httpx2 one.
+                http_client=self._http_client,  # type: ignore[arg-type]
             )
         if key == self._client.api_key:
             return self._client

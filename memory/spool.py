@@ -365,7 +365,8 @@ class Spool:
         self, *, state: JobState | None = None, user_id: str | None = None, limit: int = 100
     ) -> list[JobInfo]:
         def select(db: sqlite3.Connection) -> list[JobInfo]:
-            clauses, params = [], []
+            clauses: list[str] = []
+            params: list[Any] = []
             if state is not None:
                 clauses.append("state = ?")
                 params.append(state)

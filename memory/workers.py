@@ -14,7 +14,8 @@ import contextlib
 import logging
 import random
 import time
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Callable, Coroutine, Iterable
+from typing import Any
 
 from memory.config import SpoolConfig
 from memory.redaction import redact
@@ -22,7 +23,7 @@ from memory.spool import Job, Spool
 
 log = logging.getLogger("memory.workers")
 
-Handler = Callable[[Job], Awaitable[None]]
+Handler = Callable[[Job], Coroutine[Any, Any, None]]
 MAX_ERROR_CHARS = 2000
 
 
@@ -116,7 +117,10 @@ class WorkerPool:
                 log.exception("claiming a spool job failed")
                 claim = None
             if claim is not None and claim.job is not None:
-                await self._run(claim.job)
+                try:
+                    await self._run(claim.job)
+                except Exception:
+                    log.exception("spool worker error on job %s", claim.job.id)
                 continue
             wait = self._config.poll_interval
             if claim is not None and claim.wait is not None:
@@ -138,6 +142,8 @@ class WorkerPool:
         try:
             try:
                 await asyncio.shield(task)
+            except Exception:  # noqa: S110 - the outcome is read from the task in _settle
+                pass
             except asyncio.CancelledError:
                 if not task.done():
                     # The worker itself is cancelled: stop the job, give it back, go.

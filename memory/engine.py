@@ -1,0 +1,396 @@
+"""`MemoryEngine`: the one object the gateway talks to.
+
+It wires the store, the embedder, the extractor, the spool and its workers.
+Exchanges are redacted, then spooled durably, then acknowledged; workers turn
+them into facts in the background. With no `memory.llm.api_key`, the key of
+the user's latest request is used for their jobs; it lives in this process's
+memory only, and a job whose user has no known key waits (no attempt spent).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import builtins
+import logging
+import time
+from collections.abc import Awaitable, Iterable
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, TypeVar
+
+import httpx
+import msgspec
+
+from memory.config import MemoryConfig
+from memory.embedding import Embedder, create_embedder
+from memory.extraction import ExtractionError, Extractor
+from memory.maintenance import Maintenance
+from memory.models import (
+    Exchange,
+    HistoryEntry,
+    Hit,
+    Memory,
+    Operation,
+    Scope,
+    Stats,
+)
+from memory.prompts import exchange_text
+from memory.redaction import REDACTED, redact, redact_exchange
+from memory.spool import Job, JobInfo, JobState, Spool
+from memory.store import MemoryStore
+from memory.workers import Deferred, LeaseLost, WorkerPool
+
+log = logging.getLogger("memory.engine")
+T = TypeVar("T")
+
+STORE_DIR = "lancedb"
+SPOOL_FILE = "spool.sqlite3"
+
+_memory_encoder = msgspec.json.Encoder()
+_memory_decoder = msgspec.json.Decoder(Memory)
+
+
+class AddResult(msgspec.Struct, kw_only=True):
+    """`add` either stored memories directly (infer=False) or queued a job."""
+
+    memories: list[Memory] = msgspec.field(default_factory=list)
+    job_id: str | None = None
+
+
+class InvalidImport(ValueError):
+    """A line of an import is not a memory; nothing was imported."""
+
+
+async def _uncancellable(aw: Awaitable[T]) -> T:
+    """Let a started write finish even if the caller is cancelled, then re-raise.
+
+    A LanceDB write abandoned half-way would race with whatever the canceller
+    does next (erasing the user, closing the store).
+    """
+    task = asyncio.ensure_future(aw)
+    cancelled = False
+    while True:
+        try:
+            result = await asyncio.shield(task)
+            break
+        except asyncio.CancelledError:
+            if task.done():
+                raise
+            cancelled = True
+    if cancelled:
+        raise asyncio.CancelledError
+    return result
+
+
+def _user_text(messages: Iterable[dict[str, Any]]) -> list[str]:
+    texts = []
+    for m in messages:
+        if m.get("role") != "user":
+            continue
+        content = m.get("content")
+        if isinstance(content, list):
+            content = "\n".join(
+                p["text"] for p in content if isinstance(p, dict) and isinstance(p.get("text"), str)
+            )
+        if isinstance(content, str) and content.strip():
+            texts.append(content.strip())
+    return texts
+
+
+class MemoryEngine:
+    def __init__(
+        self,
+        config: MemoryConfig,
+        *,
+        store: MemoryStore,
+        embedder: Embedder,
+        owns_embedder: bool,
+        spool: Spool,
+        extractor: Extractor,
+    ) -> None:
+        self.config = config
+        self.store = store
+        self.spool = spool
+        self.extractor = extractor
+        self._embedder = embedder
+        self._owns_embedder = owns_embedder
+        # BYOK: user_id -> the key of their latest request. Process memory only.
+        self._keys: dict[str, str] = {}
+        self.workers = WorkerPool(spool, self._process, config.spool, users=self._claimable_users)
+        self.maintenance = Maintenance(store, config.maintenance)
+        self._closed = False
+
+    @classmethod
+    async def open(
+        cls,
+        config: MemoryConfig,
+        data_dir: Path,
+        *,
+        default_base_url: str | None = None,
+        http_client: httpx.AsyncClient | None = None,
+        embedder: Embedder | None = None,
+    ) -> MemoryEngine:
+        """Open (or create) the store and the spool under `data_dir`. Call `start()` next."""
+        data_dir = Path(data_dir)
+        owns_embedder = embedder is None
+        if embedder is None:
+            embedder = create_embedder(config.embedder, default_base_url=default_base_url)
+        store: MemoryStore | None = None
+        try:
+            store = await MemoryStore.open(data_dir / STORE_DIR, embedder, config)
+            spool = await Spool.open(
+                data_dir / SPOOL_FILE, lease_seconds=config.spool.lease_seconds
+            )
+        except BaseException:
+            if store is not None:
+                await store.close()
+            if owns_embedder:
+                await embedder.close()
+            raise
+        extractor = Extractor(config, default_base_url=default_base_url, http_client=http_client)
+        return cls(
+            config,
+            store=store,
+            embedder=embedder,
+            owns_embedder=owns_embedder,
+            spool=spool,
+            extractor=extractor,
+        )
+
+    async def start(self) -> None:
+        """Start the spool workers and background maintenance."""
+        self.workers.start()
+        self.maintenance.start()
+
+    async def close(self) -> None:
+        """Stop workers (running jobs go back to the queue), then close everything."""
+        if self._closed:
+            return
+        self._closed = True
+        await self.workers.stop()
+        await self.maintenance.stop()
+        await self.extractor.close()
+        await self.spool.close()
+        await self.store.close()
+        if self._owns_embedder:
+            await self._embedder.close()
+
+    async def __aenter__(self) -> MemoryEngine:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def ready(self) -> bool:
+        if self._closed or not await self.store.ready():
+            return False
+        try:
+            await self.spool.unfinished()
+        except Exception:
+            log.exception("spool is not ready")
+            return False
+        return True
+
+    # -- keys (BYOK) ---------------------------------------------------------
+
+    def provide_key(self, user_id: str, api_key: str | None) -> None:
+        """Remember the key of this user's latest request for their extraction jobs."""
+        if not api_key or self.config.llm.api_key:
+            return
+        known = self._keys.get(user_id)
+        self._keys[user_id] = api_key
+        if known is None:
+            self.workers.notify()
+
+    def _claimable_users(self) -> list[str] | None:
+        return None if self.config.llm.api_key else list(self._keys)
+
+    # -- writing through the spool -------------------------------------------
+
+    async def record_exchange(self, exchange: Exchange, *, api_key: str | None = None) -> str:
+        """Queue a finished exchange for extraction; returns once it is durable."""
+        if self.config.redaction.enabled:
+            exchange = redact_exchange(exchange)
+        job_id = await self.spool.enqueue(exchange)
+        self.provide_key(exchange.scope.user_id, api_key)
+        self.workers.notify()
+        return job_id
+
+    async def add(
+        self,
+        scope: Scope,
+        *,
+        text: str | None = None,
+        messages: list[dict[str, Any]] | None = None,
+        infer: bool = True,
+        metadata: dict[str, Any] | None = None,
+        api_key: str | None = None,
+    ) -> AddResult:
+        """Add memories: verbatim (`infer=False`) or by extraction through the spool.
+
+        `metadata` applies to verbatim memories only; extracted facts carry none.
+        """
+        if (text is None) == (messages is None):
+            raise ValueError("give exactly one of `text` or `messages`")
+        if messages is None:
+            messages = [{"role": "user", "content": text}]
+        if infer:
+            exchange = Exchange(scope=scope, messages=messages, reply=None, at=datetime.now(UTC))
+            return AddResult(job_id=await self.record_exchange(exchange, api_key=api_key))
+        texts = _user_text(messages)
+        if not texts:
+            raise ValueError("nothing to remember: no user text")
+        memories = []
+        for t in texts:
+            t = self._redact(t)
+            memories.append(await self.store.add(scope, t, metadata=metadata, actor="api"))
+        return AddResult(memories=memories)
+
+    # A timeout here is an answer (the last state), not an error: hence the parameter.
+    async def wait(self, job_id: str, timeout: float = 30.0) -> JobInfo | None:  # noqa: ASYNC109
+        """Wait until a job is done or failed (or `timeout`); its last known state."""
+        deadline = time.monotonic() + timeout
+        while True:
+            info = await self.spool.get(job_id)
+            remaining = deadline - time.monotonic()
+            if info is None or info.state in ("done", "failed") or remaining <= 0:
+                return info
+            await self.workers.changed(min(remaining, 0.25))
+
+    async def drain(self, timeout: float = 30.0) -> bool:  # noqa: ASYNC109
+        """Wait until no job is pending or running; False on timeout."""
+        deadline = time.monotonic() + timeout
+        while True:
+            if await self.spool.unfinished() == 0:
+                return True
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return False
+            await self.workers.changed(min(remaining, 0.25))
+
+    async def jobs(
+        self, state: JobState | None = None, user_id: str | None = None, limit: int = 100
+    ) -> list[JobInfo]:
+        return await self.spool.jobs(state=state, user_id=user_id, limit=limit)
+
+    async def retry_failed(self, user_id: str | None = None) -> int:
+        n = await self.spool.retry_failed(user_id)
+        if n:
+            self.workers.notify()
+        return n
+
+    # -- the job handler ------------------------------------------------------
+
+    async def _process(self, job: Job) -> None:
+        exchange = job.exchange
+        scope = exchange.scope
+        ops = job.decision
+        if ops is None:
+            ops = await self._decide(job)
+            if not await self.spool.save_decision(job, ops):
+                raise LeaseLost(job.id)
+        if not ops:
+            return
+        if not await self.spool.owns(job):
+            raise LeaseLost(job.id)
+        await _uncancellable(
+            self.store.apply(scope, ops, source=job.id, actor="extractor", at=exchange.at)
+        )
+
+    async def _decide(self, job: Job) -> list[Operation]:
+        key = self.config.llm.api_key or self._keys.get(job.user_id)
+        if not key:
+            raise Deferred(job.id)
+        text = exchange_text(job.exchange)
+        k = self.config.search.extraction_context
+        existing = await self.store.related(job.exchange.scope, text, k) if text else []
+        try:
+            ops = await self.extractor.decide(job.exchange, existing, api_key=key)
+        except ExtractionError as exc:
+            # Belt and braces: an upstream error echoing the key must not reach the spool.
+            raise ExtractionError(exc.reason.replace(key, REDACTED)) from None
+        return [
+            msgspec.structs.replace(op, text=self._redact(op.text)) if op.text else op for op in ops
+        ]
+
+    def _redact(self, text: str) -> str:
+        return redact(text) if self.config.redaction.enabled else text
+
+    # -- reading and editing --------------------------------------------------
+
+    async def search(
+        self,
+        scope: Scope,
+        query: str,
+        limit: int | None = None,
+        *,
+        min_score: float | None = None,
+        include_superseded: bool = False,
+    ) -> list[Hit]:
+        return await self.store.search(
+            scope, query, limit=limit, min_score=min_score, include_superseded=include_superseded
+        )
+
+    async def get(self, scope: Scope, memory_id: str) -> Memory | None:
+        return await self.store.get(scope, memory_id)
+
+    async def list(
+        self, scope: Scope, *, limit: int = 100, offset: int = 0, include_superseded: bool = False
+    ) -> builtins.list[Memory]:
+        return await self.store.list(
+            scope, limit=limit, offset=offset, include_superseded=include_superseded
+        )
+
+    async def update(
+        self,
+        scope: Scope,
+        memory_id: str,
+        *,
+        text: str | None = None,
+        metadata: dict[str, Any] | None = None,
+    ) -> Memory | None:
+        if text is not None:
+            text = self._redact(text)
+        return await self.store.update(scope, memory_id, text=text, metadata=metadata)
+
+    async def delete(self, scope: Scope, memory_id: str) -> bool:
+        return await self.store.delete(scope, memory_id)
+
+    async def delete_all(self, scope: Scope) -> int:
+        """Forget a user (or one agent of theirs): memories, history and queued jobs."""
+        await self.spool.delete_user(scope.user_id, scope.agent_id)
+        # A job of theirs running here must not write after the erase.
+        await self.workers.cancel_user(scope.user_id)
+        if scope.agent_id is None:
+            self._keys.pop(scope.user_id, None)
+        return await self.store.delete_all(scope)
+
+    async def history(self, scope: Scope, memory_id: str) -> builtins.list[HistoryEntry]:
+        return await self.store.history(scope, memory_id)
+
+    async def export(self, scope: Scope) -> builtins.list[str]:
+        """Every memory of the scope as JSON lines (superseded ones included)."""
+        return [_memory_encoder.encode(m).decode() for m in await self.store.export(scope)]
+
+    async def import_lines(self, scope: Scope, lines: Iterable[str | bytes]) -> int:
+        """Import JSON lines from `export` into `scope`'s user; all lines or none."""
+        memories = []
+        for n, line in enumerate(lines, 1):
+            if not line.strip():
+                continue
+            try:
+                m = _memory_decoder.decode(line)
+            except msgspec.DecodeError as exc:
+                raise InvalidImport(f"line {n}: {exc}") from None
+            memories.append(msgspec.structs.replace(m, text=self._redact(m.text)))
+        return await self.store.import_memories(scope, memories)
+
+    async def users(self) -> builtins.list[tuple[str, int]]:
+        return await self.store.users()
+
+    async def stats(self) -> Stats:
+        memories, users, spool = await asyncio.gather(
+            self.store.count(), self.store.users(), self.spool.stats()
+        )
+        return Stats(memories=memories, users=len(users), spool=spool)
