@@ -53,6 +53,9 @@ def serve(config: Config) -> None:
 
     level = "DEBUG" if config.server.log_level == "trace" else config.server.log_level.upper()
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # httpx logs every request at INFO: noise, and latency on the hot path.
+    for name in ("httpx", "httpx2", "httpcore"):
+        logging.getLogger(name).setLevel(max(logging.WARNING, logging.getLogger().level))
     uvicorn.run(
         create_app(config),
         host=config.server.host,

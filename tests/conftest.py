@@ -70,11 +70,18 @@ def upstream(upstream_server: ScriptedUpstream) -> Iterator[ScriptedUpstream]:
     upstream_server.reset()
 
 
-def gateway_config_for(upstream_url: str, data_dir: Path, **overrides: Any) -> Config:
-    """A Config whose default upstream is `upstream_url`; `overrides` are top-level sections."""
+def gateway_config_for(
+    upstream_url: str, data_dir: Path, *, memory: dict[str, Any] | None = None, **overrides: Any
+) -> Config:
+    """A Config whose default upstream is `upstream_url`; `overrides` are top-level sections.
+
+    Without a `memory` section the memory engine is off: a plain proxy. Pass
+    `memory={...}` (enabled unless it says otherwise) to test with memory.
+    """
     raw: dict[str, Any] = {
         "upstreams": [{"name": "scripted", "base_url": upstream_url, "default": True}],
         "data_dir": str(data_dir),
+        "memory": {"enabled": False} if memory is None else memory,
     }
     raw.update(overrides)
     return msgspec.convert(raw, Config)

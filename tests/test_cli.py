@@ -103,7 +103,10 @@ def test_serve_with_built_in_defaults_and_flags(tmp_path, upstream):
             assert process.poll() is None, process.stdout.read()
             assert time.monotonic() < deadline, "the gateway did not come up"
             time.sleep(0.1)
-        assert httpx.get(base + "/ready").status_code == 200
+        # Ready once storage is open (the default config enables memory).
+        while httpx.get(base + "/ready", timeout=5).status_code != 200:
+            assert time.monotonic() < deadline, "the gateway never became ready"
+            time.sleep(0.1)
         response = httpx.post(
             base + "/v1/chat/completions",
             json={"model": "m", "messages": [{"role": "user", "content": "ping"}]},
