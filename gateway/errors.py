@@ -91,6 +91,9 @@ def _http_exception(_: Request[Any, Any, Any], exc: HTTPException) -> Response[b
     if status == 413:
         message = "request body is larger than the configured server.max_body_bytes"
     headers = dict(exc.headers or {})
+    if 400 <= status < 500:
+        # Sending the same request again cannot fix it.
+        headers["x-should-retry"] = "false"
     body = error_body(message, type=error_type(status), code=_CODES.get(status))
     return Response(
         content=body, status_code=status, media_type="application/json", headers=headers

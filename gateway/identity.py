@@ -73,7 +73,9 @@ def _checked(kind: str, value: str | None) -> str | None:
     try:
         return validate_id(kind, value)
     except InvalidScope as exc:
-        raise GatewayError(400, f"invalid {kind}: {exc}", param=kind, code="invalid_id") from None
+        raise GatewayError(
+            400, f"invalid {kind}: {exc}", param=kind, code="invalid_id", retryable=False
+        ) from None
 
 
 class IdentityResolver:

@@ -23,7 +23,7 @@ from litestar.response.streaming import ASGIStreamingResponse
 from gateway.config import Config
 from gateway.errors import GatewayError
 from gateway.forward import client_response_headers, upstream_request_headers
-from gateway.hooks import ChatContext, ChatHooks, CompletedExchange
+from gateway.hooks import ChatContext, ChatHooks, CompletedExchange, NoHooks
 from gateway.identity import IdentityResolver
 from gateway.routing import Router, Upstream
 from gateway.sse import SSEParser, parse_completion, sse_error_event
@@ -76,6 +76,8 @@ class Proxy:
         self._consumed = frozenset(h.encode() for h in self.identity.consumed_headers)
         self._max_body = config.server.max_body_bytes
         self._client: httpx.AsyncClient | None = None
+        # A plain proxy has nobody to hand the exchange to: skip reading the copy.
+        self._observe = not isinstance(hooks, NoHooks)
 
     @property
     def client(self) -> httpx.AsyncClient:
@@ -167,7 +169,7 @@ class Proxy:
             raise self._read_error(exc, upstream) from None
         finally:
             await response.aclose()
-        if not stream and response.is_success:
+        if self._observe and not stream and response.is_success:
             completion = parse_completion(data)
             if completion is not None:
                 self._complete(
@@ -185,11 +187,15 @@ class Proxy:
         self, response: httpx.Response, ctx: ChatContext, body: dict[str, Any], upstream: Upstream
     ) -> ASGIResponse:
         parser = SSEParser()
+        feed = parser.feed if self._observe else None
 
         async def relay() -> AsyncIterator[bytes]:
+            tail = b"\n\n"
             try:
                 async for chunk in response.aiter_bytes():
-                    parser.feed(chunk)
+                    if feed is not None:
+                        feed(chunk)
+                    tail = chunk if len(chunk) >= 4 else (tail + chunk)[-4:]
                     yield chunk
             except httpx.HTTPError as exc:
                 # Never a fake [DONE]: the SDK raises on an `error` event.
@@ -200,11 +206,15 @@ class Proxy:
                     if isinstance(exc, httpx.TimeoutException)
                     else "upstream_error"
                 )
-                yield (b"" if parser.at_boundary else b"\n\n") + sse_error_event(message, code=code)
+                # A partial event is terminated first, so the error stands alone.
+                between = tail.endswith((b"\n\n", b"\r\n\r\n", b"\r\r"))
+                yield (b"" if between else b"\n\n") + sse_error_event(message, code=code)
                 return
             finally:
                 with anyio.CancelScope(shield=True):
                     await response.aclose()
+            if feed is None:
+                return
             parser.close()
             if parser.done and parser.finish_reason is not None and not parser.error:
                 self._complete(ctx, body, parser.text, parser.finish_reason, parser.tool_calls)
