@@ -5,12 +5,16 @@ from __future__ import annotations
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from importlib.metadata import version
 
 from litestar import Litestar
+from litestar.openapi import OpenAPIConfig
 
 from gateway.config import Config
 from gateway.errors import exception_handlers
 from gateway.hooks import ChatHooks, NoHooks
+from gateway.memories_api import Access, MemoriesController
+from gateway.memory_hooks import MemoryHooks
 from gateway.proxy import Proxy
 from gateway.routes import handlers
 from gateway.tasks import BackgroundTasks
@@ -22,7 +26,10 @@ DRAIN_SECONDS = 10.0
 
 
 def create_app(config: Config, *, hooks: ChatHooks | None = None) -> Litestar:
-    hooks = hooks if hooks is not None else NoHooks()
+    """The gateway; by default with the memory engine behind the chat seams
+    (`memory.enabled: false` makes it a plain proxy)."""
+    if hooks is None:
+        hooks = MemoryHooks(config) if config.memory.enabled else NoHooks()
     tasks = BackgroundTasks()
     proxy = Proxy(config, hooks, tasks)
 
@@ -41,15 +48,21 @@ def create_app(config: Config, *, hooks: ChatHooks | None = None) -> Litestar:
             await proxy.close()
 
     app = Litestar(
-        route_handlers=handlers,
+        route_handlers=[*handlers, MemoriesController],
         lifespan=[lifespan],
         exception_handlers=exception_handlers,
         request_max_body_size=config.server.max_body_bytes,
-        openapi_config=None,
+        # Documents the management API; the proxied OpenAI paths are OpenAI's to document.
+        openapi_config=OpenAPIConfig(
+            title="memory-gateway",
+            version=version("memory-gateway"),
+            description="Management API of memory-gateway's long-term memory.",
+        ),
         debug=False,
     )
     app.state.config = config
     app.state.proxy = proxy
     app.state.hooks = hooks
     app.state.tasks = tasks
+    app.state.memory_access = Access(config.auth.admin_key, proxy.identity.keys)
     return app

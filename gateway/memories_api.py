@@ -16,9 +16,9 @@ from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
 import msgspec
-from litestar import Controller, Request, Response, delete, get, post, put
-from litestar.di import Provide
-from litestar.params import Parameter
+from litestar import Controller, Request, delete, get, post, put
+from litestar.di import NamedDependency, Provide
+from litestar.params import FromPath, JSONBody, QueryParameter
 from litestar.response import Stream
 
 from gateway.errors import GatewayError
@@ -149,7 +149,7 @@ def _is_loopback(request: Request[Any, Any, Any]) -> bool:
         return False
 
 
-def _scope(principal: Principal, user_id: str | None, agent_id: str | None = None) -> Scope:
+def _scope(principal: Caller, user_id: str | None, agent_id: str | None = None) -> Scope:
     if principal.user_id is not None:
         if user_id is not None and user_id != principal.user_id:
             raise GatewayError(
@@ -164,7 +164,7 @@ def _scope(principal: Principal, user_id: str | None, agent_id: str | None = Non
         raise GatewayError(400, str(exc), param="user_id", code="invalid_id") from None
 
 
-def _admin_only(principal: Principal) -> None:
+def _admin_only(principal: Caller) -> None:
     if principal.user_id is not None:
         raise GatewayError(403, "only the admin key may list users or manage the spool")
 
@@ -185,8 +185,10 @@ async def provide_principal(request: Request[Any, Any, Any]) -> Principal:
     return access.principal(request)
 
 
-UserId = Annotated[str | None, Parameter(query="user_id", description="whose memories")]
-AgentId = Annotated[str | None, Parameter(query="agent_id", description="narrow to one agent")]
+UserId = Annotated[str | None, QueryParameter(description="whose memories")]
+AgentId = Annotated[str | None, QueryParameter(description="narrow to one agent")]
+Engine = NamedDependency[MemoryEngine]
+Caller = NamedDependency[Principal]
 
 
 class MemoriesController(Controller):
@@ -198,13 +200,20 @@ class MemoriesController(Controller):
     }
 
     @post("/", status_code=201, summary="Add memories (verbatim or through extraction)")
-    async def add(self, engine: MemoryEngine, principal: Principal, data: AddRequest) -> AddResponse:
+    async def add(
+        self, engine: Engine, principal: Caller, data: JSONBody[AddRequest]
+    ) -> AddResponse:
         scope = _scope(principal, data.user_id, data.agent_id)
         if data.session_id is not None:
-            scope = Scope(user_id=scope.user_id, agent_id=scope.agent_id, session_id=data.session_id)
+            scope = Scope(
+                user_id=scope.user_id, agent_id=scope.agent_id, session_id=data.session_id
+            )
         try:
             result = await engine.add(
-                scope, text=data.text, messages=data.messages, infer=data.infer,
+                scope,
+                text=data.text,
+                messages=data.messages,
+                infer=data.infer,
                 metadata=data.metadata,
             )
         except (ValueError, InvalidScope) as exc:
@@ -220,12 +229,12 @@ class MemoriesController(Controller):
     @get("/", summary="List a user's memories")
     async def list_memories(
         self,
-        engine: MemoryEngine,
-        principal: Principal,
+        engine: Engine,
+        principal: Caller,
         user_id: UserId = None,
         agent_id: AgentId = None,
-        limit: Annotated[int, Parameter(ge=1, le=1000)] = 100,
-        offset: Annotated[int, Parameter(ge=0)] = 0,
+        limit: Annotated[int, QueryParameter(ge=1, le=1000)] = 100,
+        offset: Annotated[int, QueryParameter(ge=0)] = 0,
         include_superseded: bool = False,
     ) -> MemoryList:
         scope = _scope(principal, user_id, agent_id)
@@ -236,7 +245,10 @@ class MemoriesController(Controller):
 
     @delete("/", status_code=200, summary="Erase a user: memories, history and pending jobs")
     async def erase_user(
-        self, engine: MemoryEngine, principal: Principal, user_id: UserId = None,
+        self,
+        engine: Engine,
+        principal: Caller,
+        user_id: UserId = None,
         agent_id: AgentId = None,
     ) -> Deleted:
         scope = _scope(principal, user_id, agent_id)
@@ -244,7 +256,7 @@ class MemoriesController(Controller):
 
     @post("/search", status_code=200, summary="Search a user's memories")
     async def search(
-        self, engine: MemoryEngine, principal: Principal, data: SearchRequest
+        self, engine: Engine, principal: Caller, data: JSONBody[SearchRequest]
     ) -> SearchResponse:
         scope = _scope(principal, data.user_id, data.agent_id)
         if data.limit is not None and not 1 <= data.limit <= 100:
@@ -258,9 +270,16 @@ class MemoriesController(Controller):
             ]
         )
 
-    @get("/export", summary="Export a user's memories as JSON lines", media_type="application/x-ndjson")
+    @get(
+        "/export",
+        summary="Export a user's memories as JSON lines",
+        media_type="application/x-ndjson",
+    )
     async def export(
-        self, engine: MemoryEngine, principal: Principal, user_id: UserId = None,
+        self,
+        engine: Engine,
+        principal: Caller,
+        user_id: UserId = None,
         agent_id: AgentId = None,
     ) -> Stream:
         scope = _scope(principal, user_id, agent_id)
@@ -274,8 +293,12 @@ class MemoriesController(Controller):
 
     @post("/import", status_code=200, summary="Import JSON lines made by export")
     async def import_memories(
-        self, request: Request[Any, Any, Any], engine: MemoryEngine, principal: Principal,
-        user_id: UserId = None, agent_id: AgentId = None,
+        self,
+        request: Request[Any, Any, Any],
+        engine: Engine,
+        principal: Caller,
+        user_id: UserId = None,
+        agent_id: AgentId = None,
     ) -> Imported:
         scope = _scope(principal, user_id, agent_id)
         raw = await request.body()
@@ -287,37 +310,43 @@ class MemoriesController(Controller):
         return Imported(imported=n)
 
     @get("/users", summary="Users with their memory counts (admin)")
-    async def users(self, engine: MemoryEngine, principal: Principal) -> UsersResponse:
+    async def users(self, engine: Engine, principal: Caller) -> UsersResponse:
         _admin_only(principal)
         pairs = await engine.users()
         return UsersResponse(data=[UserCount(user_id=u, memories=n) for u, n in pairs])
 
     @get("/stats", summary="Memory and spool counts (admin)")
-    async def stats(self, engine: MemoryEngine, principal: Principal) -> Stats:
+    async def stats(self, engine: Engine, principal: Caller) -> Stats:
         _admin_only(principal)
         return await engine.stats()
 
     @get("/jobs", summary="Extraction jobs in the spool (admin)")
     async def jobs(
-        self, engine: MemoryEngine, principal: Principal,
-        state: Literal["pending", "running", "done", "failed"] | None = None,
+        self,
+        engine: Engine,
+        principal: Caller,
+        job_state: Annotated[
+            Literal["pending", "running", "done", "failed"] | None, QueryParameter(name="state")
+        ] = None,
         user_id: UserId = None,
-        limit: Annotated[int, Parameter(ge=1, le=1000)] = 100,
+        limit: Annotated[int, QueryParameter(ge=1, le=1000)] = 100,
     ) -> JobsResponse:
         _admin_only(principal)
-        return JobsResponse(data=await engine.jobs(state=state, user_id=user_id, limit=limit))
+        return JobsResponse(data=await engine.jobs(state=job_state, user_id=user_id, limit=limit))
 
     @post("/jobs/retry", status_code=200, summary="Retry failed extraction jobs (admin)")
-    async def retry(
-        self, engine: MemoryEngine, principal: Principal, user_id: UserId = None
-    ) -> Retried:
+    async def retry(self, engine: Engine, principal: Caller, user_id: UserId = None) -> Retried:
         _admin_only(principal)
         return Retried(retried=await engine.retry_failed(user_id))
 
     @get("/{memory_id:str}", summary="Get one memory")
     async def get_memory(
-        self, engine: MemoryEngine, principal: Principal, memory_id: str,
-        user_id: UserId = None, agent_id: AgentId = None,
+        self,
+        engine: Engine,
+        principal: Caller,
+        memory_id: FromPath[str],
+        user_id: UserId = None,
+        agent_id: AgentId = None,
     ) -> Memory:
         memory = await engine.get(_scope(principal, user_id, agent_id), memory_id)
         if memory is None:
@@ -326,15 +355,22 @@ class MemoriesController(Controller):
 
     @put("/{memory_id:str}", summary="Correct a memory's text or metadata")
     async def update(
-        self, engine: MemoryEngine, principal: Principal, memory_id: str, data: UpdateRequest,
-        user_id: UserId = None, agent_id: AgentId = None,
+        self,
+        engine: Engine,
+        principal: Caller,
+        memory_id: FromPath[str],
+        data: JSONBody[UpdateRequest],
+        user_id: UserId = None,
+        agent_id: AgentId = None,
     ) -> Memory:
         if data.text is None and data.metadata is None:
             raise GatewayError(400, "give text or metadata to update", param="text")
         if data.text is not None and not data.text.strip():
             raise GatewayError(400, "text must not be empty", param="text")
         memory = await engine.update(
-            _scope(principal, user_id, agent_id), memory_id, text=data.text,
+            _scope(principal, user_id, agent_id),
+            memory_id,
+            text=data.text,
             metadata=data.metadata,
         )
         if memory is None:
@@ -343,8 +379,12 @@ class MemoriesController(Controller):
 
     @delete("/{memory_id:str}", status_code=200, summary="Delete one memory")
     async def delete_memory(
-        self, engine: MemoryEngine, principal: Principal, memory_id: str,
-        user_id: UserId = None, agent_id: AgentId = None,
+        self,
+        engine: Engine,
+        principal: Caller,
+        memory_id: FromPath[str],
+        user_id: UserId = None,
+        agent_id: AgentId = None,
     ) -> Deleted:
         if not await engine.delete(_scope(principal, user_id, agent_id), memory_id):
             raise _not_found(memory_id)
@@ -352,11 +392,14 @@ class MemoriesController(Controller):
 
     @get("/{memory_id:str}/history", summary="A memory's ADD/UPDATE/DELETE history")
     async def history(
-        self, engine: MemoryEngine, principal: Principal, memory_id: str,
-        user_id: UserId = None, agent_id: AgentId = None,
+        self,
+        engine: Engine,
+        principal: Caller,
+        memory_id: FromPath[str],
+        user_id: UserId = None,
+        agent_id: AgentId = None,
     ) -> HistoryResponse:
         entries = await engine.history(_scope(principal, user_id, agent_id), memory_id)
         if not entries:
             raise _not_found(memory_id)
         return HistoryResponse(data=entries)
-

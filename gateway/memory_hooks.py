@@ -27,6 +27,7 @@ MODES: frozenset[str] = frozenset({"auto", "read", "write", "off"})
 MODE_HEADER = "x-memory-mode"
 # Response headers have practical size limits; ids beyond this are left out.
 MAX_IDS_HEADER = 1024
+WARMUP_USER = "memory-gateway-warmup"
 
 
 class MemoryHooks:
@@ -50,6 +51,9 @@ class MemoryHooks:
             default_base_url=self.config.default_upstream.base_url,
         )
         await self._engine.start()
+        # The first query pays for lazy loading (model, table, indices); pay it
+        # here rather than against the first user's retrieval deadline.
+        await self._engine.search(Scope(user_id=WARMUP_USER), "warm-up query")
 
     async def shutdown(self) -> None:
         if self._engine is not None:

@@ -26,12 +26,12 @@ def _proxy(request: Request[Any, Any, Any]) -> Proxy:
     return proxy
 
 
-@get("/health", sync_to_thread=False)
+@get("/health", sync_to_thread=False, include_in_schema=False)
 def health() -> Response[bytes]:
     return Response(content=b'{"status":"ok"}', media_type="application/json")
 
 
-@get("/ready")
+@get("/ready", include_in_schema=False)
 async def ready(request: Request[Any, Any, Any]) -> Response[bytes]:
     if await _proxy(request).hooks.ready():
         return Response(content=b'{"status":"ready"}', media_type="application/json")
@@ -40,12 +40,12 @@ async def ready(request: Request[Any, Any, Any]) -> Response[bytes]:
     )
 
 
-@route("/v1/chat/completions", http_method=ALL_METHODS)
+@route("/v1/chat/completions", http_method=ALL_METHODS, include_in_schema=False)
 async def chat_completions(request: Request[Any, Any, Any]) -> ASGIResponse:
     return await _proxy(request).chat(request)
 
 
-@route("/v1/{path:path}", http_method=ALL_METHODS)
+@route("/v1/{path:path}", http_method=ALL_METHODS, include_in_schema=False)
 async def passthrough(request: Request[Any, Any, Any]) -> ASGIResponse:
     return await _proxy(request).passthrough(request)
 
