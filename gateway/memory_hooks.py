@@ -28,6 +28,7 @@ MODE_HEADER = "x-memory-mode"
 # Response headers have practical size limits; ids beyond this are left out.
 MAX_IDS_HEADER = 1024
 WARMUP_USER = "memory-gateway-warmup"
+KEYLESS = "no-key"
 
 
 class MemoryHooks:
@@ -91,8 +92,6 @@ class MemoryHooks:
             return False
         scope = self._scope(ctx)
         ctx.state["memory_scope"] = scope
-        # A bring-your-own-key user's next request releases jobs waiting for a key.
-        self._engine.provide_key(user_id, ctx.identity.upstream_api_key)
         headers["X-Memory-Status"] = "ok"
         headers["X-Memory-Injected"] = "0"
         messages = body.get("messages")
@@ -127,7 +126,12 @@ class MemoryHooks:
 
     async def after_completion(self, ctx: ChatContext, exchange: CompletedExchange) -> None:
         scope = ctx.state.get("memory_scope")
-        if scope is None or ctx.state.get("memory_mode") not in ("auto", "write"):
+        if scope is None:
+            return
+        # The key is known only once the request was forwarded. A bring-your-own-key
+        # user's next request releases their jobs that wait for one (e.g. after a restart).
+        self.engine.provide_key(scope.user_id, _extraction_key(ctx))
+        if ctx.state.get("memory_mode") not in ("auto", "write"):
             return
         messages = exchange.request_body.get("messages")
         turns = injection.new_turns(messages if isinstance(messages, list) else [])
@@ -140,7 +144,7 @@ class MemoryHooks:
                 reply=exchange.reply_text or None,
                 at=datetime.now(UTC),
             ),
-            api_key=ctx.identity.upstream_api_key,
+            api_key=_extraction_key(ctx),
         )
 
     @staticmethod
@@ -148,6 +152,16 @@ class MemoryHooks:
         ident = ctx.identity
         assert ident.user_id is not None
         return Scope(user_id=ident.user_id, agent_id=ident.agent_id, session_id=ident.session_id)
+
+
+def _extraction_key(ctx: ChatContext) -> str:
+    """The key that pays for this exchange's extraction when none is configured.
+
+    A request that reached a keyless upstream (a local vLLM or Ollama) carried
+    no key; its extraction must not wait forever for one, so it gets a
+    placeholder that such servers ignore.
+    """
+    return ctx.identity.upstream_api_key or KEYLESS
 
 
 def _bounded_ids(hits: list[Hit]) -> str:
