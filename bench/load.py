@@ -1,0 +1,226 @@
+"""A lean closed-loop load generator for chat completions, run as its own process.
+
+`concurrency` keep-alive connections each send one request after another for
+`duration` seconds (after a short warm-up). It speaks raw HTTP/1.1 over asyncio
+streams (uvloop when present): a full HTTP client would spend more CPU than the
+proxy under test on this 2-core machine. Prints one JSON object: request count,
+errors, requests/s, latency and time-to-first-byte percentiles in milliseconds.
+
+TTFB is the time to the first body byte: for a stream, the first SSE chunk.
+
+Example:
+    python bench/load.py --port 8080 --concurrency 16 --duration 5 --stream
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import time
+from typing import Any
+
+import msgspec
+
+CITIES = ["Paris", "Lisbon", "Kyoto", "Oslo", "Lima", "Cairo", "Austin", "Hanoi", "Quito", "Perth"]
+TOPICS = ["trip", "dentist", "sister", "garden", "bike", "thesis", "diet", "band", "move", "job"]
+
+
+def bodies(model: str, stream: bool, n: int = 64) -> list[bytes]:
+    """Distinct realistic chat bodies (a system prompt, a turn of history, a question)."""
+    out = []
+    for i in range(n):
+        city, topic = CITIES[i % len(CITIES)], TOPICS[(i // len(CITIES)) % len(TOPICS)]
+        body: dict[str, Any] = {
+            "model": model,
+            "messages": [
+                {"role": "system", "content": "You are a helpful assistant."},
+                {"role": "user", "content": "Hi, I need some help planning."},
+                {"role": "assistant", "content": "Of course, what would you like to plan?"},
+                {
+                    "role": "user",
+                    "content": f"What do you remember about my {topic} and {city}? ({i})",
+                },
+            ],
+            "temperature": 0,
+        }
+        if stream:
+            body["stream"] = True
+        out.append(msgspec.json.encode(body))
+    return out
+
+
+def request_bytes(host: str, port: int, path: str, body: bytes, headers: dict[str, str]) -> bytes:
+    lines = [
+        f"POST {path} HTTP/1.1",
+        f"host: {host}:{port}",
+        "content-type: application/json",
+        f"content-length: {len(body)}",
+        *(f"{k}: {v}" for k, v in headers.items()),
+    ]
+    return ("\r\n".join(lines) + "\r\n\r\n").encode() + body
+
+
+class Result(msgspec.Struct):
+    latency: list[float] = msgspec.field(default_factory=list)
+    ttfb: list[float] = msgspec.field(default_factory=list)
+    errors: int = 0
+    statuses: dict[str, int] = msgspec.field(default_factory=dict)
+
+
+async def one(
+    reader: asyncio.StreamReader, writer: asyncio.StreamWriter, req: bytes, stream: bool
+) -> tuple[int, float, float, bool, bool]:
+    """Send one request and read its whole response: status, latency, ttfb, ok, keep-alive."""
+    t0 = time.perf_counter()
+    writer.write(req)
+    head = await reader.readuntil(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    status = int(lines[0].split(" ", 2)[1])
+    headers = {}
+    for line in lines[1:]:
+        if line:
+            k, _, v = line.partition(":")
+            headers[k.strip().lower()] = v.strip().lower()
+    keep = headers.get("connection") != "close"
+    ttfb = 0.0
+    ok = status == 200
+    if headers.get("transfer-encoding") == "chunked":
+        last = b""
+        first = True
+        while True:
+            size = int((await reader.readline()).split(b";")[0], 16)
+            if size == 0:
+                await reader.readline()
+                break
+            data = await reader.readexactly(size + 2)
+            if first:
+                ttfb = time.perf_counter() - t0
+                first = False
+            last = data
+        if stream:
+            ok = ok and b"[DONE]" in last
+    else:
+        length = int(headers.get("content-length", "0"))
+        if length:
+            data = await reader.readexactly(length)
+            ttfb = time.perf_counter() - t0
+            if stream:
+                ok = ok and b"[DONE]" in data
+    return status, time.perf_counter() - t0, ttfb, ok, keep
+
+
+async def run(args: argparse.Namespace) -> Result:
+    headers = {"authorization": f"Bearer {args.key}", "x-user-id": args.user}
+    for h in args.header:
+        k, _, v = h.partition(":")
+        headers[k.strip()] = v.strip()
+    reqs = [
+        request_bytes(args.host, args.port, args.path, b, headers)
+        for b in bodies(args.model, args.stream)
+    ]
+    result = Result()
+    start = asyncio.Event()
+    deadline = [0.0]
+    warmed = [0]
+
+    async def worker(w: int) -> None:
+        reader, writer = await asyncio.open_connection(args.host, args.port)
+        i = w * 7
+        try:
+            for _ in range(args.warmup):
+                *_, keep = await one(reader, writer, reqs[i % len(reqs)], args.stream)
+                i += 1
+                if not keep:
+                    writer.close()
+                    reader, writer = await asyncio.open_connection(args.host, args.port)
+            warmed[0] += 1
+            await start.wait()
+            while time.perf_counter() < deadline[0]:
+                req = reqs[i % len(reqs)]
+                i += 1
+                try:
+                    status, lat, ttfb, ok, keep = await one(reader, writer, req, args.stream)
+                except (OSError, asyncio.IncompleteReadError, ValueError):
+                    result.errors += 1
+                    writer.close()
+                    reader, writer = await asyncio.open_connection(args.host, args.port)
+                    continue
+                key = str(status)
+                result.statuses[key] = result.statuses.get(key, 0) + 1
+                if ok:
+                    result.latency.append(lat)
+                    result.ttfb.append(ttfb)
+                else:
+                    result.errors += 1
+                if not keep:
+                    writer.close()
+                    reader, writer = await asyncio.open_connection(args.host, args.port)
+        finally:
+            writer.close()
+
+    workers = [asyncio.create_task(worker(w)) for w in range(args.concurrency)]
+    # The clock starts once every connection is open and warmed up.
+    while warmed[0] < args.concurrency and not any(t.done() for t in workers):
+        await asyncio.sleep(0.01)
+    t0 = time.perf_counter()
+    deadline[0] = t0 + args.duration
+    start.set()
+    await asyncio.gather(*workers)
+    result.statuses["_elapsed"] = int((time.perf_counter() - t0) * 1000)
+    return result
+
+
+def pct(values: list[float], p: float) -> float:
+    if not values:
+        return float("nan")
+    s = sorted(values)
+    k = min(len(s) - 1, max(0, round(p / 100 * (len(s) - 1))))
+    return s[k] * 1000
+
+
+def summary(result: Result) -> dict[str, Any]:
+    elapsed = result.statuses.pop("_elapsed", 0) / 1000 or 1.0
+    return {
+        "requests": len(result.latency),
+        "errors": result.errors,
+        "statuses": result.statuses,
+        "rps": len(result.latency) / elapsed,
+        "p50_ms": pct(result.latency, 50),
+        "p90_ms": pct(result.latency, 90),
+        "p99_ms": pct(result.latency, 99),
+        "ttfb_p50_ms": pct(result.ttfb, 50),
+        "ttfb_p99_ms": pct(result.ttfb, 99),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--path", default="/v1/chat/completions")
+    parser.add_argument("--model", default="bench-model")
+    parser.add_argument("--key", default="sk-bench-not-a-real-key")
+    parser.add_argument("--user", default="bench-user")
+    parser.add_argument("--header", action="append", default=[], help="extra 'Name: value'")
+    parser.add_argument("--concurrency", type=int, default=1)
+    parser.add_argument("--duration", type=float, default=5.0)
+    parser.add_argument("--warmup", type=int, default=3, help="requests per connection")
+    parser.add_argument("--stream", action="store_true")
+    parser.add_argument("--raw", action="store_true", help="also print every latency")
+    args = parser.parse_args()
+    try:
+        import uvloop
+
+        runner = uvloop.run
+    except ImportError:
+        runner = asyncio.run
+    result = runner(run(args))
+    out = summary(result)
+    if args.raw:
+        out["latency_ms"] = [round(x * 1000, 3) for x in result.latency]
+        out["ttfb_ms"] = [round(x * 1000, 3) for x in result.ttfb]
+    print(msgspec.json.encode(out).decode(), flush=True)
+
+
+if __name__ == "__main__":
+    main()
