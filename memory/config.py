@@ -61,6 +61,9 @@ class SearchConfig(_Settings):
     min_score: float = 0.2
     # Existing memories shown to the extractor with each exchange.
     extraction_context: int = 10
+    # Recently searched scopes are kept in memory (vectors + n-gram BM25) up to
+    # this many bytes, for millisecond search (memory/vectors.py); 0 disables.
+    cache_bytes: int = 128 * 1024 * 1024
 
 
 class SpoolConfig(_Settings):
@@ -89,6 +92,9 @@ class MaintenanceConfig(_Settings):
     # Bounds of LanceDB's index and metadata caches, so RSS stays flat.
     index_cache_bytes: int = 64 * 1024 * 1024
     metadata_cache_bytes: int = 32 * 1024 * 1024
+    # How stale a table handle may be about other processes' writes (seconds;
+    # 0 = always check, costs ~0.1 ms a query). The search cache relies on it.
+    read_consistency_seconds: float = 0.0
 
 
 class RedactionConfig(_Settings):

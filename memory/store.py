@@ -3,8 +3,12 @@
 Every read and write is narrowed by `filters.scope_filter`, the only filter
 builder. Writes go through one asyncio lock (LanceDB's update/delete/merge can
 conflict with each other) and are retried on commit conflicts. Search fuses
-cosine similarity with n-gram full-text search (so Chinese works) by
-reciprocal rank.
+cosine similarity with n-gram full-text search (so Chinese works), see
+`memory.fusion`.
+
+Searched scopes are mirrored in memory (`memory.vectors.ScopeCache`): every
+write below updates the mirror under the writer lock, and a table version
+that moved without us (another process wrote) drops it.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ import logging
 import re
 import unicodedata
 import uuid
+from collections import Counter
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -42,6 +47,7 @@ from memory.schema import (
     history_schema,
     memories_schema,
 )
+from memory.vectors import Candidates, Key, ScopeCache, ScopeIndex
 
 __all__ = ["EmbedderMismatch", "MemoryStore", "normalized_hash"]
 
@@ -79,6 +85,8 @@ _MEMORY_COLUMNS = [
 ]
 _ORDER = [ColumnOrdering(column_name="created_at"), ColumnOrdering(column_name="id")]
 _IN_CHUNK = 500
+# Cached scopes smaller than this are scored on the event loop (a thread hop costs more).
+_INLINE_ROWS = 2048
 _WRITE_ATTEMPTS = 6
 _SPACE = re.compile(r"\s+")
 _TRAILING = ".!?;,\u3002\uff01\uff1f\uff1b\uff0c"  # ASCII and full-width
@@ -106,6 +114,13 @@ def _utc(at: datetime) -> datetime:
 def _is_conflict(exc: Exception) -> bool:
     text = str(exc).lower()
     return "conflict" in text or "retryable" in text
+
+
+def _build_index(table: pa.Table, dimensions: int) -> ScopeIndex:
+    """A `ScopeIndex` of an Arrow table of memory rows with vectors (CPU-bound)."""
+    column = table.column("vector").combine_chunks()
+    vectors = column.values.to_numpy(zero_copy_only=False).reshape(-1, dimensions)
+    return ScopeIndex(table.drop_columns(["vector"]).to_pylist(), vectors)
 
 
 def _to_memory(row: dict[str, Any]) -> Memory:
@@ -161,6 +176,14 @@ class MemoryStore:
         self._writes = 0
         self._writes_changed = asyncio.Event()
         self._closed = False
+        cache_bytes = config.search.cache_bytes
+        self._cache = ScopeCache(cache_bytes) if cache_bytes > 0 else None
+        self._loading: dict[Key, asyncio.Future[ScopeIndex]] = {}
+        # The table version the cache reflects; None until first checked.
+        self._version: int | None = None
+        # While our own write is in flight the version moves under us: searches
+        # trust the cache, and the writer checks that only its commit happened.
+        self._own_writes = 0
 
     @classmethod
     async def open(cls, path: Path, embedder: Embedder, config: MemoryConfig) -> MemoryStore:
@@ -179,7 +202,10 @@ class MemoryStore:
             index_cache_size_bytes=config.maintenance.index_cache_bytes,
             metadata_cache_size_bytes=config.maintenance.metadata_cache_bytes,
         )
-        db = await lancedb.connect_async(str(path), session=session)
+        consistency = timedelta(seconds=config.maintenance.read_consistency_seconds)
+        db = await lancedb.connect_async(
+            str(path), session=session, read_consistency_interval=consistency
+        )
         names = set((await db.list_tables()).tables)
         if MEMORIES in names:
             memories = await db.open_table(MEMORIES)
@@ -259,20 +285,49 @@ class MemoryStore:
             self._writes_changed.clear()
             await self._writes_changed.wait()
 
+    async def _commit(self, fn: Callable[[], Awaitable[Any]], mirror: Callable[[], None]) -> None:
+        """Run one memories-table write, then apply it to the cache with `mirror`.
+
+        The write must make at most one table version; any other jump means
+        another process wrote too, and the cache is dropped instead.
+        """
+        if self._cache is None:
+            await self._retry(fn)
+            return
+        self._own_writes += 1
+        try:
+            before = await self._memories.version()
+            try:
+                await self._retry(fn)
+            finally:
+                after = await self._memories.version()
+                if self._version == before and after - before in (0, 1):
+                    mirror()
+                else:
+                    self._cache.clear()
+                self._version = after
+        finally:
+            self._own_writes -= 1
+
     async def _insert(self, rows: list[dict[str, Any]]) -> None:
         if rows:
             data = pa.Table.from_pylist(rows, schema=self._schema)
-            await self._retry(lambda: self._memories.add(data))
+            await self._commit(lambda: self._memories.add(data), lambda: self._mirror(rows))
             self._wrote()
 
     async def _upsert(self, rows: list[dict[str, Any]]) -> None:
         """Replace whole rows by id (rows already read under a scope filter)."""
         if rows:
             data = pa.Table.from_pylist(rows, schema=self._schema)
-            await self._retry(
-                lambda: self._memories.merge_insert("id").when_matched_update_all().execute(data)
+            await self._commit(
+                lambda: self._memories.merge_insert("id").when_matched_update_all().execute(data),
+                lambda: self._mirror(rows),
             )
             self._wrote()
+
+    def _mirror(self, rows: list[dict[str, Any]]) -> None:
+        if self._cache is not None:
+            self._cache.apply(rows)
 
     async def _record(self, entries: list[dict[str, Any]]) -> None:
         if entries:
@@ -280,8 +335,20 @@ class MemoryStore:
             await self._retry(lambda: self._history.add(data))
             self._wrote()
 
-    async def _remove(self, where: str) -> None:
-        await self._retry(lambda: self._memories.delete(where))
+    async def _remove(self, scope: Scope, ids: Sequence[str] | None = None) -> None:
+        """Delete `ids` of the scope, or all of its rows when `ids` is None."""
+        where = scope_filter(scope, ids=ids)
+        cache = self._cache
+
+        def mirror() -> None:
+            if cache is None:
+                return
+            if ids is None:
+                cache.drop_user(scope.user_id)
+            else:
+                cache.remove(scope.user_id, ids)
+
+        await self._commit(lambda: self._memories.delete(where), mirror)
         self._wrote()
 
     # ---------- reads ----------
@@ -337,52 +404,50 @@ class MemoryStore:
         """The memories of `scope` most relevant to `query`, best first.
 
         Cosine similarity and full-text (BM25 over 1-3 character n-grams)
-        candidates are fused by reciprocal rank; a hit must still reach
-        `min_score` cosine similarity. Fresh rows not yet in the full-text
-        index are searched too (LanceDB scans unindexed rows).
+        candidates are fused (`SearchConfig.fusion`); a hit must still reach
+        `min_score` cosine similarity. Active memories come from the scope
+        cache when enabled, else from LanceDB (which also scans fresh rows
+        not yet in its full-text index).
         """
         search = self._config.search
         limit = search.limit if limit is None else limit
         min_score = search.min_score if min_score is None else min_score
         if limit <= 0:
             return []
-        vector = (await self._embed([query]))[0]
-        where = scope_filter(scope, active_only=not include_superseded)
         candidates = max(limit * 3, 20)
-        vector_query = (
-            self._memories.query()
-            .nearest_to(vector)
-            .distance_type("cosine")
-            .where(where)
-            .select([*_MEMORY_COLUMNS, "_distance"])
-            .limit(candidates)
-        )
-        fts_text = query.strip()[:_FTS_QUERY_CHARS]
-        if search.hybrid and fts_text:
-            by_vector, by_text = await asyncio.gather(
-                vector_query.to_list(), self._text_candidates(fts_text, where, candidates)
-            )
+        fts_text = query.strip()[:_FTS_QUERY_CHARS] if search.hybrid else ""
+        if self._cache is not None and not include_superseded:
+            embedded, entry = await asyncio.gather(self._embed([query]), self._scope_index(scope))
+            vector = embedded[0]
+            if len(entry) < _INLINE_ROWS:
+                found = entry.candidates(vector, fts_text, candidates)
+            else:
+                found = await asyncio.to_thread(entry.candidates, vector, fts_text, candidates)
         else:
-            by_vector, by_text = await vector_query.to_list(), []
+            vector = (await self._embed([query]))[0]
+            where = scope_filter(scope, active_only=not include_superseded)
+            found = await self._lance_candidates(vector, fts_text, where, candidates)
+        return self._fuse(found, limit=limit, min_score=min_score)
 
+    def _fuse(self, found: Candidates, *, limit: int, min_score: float) -> list[Hit]:
+        search = self._config.search
         similarity: dict[str, float] = {}
         rows: dict[str, dict[str, Any]] = {}
-        for row in by_vector:
-            similarity[row["id"]] = 1.0 - float(row["_distance"])
+        for row, sim in found.by_vector:
+            similarity[row["id"]] = sim
             rows[row["id"]] = row
-        for row in by_text:
+        for row, sim, _ in found.by_text:
             if row["id"] not in similarity:
-                stored = np.asarray(row["vector"], dtype=np.float32)
-                similarity[row["id"]] = float(stored @ vector)
+                similarity[row["id"]] = sim
                 rows[row["id"]] = row
-        if not by_text:
+        if not found.by_text:
             fused = dict(similarity)
         elif search.fusion == "rrf":
             fused = reciprocal_rank_fusion(
-                [[r["id"] for r in by_vector], [r["id"] for r in by_text]]
+                [[r["id"] for r, _ in found.by_vector], [r["id"] for r, _, _ in found.by_text]]
             )
         else:
-            bm25 = {r["id"]: float(r["_score"]) for r in by_text}
+            bm25 = {r["id"]: score for r, _, score in found.by_text}
             fused = boosted_similarity(similarity, bm25, weight=search.text_weight)
         ranked = sorted(
             (i for i in fused if similarity[i] >= min_score), key=lambda i: (-fused[i], i)
@@ -391,6 +456,31 @@ class MemoryStore:
             Hit(memory=_to_memory(rows[i]), score=fused[i], similarity=similarity[i])
             for i in ranked[:limit]
         ]
+
+    async def _lance_candidates(
+        self, vector: np.ndarray, text: str, where: str, limit: int
+    ) -> Candidates:
+        vector_query = (
+            self._memories.query()
+            .nearest_to(vector)
+            .distance_type("cosine")
+            .where(where)
+            .select([*_MEMORY_COLUMNS, "_distance"])
+            .limit(limit)
+        )
+        if text:
+            by_vector, by_text = await asyncio.gather(
+                vector_query.to_list(), self._text_candidates(text, where, limit)
+            )
+        else:
+            by_vector, by_text = await vector_query.to_list(), []
+        return Candidates(
+            [(r, 1.0 - float(r["_distance"])) for r in by_vector],
+            [
+                (r, float(np.asarray(r["vector"], dtype=np.float32) @ vector), float(r["_score"]))
+                for r in by_text
+            ],
+        )
 
     async def _text_candidates(self, text: str, where: str, limit: int) -> list[dict[str, Any]]:
         try:
@@ -411,6 +501,10 @@ class MemoryStore:
         """The `k` active memories closest to `text` (the extractor's context)."""
         if k <= 0:
             return []
+        if self._cache is not None:
+            embedded, entry = await asyncio.gather(self._embed([text]), self._scope_index(scope))
+            found = await asyncio.to_thread(entry.nearest, embedded[0], k)
+            return [_to_memory(row) for row, _ in found]
         vector = (await self._embed([text]))[0]
         rows = (
             await self._memories.query()
@@ -422,6 +516,58 @@ class MemoryStore:
             .to_list()
         )
         return [_to_memory(r) for r in rows]
+
+    # ---------- the scope cache ----------
+
+    async def _scope_index(self, scope: Scope) -> ScopeIndex:
+        """The scope's cached active memories, loaded on first use (one load
+        per scope at a time; concurrent searches wait for the same one)."""
+        assert self._cache is not None
+        await self._check_version()
+        key: Key = (scope.user_id, scope.agent_id)
+        entry = self._cache.get(key)
+        if entry is not None:
+            return entry
+        loading = self._loading.get(key)
+        if loading is None:
+            loading = asyncio.ensure_future(self._load(scope, key))
+            self._loading[key] = loading
+
+            def done(future: asyncio.Future[ScopeIndex], key: Key = key) -> None:
+                if self._loading.get(key) is future:
+                    del self._loading[key]
+
+            loading.add_done_callback(done)
+        return await asyncio.shield(loading)
+
+    async def _load(self, scope: Scope, key: Key) -> ScopeIndex:
+        assert self._cache is not None
+        token = self._cache.token(scope.user_id)
+        table = (
+            await self._memories.query()
+            .where(scope_filter(scope, active_only=True))
+            .select([*_MEMORY_COLUMNS, "vector"])
+            .to_arrow()
+        )
+        entry = await asyncio.to_thread(_build_index, table, self._embedder.dimensions)
+        self._cache.put(key, entry, token)
+        return entry
+
+    async def _check_version(self) -> None:
+        """Drop the cache when the table moved without us (another process wrote)."""
+        assert self._cache is not None
+        if self._own_writes:
+            return
+        version = await self._memories.version()
+        if self._own_writes:
+            return
+        if version != self._version:
+            if self._version is not None:
+                log.info(
+                    "memories table moved %s -> %s; search cache dropped", self._version, version
+                )
+            self._cache.clear()
+            self._version = version
 
     # ---------- extraction decisions ----------
 
@@ -590,7 +736,7 @@ class MemoryStore:
         await self._upsert(list(supersede.values()))
         await self._record(entries)
         if deletes:
-            await self._remove(scope_filter(scope, ids=deletes))
+            await self._remove(scope, deletes)
         return [_to_entry(e) for e in entries]
 
     # ---------- direct API ----------
@@ -720,7 +866,7 @@ class MemoryStore:
             await self._record(
                 [self._entry(rows[0], "DELETE", rows[0]["text"], None, _now(), None, actor)]
             )
-            await self._remove(scope_filter(scope, ids=[memory_id]))
+            await self._remove(scope, [memory_id])
         return True
 
     async def delete_all(self, scope: Scope) -> int:
@@ -728,7 +874,7 @@ class MemoryStore:
         where = scope_filter(scope)
         async with self._lock:
             count = await self._memories.count_rows(where)
-            await self._remove(where)
+            await self._remove(scope)
             await self._retry(lambda: self._history.delete(where))
             self._wrote()
         return count
@@ -825,16 +971,18 @@ class MemoryStore:
 
     async def users(self) -> builtins.list[tuple[str, int]]:
         """(user_id, active memory count), most memories first."""
-        table = (
-            await self._memories.query()
+        # Counted batch by batch: only the distinct ids are held, not one per row.
+        reader = await (
+            self._memories.query()
             .where(build_filter(active_only=True))
             .select(["user_id"])
-            .to_arrow()
+            .to_batches()
         )
-        if table.num_rows == 0:
-            return []
-        counts = pc.value_counts(table.column("user_id")).to_pylist()
-        return sorted(((c["values"], c["counts"]) for c in counts), key=lambda x: (-x[1], x[0]))
+        counts: Counter[str] = Counter()
+        async for batch in reader:
+            for c in pc.value_counts(batch.column("user_id")).to_pylist():
+                counts[c["values"]] += c["counts"]
+        return sorted(counts.items(), key=lambda x: (-x[1], x[0]))
 
     async def count(self, scope: Scope | None = None) -> int:
         """Active memories of `scope`, or of everyone."""
@@ -845,7 +993,19 @@ class MemoryStore:
         """Compact fragments, fold new rows into the indices, drop old versions."""
         keep = timedelta(seconds=self._config.maintenance.keep_versions_seconds)
         async with self._lock:
-            await self._retry(lambda: self._memories.optimize(cleanup_older_than=keep))
-            await self._retry(lambda: self._history.optimize(cleanup_older_than=keep))
-            await self._ensure_indices()
+            # Compaction and index updates make versions without changing any
+            # row: the cache stays. (A foreign write landing during our own
+            # optimize is not noticed; see docs/benchmarks.md.)
+            self._own_writes += 1
+            try:
+                fresh = self._version == await self._memories.version()
+                await self._retry(lambda: self._memories.optimize(cleanup_older_than=keep))
+                await self._retry(lambda: self._history.optimize(cleanup_older_than=keep))
+                await self._ensure_indices()
+            finally:
+                if self._cache is not None:
+                    if not fresh:
+                        self._cache.clear()
+                    self._version = await self._memories.version()
+                self._own_writes -= 1
             self._writes = 0

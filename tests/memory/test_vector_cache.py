@@ -1,0 +1,259 @@
+"""The in-memory scope cache: same answers as LanceDB, exact after every
+write, aware of other processes' writes, bounded by bytes."""
+
+from __future__ import annotations
+
+import math
+from datetime import UTC, datetime
+
+import numpy as np
+import pytest
+from conftest import HashEmbedder
+
+from memory.config import MemoryConfig, SearchConfig
+from memory.models import Memory, Operation, Scope
+from memory.ngram_index import NgramIndex, ngrams
+from memory.store import MemoryStore
+from memory.vectors import ScopeCache, ScopeIndex
+
+ALICE = Scope(user_id="alice")
+ALICE_BOT = Scope(user_id="alice", agent_id="bot")
+BOB = Scope(user_id="bob")
+
+FACTS = [
+    "Enjoys hiking in the mountains",
+    "Works as a nurse in Lyon",
+    "Allergic to peanuts",
+    "Plays the violin",
+    "我住在上海",
+    "喜欢喝咖啡",
+    "每天早上跑步",
+    "Café au lait every morning",
+    "Has a golden retriever named Max",
+    "Birthday is in October",
+]
+QUERIES = ["violin", "上海", "咖啡", "cafe", "Where does she work?", "Max the dog", "peanut"]
+
+
+def uncached() -> MemoryConfig:
+    return MemoryConfig(search=SearchConfig(cache_bytes=0, min_score=-1.0))
+
+
+def cached() -> MemoryConfig:
+    return MemoryConfig(search=SearchConfig(min_score=-1.0))
+
+
+async def texts(store: MemoryStore, scope: Scope, query: str) -> list[str]:
+    return [h.memory.text for h in await store.search(scope, query, limit=5)]
+
+
+# ---------- n-gram BM25 ----------
+
+
+def test_ngrams_are_folded_like_the_lancedb_index():
+    assert set(ngrams("上海")) == {"上", "海", "上海"}
+    assert ngrams("Café")["caf"] == 1
+    assert ngrams("\uff28\uff29") == ngrams("hi")  # full-width
+    assert ngrams("aaa")["a"] == 3
+
+
+def test_bm25_matches_the_textbook_formula():
+    docs = ["red apple", "green apple pie", "blue sky"]
+    index = NgramIndex.build(docs)
+    scores = index.scores("apple", 3)
+    grams = [ngrams(d) for d in docs]
+    avg = sum(g.total() for g in grams) / 3
+    expected = []
+    for g in grams:
+        s = 0.0
+        for t in ngrams("apple"):
+            df = sum(t in h for h in grams)
+            if t in g:
+                idf = math.log(1 + (3 - df + 0.5) / (df + 0.5))
+                s += idf * g[t] * 2.2 / (g[t] + 1.2 * (0.25 + 0.75 * g.total() / avg))
+        expected.append(s)
+    assert scores == pytest.approx(expected, rel=1e-5)
+    assert scores[2] < scores[0]
+
+
+def test_bm25_statistics_follow_adds_and_removes():
+    grown = NgramIndex.build(["red apple"])
+    grown.add(1, "green apple pie")
+    grown.add(2, "blue sky")
+    grown.add(3, "old text")
+    grown.remove(3, "old text")
+    fresh = NgramIndex.build(["red apple", "green apple pie", "blue sky"])
+    assert grown.scores("apple pie", 4)[:3] == pytest.approx(fresh.scores("apple pie", 3))
+
+
+# ---------- the index and the cache ----------
+
+
+def row(memory_id: str, text: str, user: str = "u", agent: str | None = None) -> dict:
+    return {
+        "id": memory_id,
+        "user_id": user,
+        "agent_id": agent,
+        "text": text,
+        "superseded_by": None,
+    }
+
+
+def unit(seed: int, dims: int = 8) -> np.ndarray:
+    v = np.random.default_rng(seed).standard_normal(dims).astype(np.float32)
+    return v / np.linalg.norm(v)
+
+
+def test_index_ranks_by_cosine_and_replaces_rows_by_id():
+    index = ScopeIndex([row("a", "one"), row("b", "two")], np.stack([unit(1), unit(2)]))
+    assert [r["id"] for r, _ in index.nearest(unit(2), 2)] == ["b", "a"]
+    index.upsert(row("b", "two again"), unit(3))
+    index.upsert(row("b", "two again"), unit(3))
+    assert len(index) == 2
+    [(best, sim)] = index.nearest(unit(3), 1)
+    assert (best["text"], sim) == ("two again", pytest.approx(1.0))
+    index.remove(["a", "missing"])
+    assert [r["id"] for r, _ in index.nearest(unit(1), 5)] == ["b"]
+
+
+def test_a_load_that_raced_a_write_is_not_cached():
+    cache = ScopeCache(max_bytes=10**9)
+    token = cache.token("u")
+    cache.apply([{**row("x", "new"), "vector": unit(1)}])
+    entry = ScopeIndex([row("a", "one")], np.stack([unit(1)]))
+    assert not cache.put(("u", None), entry, token)
+    assert cache.put(("u", None), entry, cache.token("u"))
+    assert cache.get(("u", None)) is entry
+
+
+def test_writes_reach_only_the_entries_that_can_see_them():
+    cache = ScopeCache(max_bytes=10**9)
+    whole = ScopeIndex([row("a", "one")], np.stack([unit(1)]))
+    bot = ScopeIndex([], np.zeros((0, 8), np.float32))
+    cache.put(("u", None), whole, cache.token("u"))
+    cache.put(("u", "bot"), bot, cache.token("u"))
+    cache.apply([{**row("b", "two", agent="other"), "vector": unit(2)}])
+    assert (len(whole), len(bot)) == (2, 0)
+    cache.apply([{**row("a", "one"), "superseded_by": "b", "vector": unit(1)}])
+    assert len(whole) == 1
+
+
+def test_the_cache_evicts_least_recently_used_scopes_beyond_its_bytes():
+    entries = {u: ScopeIndex([row("a", "x" * 50, u)], np.stack([unit(1)])) for u in "abc"}
+    cache = ScopeCache(max_bytes=2 * entries["a"].nbytes + 1)
+    cache.put(("a", None), entries["a"], cache.token("a"))
+    cache.put(("b", None), entries["b"], cache.token("b"))
+    assert cache.get(("a", None)) is entries["a"]
+    cache.put(("c", None), entries["c"], cache.token("c"))
+    assert cache.get(("b", None)) is None
+    assert cache.get(("a", None)) is entries["a"]
+    assert cache.nbytes <= cache.max_bytes
+
+
+# ---------- through the store ----------
+
+
+@pytest.fixture
+async def pair(tmp_path):
+    """The same data searched through the cache and straight through LanceDB."""
+    fast = await MemoryStore.open(tmp_path / "m", HashEmbedder(), cached())
+    for text in FACTS:
+        await fast.add(ALICE, text)
+    await fast.add(BOB, "Plays the violin in Shanghai")
+    slow = await MemoryStore.open(tmp_path / "m", HashEmbedder(), uncached())
+    yield fast, slow
+    await slow.close()
+    await fast.close()
+
+
+@pytest.mark.parametrize("query", QUERIES)
+async def test_cached_search_answers_like_lancedb(pair, query):
+    fast, slow = pair
+    got = await fast.search(ALICE, query, limit=5)
+    want = await slow.search(ALICE, query, limit=5)
+    assert fast._cache is not None and len(fast._cache) == 1
+    assert [h.memory for h in got] == [h.memory for h in want]
+    assert [h.similarity for h in got] == pytest.approx([h.similarity for h in want], abs=1e-4)
+
+
+async def test_every_kind_of_write_keeps_the_cache_exact(pair):
+    fast, slow = pair
+    assert await texts(fast, ALICE, "violin")  # the scope is now cached
+    added = await fast.add(ALICE, "Speaks fluent Portuguese")
+    assert (await texts(fast, ALICE, "Portuguese"))[0] == "Speaks fluent Portuguese"
+    await fast.update(ALICE, added.id, text="Speaks fluent Spanish")
+    assert (await texts(fast, ALICE, "Spanish"))[0] == "Speaks fluent Spanish"
+    assert "Speaks fluent Portuguese" not in await texts(fast, ALICE, "Portuguese")
+    violin = next(m for m in await fast.list(ALICE) if m.text == "Plays the violin")
+    await fast.apply(
+        ALICE,
+        [
+            Operation(op="UPDATE", memory_id=violin.id, text="Plays the cello"),
+            Operation(op="DELETE", memory_id=added.id),
+            Operation(op="ADD", text="Lives near the sea"),
+        ],
+        source="job-1",
+        actor="extractor",
+        at=datetime.now(UTC),
+    )
+    for query in ["violin", "cello", "Spanish", "sea", "上海"]:
+        # Same visible memories and best hit; lower ranks may differ by BM25
+        # statistics (LanceDB's span all users and its last index build).
+        got = await fast.search(ALICE, query, limit=50)
+        want = await slow.search(ALICE, query, limit=50)
+        assert {h.memory.id for h in got} == {h.memory.id for h in want}
+        assert got[0].memory == want[0].memory
+    assert "Plays the violin" not in await texts(fast, ALICE, "violin")
+    assert await fast.delete(ALICE, violin.id)  # the superseded row: nothing visible changes
+    assert (await texts(fast, ALICE, "cello"))[0] == "Plays the cello"
+    now = datetime.now(UTC)
+    await fast.import_memories(
+        ALICE,
+        [
+            Memory(
+                id="imp-1",
+                user_id="x",
+                agent_id=None,
+                session_id=None,
+                text="Imported fact",
+                metadata={},
+                created_at=now,
+                updated_at=now,
+            )
+        ],
+    )
+    assert (await texts(fast, ALICE, "Imported fact"))[0] == "Imported fact"
+    await fast.optimize()
+    assert (await texts(fast, ALICE, "Imported fact"))[0] == "Imported fact"
+    await fast.delete_all(ALICE)
+    assert await fast.search(ALICE, "violin") == []
+    assert await texts(fast, BOB, "violin") == ["Plays the violin in Shanghai"]
+
+
+async def test_agent_scopes_are_cached_apart(tmp_path):
+    store = await MemoryStore.open(tmp_path / "m", HashEmbedder(), cached())
+    try:
+        await store.add(ALICE, "Plays the violin")
+        assert await texts(store, ALICE_BOT, "violin") == []
+        await store.add(ALICE_BOT, "Bot fact about violin strings")
+        assert await texts(store, ALICE_BOT, "violin") == ["Bot fact about violin strings"]
+        assert len(await texts(store, ALICE, "violin")) == 2
+    finally:
+        await store.close()
+
+
+async def test_writes_of_another_process_are_noticed(pair):
+    fast, other = pair  # two handles on one directory, as two processes would have
+    assert "Speaks Korean" not in await texts(fast, ALICE, "Korean")
+    await other.add(ALICE, "Speaks Korean")
+    assert (await texts(fast, ALICE, "Korean"))[0] == "Speaks Korean"
+    [hit] = [h for h in await fast.search(ALICE, "Korean") if h.memory.text == "Speaks Korean"]
+    await other.delete(ALICE, hit.memory.id)
+    assert "Speaks Korean" not in await texts(fast, ALICE, "Korean")
+
+
+async def test_related_uses_the_cache_and_stays_in_scope(pair):
+    fast, _ = pair
+    related = await fast.related(ALICE, "Plays the violin in Shanghai", 2)
+    assert related[0].text == "Plays the violin"
+    assert all(m.user_id == "alice" for m in related)
