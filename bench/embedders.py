@@ -34,7 +34,7 @@ from memory.models import Scope
 from memory.store import MemoryStore
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
-KS = (5, 8)
+KS = (5, 8, 10)
 
 MODES: dict[str, SearchConfig] = {
     "USE vector only": SearchConfig(hybrid=False, min_score=-1.0),
