@@ -277,6 +277,9 @@ def main() -> None:
         print(f"date: {datetime.now(UTC):%Y-%m-%d %H:%M} UTC; python {platform.python_version()}")
         print(f"rounds: {args.rounds} x {args.duration}s per target and case")
         print(table(results))
+        for p in procs:
+            rss, peak = p.rss_mib()
+            notes.append(f"RSS of {p.name}: {rss:.0f} MiB now, {peak:.0f} MiB peak")
         for n in notes:
             print(n)
         if args.out:

@@ -55,6 +55,14 @@ class Proc:
                 self.popen.wait()
         self._file.close()
 
+    def rss_mib(self) -> tuple[float, float]:
+        """(current, peak) resident memory of the process, in MiB (Linux)."""
+        fields = {}
+        for line in Path(f"/proc/{self.popen.pid}/status").read_text().splitlines():
+            name, _, value = line.partition(":")
+            fields[name] = value.strip()
+        return int(fields["VmRSS"].split()[0]) / 1024, int(fields["VmHWM"].split()[0]) / 1024
+
     def tail(self, n: int = 2000) -> str:
         return self.log.read_bytes()[-n:].decode(errors="replace")
 
