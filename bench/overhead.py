@@ -278,6 +278,9 @@ def main() -> None:
         print(f"rounds: {args.rounds} x {args.duration}s per target and case")
         print(table(results))
         for p in procs:
+            if not p.alive():
+                notes.append(f"{p.name} exited during the run")
+                continue
             rss, peak = p.rss_mib()
             notes.append(f"RSS of {p.name}: {rss:.0f} MiB now, {peak:.0f} MiB peak")
         for n in notes:
