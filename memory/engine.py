@@ -34,7 +34,7 @@ from memory.models import (
     Scope,
     Stats,
 )
-from memory.prompts import exchange_text
+from memory.prompts import conversation_lines
 from memory.redaction import REDACTED, redact, redact_exchange
 from memory.spool import Job, JobInfo, JobState, Spool
 from memory.store import MemoryStore
@@ -43,6 +43,10 @@ from memory.workers import Deferred, LeaseLost, WorkerPool
 log = logging.getLogger("memory.engine")
 T = TypeVar("T")
 
+# The related-memory search of a job embeds at most this much of its user text:
+# the cost of the local embedder grows with length, and the facts to update are
+# about what the user just said, not about the app's system prompt or the reply.
+RELATED_QUERY_CHARS = 1000
 STORE_DIR = "lancedb"
 SPOOL_FILE = "spool.sqlite3"
 
@@ -80,6 +84,14 @@ async def _uncancellable(aw: Awaitable[T]) -> T:
     if cancelled:
         raise asyncio.CancelledError
     return result
+
+
+def related_query(exchange: Exchange) -> str:
+    """The text whose nearest memories the extractor sees: the newest user turns."""
+    lines = conversation_lines(exchange)
+    user = [line["content"] for line in lines if line["role"] == "user"]
+    text = "\n".join(user or [line["content"] for line in lines])
+    return text[-RELATED_QUERY_CHARS:]
 
 
 def _user_text(messages: Iterable[dict[str, Any]]) -> list[str]:
@@ -286,6 +298,8 @@ class MemoryEngine:
         exchange = job.exchange
         scope = exchange.scope
         ops = job.decision
+        # A decision made in this attempt was never applied before: no replay checks.
+        fresh = ops is None
         if ops is None:
             ops = await self._decide(job)
             if not await self.spool.save_decision(job, ops):
@@ -295,14 +309,16 @@ class MemoryEngine:
         if not await self.spool.owns(job):
             raise LeaseLost(job.id)
         await _uncancellable(
-            self.store.apply(scope, ops, source=job.id, actor="extractor", at=exchange.at)
+            self.store.apply(
+                scope, ops, source=job.id, actor="extractor", at=exchange.at, fresh=fresh
+            )
         )
 
     async def _decide(self, job: Job) -> list[Operation]:
         key = self.config.llm.api_key or self._keys.get(job.user_id)
         if not key:
             raise Deferred(job.id)
-        text = exchange_text(job.exchange)
+        text = related_query(job.exchange)
         k = self.config.search.extraction_context
         existing = await self.store.related(job.exchange.scope, text, k) if text else []
         try:

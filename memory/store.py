@@ -85,6 +85,9 @@ _MEMORY_COLUMNS = [
 ]
 _ORDER = [ColumnOrdering(column_name="created_at"), ColumnOrdering(column_name="id")]
 _IN_CHUNK = 500
+# Jobs written together by the group writer, and scope filters OR-ed in one query.
+_APPLY_GROUP = 64
+_OR_CHUNK = 64
 # Cached scopes smaller than this are scored on the event loop (a thread hop costs more).
 _INLINE_ROWS = 2048
 _WRITE_ATTEMPTS = 6
@@ -118,9 +121,7 @@ def _is_conflict(exc: Exception) -> bool:
 
 def _build_index(table: pa.Table, dimensions: int) -> ScopeIndex:
     """A `ScopeIndex` of an Arrow table of memory rows with vectors (CPU-bound)."""
-    column = table.column("vector").combine_chunks()
-    vectors = column.values.to_numpy(zero_copy_only=False).reshape(-1, dimensions)
-    return ScopeIndex(table.drop_columns(["vector"]).to_pylist(), vectors)
+    return ScopeIndex.from_arrow(table, dimensions)
 
 
 def _to_memory(row: dict[str, Any]) -> Memory:
@@ -151,6 +152,177 @@ def _to_entry(row: dict[str, Any]) -> HistoryEntry:
         source=row["source"],
         actor=row["actor"],
     )
+
+
+def _op_texts(ops: Sequence[Operation]) -> dict[int, str]:
+    """The stripped new text of each ADD and UPDATE, by operation index."""
+    return {
+        i: op.text.strip()
+        for i, op in enumerate(ops)
+        if op.op in ("ADD", "UPDATE") and op.text and op.text.strip()
+    }
+
+
+def _in_scope(row: dict[str, Any], scope: Scope) -> bool:
+    return row["user_id"] == scope.user_id and (
+        scope.agent_id is None or row["agent_id"] == scope.agent_id
+    )
+
+
+class _ApplyRequest:
+    """One job's decisions waiting for the group writer."""
+
+    def __init__(
+        self,
+        scope: Scope,
+        ops: Sequence[Operation],
+        source: str,
+        actor: Actor,
+        at: datetime,
+        fresh: bool,
+        vectors: dict[str, np.ndarray],
+    ) -> None:
+        self.scope = scope
+        self.ops = ops
+        self.source = source
+        self.actor = actor
+        self.at = at
+        self.fresh = fresh
+        self.vectors = vectors
+        self.future: asyncio.Future[list[HistoryEntry]] = asyncio.get_running_loop().create_future()
+
+
+class _Plan:
+    """What one job's operations change, given what is stored (no I/O)."""
+
+    def __init__(self, request: _ApplyRequest) -> None:
+        self.request = request
+        ops = request.ops
+        self.new_ids = {i: _op_id(request.source, i, "") for i in range(len(ops))}
+        self.entry_ids = {i: _op_id(request.source, i, "history") for i in range(len(ops))}
+        self.texts = _op_texts(ops)
+        targets = [op.memory_id for op in ops if op.op in ("UPDATE", "DELETE") and op.memory_id]
+        # A fresh job cannot have written its own rows yet: only targets are read.
+        own = [] if request.fresh else list(self.new_ids.values())
+        self.lookup_ids = list(dict.fromkeys([*targets, *own]))
+        self.hashes = list(dict.fromkeys(normalized_hash(t) for t in self.texts.values()))
+        self.inserts: dict[str, dict[str, Any]] = {}
+        self.supersede: dict[str, dict[str, Any]] = {}
+        self.deletes: list[str] = []
+        self.entries: list[dict[str, Any]] = []
+
+    def decide(
+        self,
+        existing: dict[str, dict[str, Any]],
+        active_hashes: dict[str, str],
+        recorded: set[str],
+    ) -> None:
+        request = self.request
+        scope, at, source, actor = request.scope, request.at, request.source, request.actor
+        new_ids, entry_ids, texts = self.new_ids, self.entry_ids, self.texts
+        inserts, supersede = self.inserts, self.supersede
+        touched: set[str] = set()
+
+        def entry(
+            i: int,
+            memory_id: str,
+            event: str,
+            old: str | None,
+            new: str | None,
+            agent_id: str | None,
+        ) -> None:
+            self.entries.append(
+                {
+                    "id": entry_ids[i],
+                    "memory_id": memory_id,
+                    "user_id": scope.user_id,
+                    "agent_id": agent_id,
+                    "event": event,
+                    "old_text": old,
+                    "new_text": new,
+                    "at": at,
+                    "source": source,
+                    "actor": actor,
+                }
+            )
+
+        def new_row(
+            i: int, text: str, agent_id: str | None, session_id: str | None, metadata: str
+        ) -> dict[str, Any]:
+            return {
+                "id": new_ids[i],
+                "user_id": scope.user_id,
+                "agent_id": agent_id,
+                "session_id": session_id,
+                "text": text,
+                "vector": None,
+                "hash": normalized_hash(text),
+                "metadata": metadata,
+                "created_at": at,
+                "updated_at": at,
+                "source": source,
+                "superseded_by": None,
+                "superseded_at": None,
+            }
+
+        for i, op in enumerate(request.ops):
+            nid = new_ids[i]
+            if op.op == "ADD":
+                if i not in texts or entry_ids[i] in recorded:
+                    continue
+                text = texts[i]
+                if nid in existing:  # inserted before an interruption
+                    entry(i, nid, "ADD", None, text, existing[nid]["agent_id"])
+                    continue
+                digest = normalized_hash(text)
+                if digest in active_hashes:
+                    continue
+                inserts[nid] = new_row(i, text, scope.agent_id, scope.session_id, "{}")
+                active_hashes[digest] = nid
+                entry(i, nid, "ADD", None, text, scope.agent_id)
+            elif op.op == "UPDATE":
+                target = existing.get(op.memory_id or "")
+                if (
+                    i not in texts
+                    or entry_ids[i] in recorded
+                    or target is None
+                    or target["id"] in touched
+                ):
+                    continue
+                text = texts[i]
+                if target["superseded_by"] not in (None, nid):
+                    continue
+                digest = normalized_hash(text)
+                if digest == target["hash"]:
+                    continue
+                touched.add(target["id"])
+                replacement = active_hashes.get(digest)
+                if replacement is None or replacement == target["id"]:
+                    replacement = nid
+                    if nid not in existing:
+                        inserts[nid] = new_row(
+                            i,
+                            text,
+                            target["agent_id"],
+                            scope.session_id or target["session_id"],
+                            target["metadata"],
+                        )
+                    active_hashes[digest] = nid
+                if target["superseded_by"] is None:
+                    supersede[target["id"]] = {
+                        **target,
+                        "superseded_by": replacement,
+                        "superseded_at": at,
+                    }
+                entry(i, replacement, "UPDATE", target["text"], text, target["agent_id"])
+            elif op.op == "DELETE":
+                target = existing.get(op.memory_id or "")
+                if target is None or target["id"] in touched:
+                    continue
+                touched.add(target["id"])
+                self.deletes.append(target["id"])
+                if entry_ids[i] not in recorded:
+                    entry(i, target["id"], "DELETE", target["text"], None, target["agent_id"])
 
 
 class MemoryStore:
@@ -184,6 +356,9 @@ class MemoryStore:
         # While our own write is in flight the version moves under us: searches
         # trust the cache, and the writer checks that only its commit happened.
         self._own_writes = 0
+        # Extraction jobs waiting for the group writer (see `apply`).
+        self._applies: list[_ApplyRequest] = []
+        self._applier: asyncio.Future[None] | None = None
 
     @classmethod
     async def open(cls, path: Path, embedder: Embedder, config: MemoryConfig) -> MemoryStore:
@@ -579,165 +754,124 @@ class MemoryStore:
         source: str,
         actor: Actor,
         at: datetime,
+        fresh: bool = False,
     ) -> list[HistoryEntry]:
         """Apply one extraction job's decisions; replaying the same job is a no-op.
 
         The i-th operation's new row and history entry have ids derived from
         (source, i), and each step checks what is already there, so a job
         interrupted anywhere and replayed ends in the same state. Ids outside
-        `scope` are ignored.
+        `scope` are ignored. `fresh` promises that nothing of `source` was ever
+        written (its decision was made in this attempt), which skips the
+        replay checks.
+
+        Concurrent calls are grouped: one write of rows and one of history for
+        the whole group (LanceDB makes a version and a fragment per write).
         """
-        at = _utc(at)
+        texts = list(dict.fromkeys(_op_texts(ops).values()))
+        # Embedded before queueing, outside the lock: the embedder batches
+        # concurrent jobs, and the writer never waits on it.
+        vectors = dict(zip(texts, await self._embed(texts), strict=True)) if texts else {}
+        request = _ApplyRequest(scope, ops, source, actor, _utc(at), fresh, vectors)
+        self._applies.append(request)
+        if self._applier is None or self._applier.done():
+            self._applier = asyncio.ensure_future(self._drain_applies())
+        return await asyncio.shield(request.future)
+
+    async def _drain_applies(self) -> None:
         async with self._lock:
-            return await self._apply(scope, ops, source=source, actor=actor, at=at)
+            while self._applies:
+                group, rest, users = [], [], set()
+                for request in self._applies:
+                    # One job per user and group: a user's jobs stay in order.
+                    if request.scope.user_id in users or request.future.done():
+                        rest.append(request)
+                    else:
+                        users.add(request.scope.user_id)
+                        group.append(request)
+                self._applies = [r for r in rest if not r.future.done()]
+                for start in range(0, len(group), _APPLY_GROUP):
+                    chunk = group[start : start + _APPLY_GROUP]
+                    await self._apply_chunk(chunk)
 
-    async def _apply(
-        self, scope: Scope, ops: Sequence[Operation], *, source: str, actor: Actor, at: datetime
-    ) -> list[HistoryEntry]:
-        new_ids = {i: _op_id(source, i, "") for i in range(len(ops))}
-        entry_ids = {i: _op_id(source, i, "history") for i in range(len(ops))}
-        targets = [op.memory_id for op in ops if op.op in ("UPDATE", "DELETE") and op.memory_id]
-        existing = await self._rows_by_ids(scope, [*targets, *new_ids.values()], vectors=True)
-        recorded = await self._history_ids(list(entry_ids.values()))
-        texts = {
-            i: op.text.strip()
-            for i, op in enumerate(ops)
-            if op.op in ("ADD", "UPDATE") and op.text and op.text.strip()
-        }
-        active_hashes = (
-            {
-                row["hash"]: row["id"]
-                for row in await self._rows(
-                    scope_filter(
-                        scope, hashes=[normalized_hash(t) for t in texts.values()], active_only=True
-                    )
-                )
-            }
-            if texts
-            else {}
-        )
+    async def _apply_chunk(self, chunk: list[_ApplyRequest]) -> None:
+        try:
+            results = await self._apply_group(chunk)
+        except Exception as exc:
+            if len(chunk) == 1:
+                if not chunk[0].future.done():
+                    chunk[0].future.set_exception(exc)
+                return
+            # One bad job must not fail its neighbours: each again, alone. Part
+            # of the group may be written, so no job counts as fresh any more.
+            for request in chunk:
+                request.fresh = False
+                await self._apply_chunk([request])
+            return
+        for request, entries in zip(chunk, results, strict=True):
+            if not request.future.done():
+                request.future.set_result(entries)
 
+    async def _apply_group(self, group: list[_ApplyRequest]) -> list[list[HistoryEntry]]:
+        plans = [_Plan(r) for r in group]
+        # What is already stored, read once for the whole group.
+        id_filters = [
+            scope_filter(p.request.scope, ids=p.lookup_ids) for p in plans if p.lookup_ids
+        ]
+        hash_filters = [
+            scope_filter(p.request.scope, hashes=p.hashes, active_only=True)
+            for p in plans
+            if p.hashes
+        ]
+        entry_ids = [e for p in plans if not p.request.fresh for e in p.entry_ids.values()]
+        by_id = await self._rows_any(id_filters, vectors=True)
+        by_hash = await self._rows_any(hash_filters)
+        recorded = await self._history_ids(entry_ids)
         inserts: dict[str, dict[str, Any]] = {}
         supersede: dict[str, dict[str, Any]] = {}
-        deletes: list[str] = []
-        entries: list[dict[str, Any]] = []
-        touched: set[str] = set()
-        pending_embed: list[tuple[str, str]] = []  # (row id, text)
-
-        def entry(
-            i: int,
-            memory_id: str,
-            event: str,
-            old: str | None,
-            new: str | None,
-            agent_id: str | None,
-        ) -> None:
-            entries.append(
-                {
-                    "id": entry_ids[i],
-                    "memory_id": memory_id,
-                    "user_id": scope.user_id,
-                    "agent_id": agent_id,
-                    "event": event,
-                    "old_text": old,
-                    "new_text": new,
-                    "at": at,
-                    "source": source,
-                    "actor": actor,
-                }
-            )
-
-        def new_row(
-            i: int, text: str, agent_id: str | None, session_id: str | None, metadata: str
-        ) -> dict[str, Any]:
-            row = {
-                "id": new_ids[i],
-                "user_id": scope.user_id,
-                "agent_id": agent_id,
-                "session_id": session_id,
-                "text": text,
-                "vector": None,
-                "hash": normalized_hash(text),
-                "metadata": metadata,
-                "created_at": at,
-                "updated_at": at,
-                "source": source,
-                "superseded_by": None,
-                "superseded_at": None,
+        entries: list[list[dict[str, Any]]] = []
+        deletes: list[tuple[Scope, list[str]]] = []
+        missing: list[tuple[dict[str, Any], str]] = []
+        for plan in plans:
+            scope = plan.request.scope
+            existing = {r["id"]: r for r in by_id if _in_scope(r, scope)}
+            wanted = set(plan.hashes)
+            active = {
+                r["hash"]: r["id"] for r in by_hash if r["hash"] in wanted and _in_scope(r, scope)
             }
-            pending_embed.append((new_ids[i], text))
-            return row
-
-        for i, op in enumerate(ops):
-            nid = new_ids[i]
-            if op.op == "ADD":
-                if i not in texts or entry_ids[i] in recorded:
-                    continue
-                text = texts[i]
-                if nid in existing:  # inserted before an interruption
-                    entry(i, nid, "ADD", None, text, existing[nid]["agent_id"])
-                    continue
-                digest = normalized_hash(text)
-                if digest in active_hashes:
-                    continue
-                inserts[nid] = new_row(i, text, scope.agent_id, scope.session_id, "{}")
-                active_hashes[digest] = nid
-                entry(i, nid, "ADD", None, text, scope.agent_id)
-            elif op.op == "UPDATE":
-                target = existing.get(op.memory_id or "")
-                if (
-                    i not in texts
-                    or entry_ids[i] in recorded
-                    or target is None
-                    or target["id"] in touched
-                ):
-                    continue
-                text = texts[i]
-                if target["superseded_by"] not in (None, nid):
-                    continue
-                digest = normalized_hash(text)
-                if digest == target["hash"]:
-                    continue
-                touched.add(target["id"])
-                replacement = active_hashes.get(digest)
-                if replacement is None or replacement == target["id"]:
-                    replacement = nid
-                    if nid not in existing:
-                        inserts[nid] = new_row(
-                            i,
-                            text,
-                            target["agent_id"],
-                            scope.session_id or target["session_id"],
-                            target["metadata"],
-                        )
-                    active_hashes[digest] = nid
-                if target["superseded_by"] is None:
-                    supersede[target["id"]] = {
-                        **target,
-                        "superseded_by": replacement,
-                        "superseded_at": at,
-                    }
-                entry(i, replacement, "UPDATE", target["text"], text, target["agent_id"])
-            elif op.op == "DELETE":
-                target = existing.get(op.memory_id or "")
-                if target is None or target["id"] in touched:
-                    continue
-                touched.add(target["id"])
-                deletes.append(target["id"])
-                if entry_ids[i] not in recorded:
-                    entry(i, target["id"], "DELETE", target["text"], None, target["agent_id"])
-
-        if pending_embed:
-            vectors = await self._embed([text for _, text in pending_embed])
-            for (row_id, _), vec in zip(pending_embed, vectors, strict=True):
-                inserts[row_id]["vector"] = vec
+            plan.decide(existing, active, recorded)
+            for row in plan.inserts.values():
+                vector = plan.request.vectors.get(row["text"])
+                if vector is None:
+                    missing.append((row, row["text"]))
+                row["vector"] = vector
+            inserts.update(plan.inserts)
+            supersede.update(plan.supersede)
+            entries.append(plan.entries)
+            if plan.deletes:
+                deletes.append((scope, plan.deletes))
+        if missing:
+            for (row, _), vec in zip(
+                missing, await self._embed([t for _, t in missing]), strict=True
+            ):
+                row["vector"] = vec
         # Order matters for replay: rows, then supersession, then history, then deletes.
         await self._insert(list(inserts.values()))
         await self._upsert(list(supersede.values()))
-        await self._record(entries)
-        if deletes:
-            await self._remove(scope, deletes)
-        return [_to_entry(e) for e in entries]
+        await self._record([e for job in entries for e in job])
+        for scope, ids in deletes:
+            await self._remove(scope, ids)
+        return [[_to_entry(e) for e in job] for job in entries]
+
+    async def _rows_any(
+        self, filters: Sequence[str], *, vectors: bool = False
+    ) -> list[dict[str, Any]]:
+        """Rows matching any of `filters` (each one from `scope_filter`)."""
+        rows: list[dict[str, Any]] = []
+        for i in range(0, len(filters), _OR_CHUNK):
+            chunk = filters[i : i + _OR_CHUNK]
+            rows += await self._rows(" OR ".join(f"({f})" for f in chunk), vectors=vectors)
+        return rows
 
     # ---------- direct API ----------
 
