@@ -6,7 +6,8 @@ The engine runs in this process exactly as the gateway runs it (same config,
 local embedder). Two phases are timed:
 
 - enqueue: `record_exchange` for every exchange (redaction + durable SQLite
-  insert), as the gateway does after each completion;
+  insert), as the gateway does after each completion, from `--producers`
+  concurrent callers (the gateway's concurrent requests; 1 = one at a time);
 - drain: from the first enqueue until the spool is empty (the workers' LLM
   call, related-memory search, embedding and store writes).
 
@@ -72,9 +73,14 @@ async def measure(args: argparse.Namespace, port: int, data: Path) -> dict:
             urllib.request.Request(f"http://127.0.0.1:{port}/stats/reset", method="POST")
         ).close()
         items = [exchange(i, args.users) for i in range(args.exchanges)]
+        queue = iter(items)
+
+        async def produce() -> None:
+            for e in queue:
+                await engine.record_exchange(e)
+
         t0 = time.perf_counter()
-        for e in items:
-            await engine.record_exchange(e)
+        await asyncio.gather(*(produce() for _ in range(args.producers)))
         enqueued = time.perf_counter() - t0
         if not await engine.drain(timeout=args.timeout):
             raise SystemExit(f"the spool did not drain within {args.timeout}s")
@@ -88,6 +94,7 @@ async def measure(args: argparse.Namespace, port: int, data: Path) -> dict:
         "exchanges": n,
         "users": args.users,
         "workers": args.workers,
+        "producers": args.producers,
         "enqueue_per_s": n / enqueued,
         "end_to_end_per_s": n / drained,
         "seconds": drained,
@@ -105,6 +112,7 @@ def main() -> None:
     parser.add_argument("--exchanges", type=int, default=1000)
     parser.add_argument("--users", type=int, default=50)
     parser.add_argument("--workers", type=int, default=SpoolConfig().concurrency)
+    parser.add_argument("--producers", type=int, default=16, help="concurrent record_exchange")
     parser.add_argument("--no-add", action="store_true", help="the LLM answers no operation")
     parser.add_argument("--timeout", type=float, default=600)
     args = parser.parse_args()

@@ -16,6 +16,10 @@ mid-apply is re-applied from the decision without a second LLM call; applying is
 idempotent, which makes the effect exactly-once.
 
 Every SQLite call runs on one dedicated thread: the event loop never waits on disk.
+State changes of jobs (enqueue, claim, heartbeat, decision, outcome) that arrive
+while a commit is in progress are grouped into the next transaction, each in its
+own savepoint: one fsync covers them all, and none returns before its commit
+(group commit; concurrent workers do not queue behind each other's fsyncs).
 API keys are never written here: jobs carry the (already redacted) exchange only.
 """
 
@@ -130,6 +134,9 @@ class Spool:
         self._clock = clock
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="spool")
         self._db: sqlite3.Connection | None = None
+        # Writes waiting for the next group commit, and the task committing them.
+        self._pending: list[tuple[Callable[[sqlite3.Connection], Any], asyncio.Future[Any]]] = []
+        self._flusher: asyncio.Task[None] | None = None
 
     @classmethod
     async def open(
@@ -158,6 +165,8 @@ class Spool:
         self._db = db
 
     async def close(self) -> None:
+        if self._flusher is not None:
+            await asyncio.gather(self._flusher, return_exceptions=True)
         if self._db is not None:
             await self._run(self._db.close)
             self._db = None
@@ -184,6 +193,58 @@ class Spool:
         db.execute("COMMIT")
         return result
 
+    async def _grouped(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        """Run `fn` in the next group commit; returns once that commit is done."""
+        future: asyncio.Future[T] = asyncio.get_running_loop().create_future()
+        self._pending.append((fn, future))
+        if self._flusher is None or self._flusher.done():
+            self._flusher = asyncio.create_task(self._flush())
+        return await future
+
+    async def _flush(self) -> None:
+        while self._pending:
+            batch = [(fn, fut) for fn, fut in self._pending if not fut.done()]
+            self._pending = []
+            if not batch:
+                continue
+            try:
+                outcomes = await self._run(self._write_group, [fn for fn, _ in batch])
+            except Exception as exc:
+                for _, fut in batch:
+                    if not fut.done():
+                        fut.set_exception(exc)
+                continue
+            for (_, fut), (ok, value) in zip(batch, outcomes, strict=True):
+                if fut.done():
+                    continue
+                if ok:
+                    fut.set_result(value)
+                else:
+                    fut.set_exception(value)
+
+    def _write_group(
+        self, fns: list[Callable[[sqlite3.Connection], Any]]
+    ) -> list[tuple[bool, Any]]:
+        """One transaction; a failing `fn` is rolled back to its savepoint alone."""
+        db = self._conn()
+        db.execute("BEGIN IMMEDIATE")
+        outcomes: list[tuple[bool, Any]] = []
+        try:
+            for fn in fns:
+                db.execute("SAVEPOINT one")
+                try:
+                    outcomes.append((True, fn(db)))
+                except Exception as exc:
+                    db.execute("ROLLBACK TO one")
+                    outcomes.append((False, exc))
+                db.execute("RELEASE one")
+            db.execute("COMMIT")
+        except BaseException:
+            if db.in_transaction:
+                db.execute("ROLLBACK")
+            raise
+        return outcomes
+
     # -- producing -----------------------------------------------------------
 
     async def enqueue(self, exchange: Exchange) -> str:
@@ -201,7 +262,7 @@ class Spool:
                 (job_id, scope.user_id, scope.agent_id, scope.session_id, payload, now, now, now),
             )
 
-        await self._run(self._write, insert)
+        await self._grouped(insert)
         return job_id
 
     # -- consuming -----------------------------------------------------------
@@ -254,7 +315,7 @@ class Spool:
                 )
             )
 
-        return await self._run(self._write, claim)
+        return await self._grouped(claim)
 
     def _owned(self, db: sqlite3.Connection, job: Job, sql: str, params: Sequence[Any]) -> bool:
         cur = db.execute(
@@ -272,7 +333,7 @@ class Spool:
                 db, job, "UPDATE jobs SET lease_until = ?", (now + self.lease_seconds,)
             )
 
-        return await self._run(self._write, renew)
+        return await self._grouped(renew)
 
     async def owns(self, job: Job) -> bool:
         """Does this claim still hold the job? Checked right before applying."""
@@ -298,7 +359,7 @@ class Spool:
                 (decision, self._clock()),
             )
 
-        ok = await self._run(self._write, save)
+        ok = await self._grouped(save)
         if ok:
             job.decision = list(ops)
         return ok
@@ -313,7 +374,7 @@ class Spool:
                 (self._clock(),),
             )
 
-        return await self._run(self._write, done)
+        return await self._grouped(done)
 
     async def fail(self, job: Job, error: str, *, retry_in: float | None) -> bool:
         """Record a failed attempt: back to pending after `retry_in` seconds, or parked."""
@@ -336,7 +397,7 @@ class Spool:
                 (error, now + retry_in, now),
             )
 
-        return await self._run(self._write, fail)
+        return await self._grouped(fail)
 
     async def release(self, job: Job) -> bool:
         """Give the job back untouched (shutdown): due now, the attempt not counted."""
@@ -350,7 +411,7 @@ class Spool:
                 (self._clock(),),
             )
 
-        return await self._run(self._write, release)
+        return await self._grouped(release)
 
     # -- management ----------------------------------------------------------
 
