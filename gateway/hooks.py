@@ -1,8 +1,11 @@
 """The two seams of the chat pipeline, filled by the memory engine.
 
 `before_forward` may rewrite the messages before they go upstream;
-`after_completion` receives the finished exchange, off the request path, only
-when the upstream answered successfully and completely.
+`after_completion` receives the finished exchange, only when the upstream
+answered successfully and completely. It is awaited just before the last bytes
+of the answer go to the client (so a crash cannot lose an exchange the client
+saw complete): it must only make the exchange durable, and leave slow work to
+run later.
 """
 
 from __future__ import annotations
@@ -52,7 +55,7 @@ class ChatHooks(Protocol):
         ...
 
     async def after_completion(self, ctx: ChatContext, exchange: CompletedExchange) -> None:
-        """Errors are logged, never shown to the client."""
+        """Quick (a durable enqueue); errors are logged, never shown to the client."""
         ...
 
 

@@ -133,7 +133,8 @@ class Proxy:
         raw = await request.body()
         try:
             body = msgspec.json.decode(raw)
-        except msgspec.DecodeError as exc:
+        # Invalid UTF-8 in a string and absurd nesting raise outside DecodeError.
+        except (msgspec.DecodeError, UnicodeDecodeError, RecursionError) as exc:
             raise _bad_request(
                 f"the request body is not valid JSON: {exc}", code="invalid_json"
             ) from None
@@ -172,7 +173,7 @@ class Proxy:
         if self._observe and not stream and response.is_success:
             completion = parse_completion(data)
             if completion is not None:
-                self._complete(
+                await self._complete(
                     ctx, body, completion.text, completion.finish_reason, completion.tool_calls
                 )
         return ASGIResponse(
@@ -189,12 +190,24 @@ class Proxy:
         parser = SSEParser()
         feed = parser.feed if self._observe else None
 
+        async def record() -> None:
+            if parser.finish_reason is not None and not parser.error:
+                await self._complete(
+                    ctx, body, parser.text, parser.finish_reason, parser.tool_calls
+                )
+
         async def relay() -> AsyncIterator[bytes]:
             tail = b"\n\n"
+            recorded = False
             try:
                 async for chunk in response.aiter_bytes():
                     if feed is not None:
                         feed(chunk)
+                        # The client stops at [DONE]: the exchange is made durable
+                        # before the bytes that complete the answer leave.
+                        if parser.done and not recorded:
+                            recorded = True
+                            await record()
                     tail = chunk if len(chunk) >= 4 else (tail + chunk)[-4:]
                     yield chunk
             except httpx.HTTPError as exc:
@@ -213,11 +226,12 @@ class Proxy:
             finally:
                 with anyio.CancelScope(shield=True):
                     await response.aclose()
-            if feed is None:
+            if feed is None or recorded:
                 return
+            # A final `data: [DONE]` without its blank line still completes the answer.
             parser.close()
-            if parser.done and parser.finish_reason is not None and not parser.error:
-                self._complete(ctx, body, parser.text, parser.finish_reason, parser.tool_calls)
+            if parser.done:
+                await record()
 
         iterator = relay()
         return ASGIStreamingResponse(
@@ -230,7 +244,7 @@ class Proxy:
             background=BackgroundTask(_release, iterator, response),
         )
 
-    def _complete(
+    async def _complete(
         self,
         ctx: ChatContext,
         body: dict[str, Any],
@@ -238,10 +252,19 @@ class Proxy:
         finish_reason: str | None,
         tool_calls: bool,
     ) -> None:
+        """Hand the exchange on before the client has the whole answer.
+
+        Awaited, not spawned: a process killed just after the answer went out
+        must not lose an exchange the client saw complete. The hook only makes
+        it durable (a spool insert); the slow work runs later, off the request.
+        """
         exchange = CompletedExchange(
             request_body=body, reply_text=text, finish_reason=finish_reason, tool_calls=tool_calls
         )
-        self.tasks.spawn(self.hooks.after_completion(ctx, exchange), name="after_completion")
+        try:
+            await self.hooks.after_completion(ctx, exchange)
+        except Exception:
+            logger.exception("after_completion failed; the answer goes out regardless")
 
     @staticmethod
     def _read_error(exc: httpx.HTTPError, upstream: Upstream) -> GatewayError:
