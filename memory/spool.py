@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import sqlite3
 import time
 import uuid
@@ -41,6 +42,11 @@ from memory.models import Exchange, Operation, SpoolStats
 
 JobState = Literal["pending", "running", "done", "failed"]
 T = TypeVar("T")
+
+log = logging.getLogger("memory.spool")
+# SQLite's verdicts on a file that is not (or no longer) a database; other errors
+# (locked, no permission, disk I/O) are not the file's fault and must not move it.
+_CORRUPT = frozenset({sqlite3.SQLITE_CORRUPT, sqlite3.SQLITE_NOTADB})
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (
@@ -155,14 +161,44 @@ class Spool:
         return spool
 
     def _connect(self) -> None:
+        """Open the database; a corrupt one is moved aside and a fresh one started.
+
+        Refusing to start would take every chat call down with the spool, and
+        the jobs in a corrupt file cannot be read anyway; the moved file stays
+        for inspection and the ERROR line names it.
+        """
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            self._db = self._open_db()
+        except sqlite3.DatabaseError as exc:
+            if (getattr(exc, "sqlite_errorcode", 0) & 0xFF) not in _CORRUPT:
+                raise
+            aside = self.path.with_name(f"{self.path.name}.corrupt-{int(self._clock())}")
+            for suffix in ("", "-wal", "-shm"):
+                part = self.path.with_name(self.path.name + suffix)
+                if part.exists():
+                    part.replace(aside.with_name(aside.name + suffix))
+            log.error(
+                "spool %s is corrupt (%s): moved to %s; starting with an empty spool,"
+                " its unfinished exchanges are not extracted",
+                self.path,
+                exc,
+                aside,
+            )
+            self._db = self._open_db()
+
+    def _open_db(self) -> sqlite3.Connection:
         db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=30.0)
-        db.row_factory = sqlite3.Row
-        db.execute("PRAGMA journal_mode=WAL")
-        db.execute("PRAGMA synchronous=FULL")
-        db.execute("PRAGMA busy_timeout=30000")
-        db.executescript(_SCHEMA)
-        self._db = db
+        try:
+            db.row_factory = sqlite3.Row
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute("PRAGMA synchronous=FULL")
+            db.execute("PRAGMA busy_timeout=30000")
+            db.executescript(_SCHEMA)
+        except BaseException:
+            db.close()
+            raise
+        return db
 
     async def close(self) -> None:
         if self._flusher is not None:
