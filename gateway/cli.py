@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
+import uuid
 from pathlib import Path
 
 from gateway.config import Config, ConfigError, load_config
@@ -46,6 +48,26 @@ def config_from_args(args: argparse.Namespace) -> Config:
     )
 
 
+def check_data_dir(path: Path) -> None:
+    """Fail before serving when the data directory cannot be written.
+
+    Without this the memory engine fails inside the ASGI lifespan, which prints
+    a wall of traceback and exits 3; an operator needs one line naming the path.
+    """
+    probe = path / f".write-test-{uuid.uuid4().hex}"
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            os.write(fd, b"ok")
+        finally:
+            os.close(fd)
+        probe.unlink()
+    except OSError as exc:
+        reason = exc.strerror or type(exc).__name__
+        raise ConfigError(f"data_dir: {str(path)!r} is not writable: {reason}") from None
+
+
 def serve(config: Config) -> None:
     import uvicorn
 
@@ -73,6 +95,8 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         config = config_from_args(args)
+        if config.memory.enabled:
+            check_data_dir(config.data_path)
     except ConfigError as exc:
         print(f"memory-gateway: configuration error: {exc}", file=sys.stderr)
         return 2
