@@ -8,7 +8,6 @@ whether an exchange was lost (0) or processed twice (2).
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import signal
@@ -17,13 +16,13 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import httpx
 import yaml
 
+from tests.extraction import is_extraction, latest_exchange, llm_answer
 from tests.upstream import JSONReply, Recorded
 
 TOKEN = re.compile(r"tok-[0-9a-f]{12}")
@@ -31,41 +30,6 @@ TOKEN = re.compile(r"tok-[0-9a-f]{12}")
 
 def new_token() -> str:
     return "tok-" + uuid.uuid4().hex[:12]
-
-
-def is_extraction(request: Recorded) -> bool:
-    if not request.path.endswith("/chat/completions"):
-        return False
-    fmt = request.json.get("response_format")
-    return isinstance(fmt, dict) and fmt.get("type") in ("json_schema", "json_object")
-
-
-def llm_answer(operations: list[dict[str, Any]]) -> JSONReply:
-    content = json.dumps(
-        {"operations": [{"id": None, "text": None, **op} for op in operations]},
-        ensure_ascii=False,
-    )
-    return JSONReply(
-        {
-            "id": "chatcmpl-extract",
-            "object": "chat.completion",
-            "created": 0,
-            "model": "extractor",
-            "choices": [
-                {
-                    "index": 0,
-                    "message": {"role": "assistant", "content": content},
-                    "finish_reason": "stop",
-                }
-            ],
-        }
-    )
-
-
-def latest_exchange(request: Recorded) -> str:
-    """The part of the extraction prompt that holds the new exchange."""
-    prompt = request.json["messages"][-1]["content"]
-    return prompt.split("The latest exchange", 1)[-1]
 
 
 def token_extractor(request: Recorded) -> JSONReply | None:
@@ -78,17 +42,6 @@ def token_extractor(request: Recorded) -> JSONReply | None:
         if token not in seen:
             seen.append(token)
     return llm_answer([{"op": "ADD", "text": f"Remembers {t}"} for t in seen])
-
-
-def wait_for(predicate: Callable[[], Any], timeout: float = 30.0, interval: float = 0.05) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not met in time")
-        time.sleep(interval)
 
 
 def free_port() -> int:

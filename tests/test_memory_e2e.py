@@ -18,64 +18,24 @@ import openai
 import pytest
 
 from tests.conftest import GatewayServer, gateway_config_for
+from tests.extraction import (
+    is_extraction,
+    latest_exchange,
+    llm_answer,
+    stored_facts,
+    wait_for,
+)
 from tests.upstream import JSONReply, Recorded, ScriptedUpstream
 
 ALICE = {"X-User-Id": "alice"}
 BOB = {"X-User-Id": "bob"}
 
 
-def is_extraction(request: Recorded) -> bool:
-    if not request.path.endswith("/chat/completions"):
-        return False
-    fmt = request.json.get("response_format")
-    return isinstance(fmt, dict) and fmt.get("type") in ("json_schema", "json_object")
-
-
-def extraction_prompt(request: Recorded) -> str:
-    return request.json["messages"][-1]["content"]
-
-
-def stored_facts(prompt: str) -> list[dict[str, Any]]:
-    """The existing memories the gateway showed the extractor, as {"id": alias, "text": ...}."""
-    section = prompt.split("Facts already stored", 1)[1]
-    facts = []
-    for line in section.splitlines()[1:]:
-        line = line.strip()
-        if line.startswith("{"):
-            facts.append(json.loads(line))
-        elif facts or (line and not line.startswith("(")):
-            break
-    return facts
-
-
-def llm_answer(operations: list[dict[str, Any]]) -> JSONReply:
-    content = json.dumps(
-        {"operations": [{"id": None, "text": None, **op} for op in operations]},
-        ensure_ascii=False,
-    )
-    return JSONReply(
-        {
-            "id": "chatcmpl-extract",
-            "object": "chat.completion",
-            "created": 0,
-            "model": "extractor",
-            "choices": [
-                {
-                    "index": 0,
-                    "message": {"role": "assistant", "content": content},
-                    "finish_reason": "stop",
-                }
-            ],
-        }
-    )
-
-
 def extractor(request: Recorded) -> JSONReply | None:
     """A deterministic stand-in for the extraction model."""
     if not is_extraction(request):
         return None
-    prompt = extraction_prompt(request)
-    conversation = prompt.split("The latest exchange", 1)[1]
+    conversation = latest_exchange(request)
     ops: list[dict[str, Any]] = []
     if "peanuts" in conversation:
         ops += [
@@ -83,7 +43,7 @@ def extractor(request: Recorded) -> JSONReply | None:
             {"op": "ADD", "text": "Lives in Berlin"},
         ]
     if "Munich" in conversation:
-        for fact in stored_facts(prompt):
+        for fact in stored_facts(request):
             if "Berlin" in fact["text"]:
                 ops.append({"op": "UPDATE", "id": fact["id"], "text": "Lives in Munich"})
     if "上海" in conversation:
@@ -124,16 +84,6 @@ def admin(memory_gateway: GatewayServer) -> Iterator[httpx.Client]:
     """The management API, as a loopback client (no admin key configured)."""
     with httpx.Client(base_url=memory_gateway.url, timeout=30) as http:
         yield http
-
-
-def wait_for(predicate: Callable[[], Any], timeout: float = 30.0) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.05)
-    raise AssertionError("condition not met in time")
 
 
 def memories_of(http: httpx.Client, user: str) -> list[dict[str, Any]]:
@@ -245,7 +195,7 @@ def test_resent_history_is_not_extracted_twice(
         )
     )
     assert len(calls) == 2
-    conversation = extraction_prompt(calls[1]).split("The latest exchange", 1)[1]
+    conversation = latest_exchange(calls[1])
     assert "dessert" in conversation
     assert "peanuts" not in conversation
     assert len(memories_of(admin, "alice")) == 2

@@ -19,13 +19,13 @@ import httpx
 import msgspec
 import pytest
 
+from tests.extraction import wait_for
 from tests.reliability import (
     TOKEN,
     GatewayProcess,
     memory_settings,
     new_token,
     token_extractor,
-    wait_for,
 )
 from tests.upstream import ScriptedUpstream
 

@@ -15,13 +15,12 @@ import httpx
 import pytest
 
 from tests.conftest import GatewayServer, gateway_config_for
+from tests.extraction import is_extraction, wait_for
 from tests.reliability import (
     free_port,
-    is_extraction,
     memory_settings,
     new_token,
     token_extractor,
-    wait_for,
 )
 from tests.upstream import (
     HangReply,
