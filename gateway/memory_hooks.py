@@ -137,15 +137,26 @@ class MemoryHooks:
         turns = injection.new_turns(messages if isinstance(messages, list) else [])
         if not turns:
             return
-        await self.engine.record_exchange(
-            Exchange(
-                scope=scope,
-                messages=turns,
-                reply=exchange.reply_text or None,
-                at=datetime.now(UTC),
-            ),
-            api_key=_extraction_key(ctx),
-        )
+        try:
+            await self.engine.record_exchange(
+                Exchange(
+                    scope=scope,
+                    messages=turns,
+                    reply=exchange.reply_text or None,
+                    at=datetime.now(UTC),
+                ),
+                api_key=_extraction_key(ctx),
+            )
+        except Exception as exc:
+            # Fail open: the answer still goes out. But an exchange that never
+            # reached the spool is lost for memory, and the operator must know
+            # (a full disk is the usual cause).
+            logger.error(
+                "exchange of user %r NOT recorded for memory, the spool refused it: %s: %s",
+                scope.user_id[:64],
+                type(exc).__name__,
+                exc,
+            )
 
     @staticmethod
     def _scope(ctx: ChatContext) -> Scope:
