@@ -68,7 +68,8 @@ class SearchConfig(_Settings):
 
 class SpoolConfig(_Settings):
     # Different users run in parallel up to this many; one user is always serial.
-    concurrency: int = 4
+    # Concurrent jobs share spool commits and store writes (docs/benchmarks.md).
+    concurrency: int = 16
     max_attempts: int = 5
     backoff_initial: float = 1.0
     backoff_max: float = 60.0
