@@ -1,0 +1,162 @@
+"""Soak: a steady mixed load against `memory-gateway serve`, watching for leaks.
+
+The gateway runs as a user would run it (memory on, local embedder, extraction
+by the instant fake upstream with `--add`, so every exchange writes a fact).
+`--concurrency` clients loop for `--minutes`: half the requests stream, users are
+drawn from `--users`, each body differs (so retrieval and extraction see new
+text). Reported: errors, requests, RSS and open file descriptors of the server
+after warm-up and at the end (from /proc), spool state once the load stops and
+after it drained, and the LanceDB directory size at start and end.
+
+Run: `python bench/soak.py --minutes 30` (the documented run); prints JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import random
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench.procs import Proc, start_fake_upstream, start_gateway
+
+KEY = "sk-soak-not-a-real-key"
+
+
+def open_fds(proc: Proc) -> int:
+    return len(os.listdir(f"/proc/{proc.popen.pid}/fd"))
+
+
+def dir_bytes(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
+def snapshot(proc: Proc, data: Path) -> dict[str, Any]:
+    rss, peak = proc.rss_mib()
+    return {
+        "rss_mib": round(rss, 1),
+        "peak_rss_mib": round(peak, 1),
+        "open_fds": open_fds(proc),
+        "lancedb_mib": round(dir_bytes(data / "lancedb") / 2**20, 2),
+    }
+
+
+async def client_loop(
+    http: httpx.AsyncClient, users: int, stop: float, rng: random.Random, tally: dict[str, int]
+) -> None:
+    while time.monotonic() < stop:
+        user = f"soak-user-{rng.randrange(users)}"
+        stream = rng.random() < 0.5
+        text = f"I like topic {rng.randrange(10_000)} and place {rng.randrange(500)}"
+        body = {"model": "bench-model", "messages": [{"role": "user", "content": text}]}
+        if stream:
+            body["stream"] = True
+        try:
+            async with http.stream(
+                "POST", "/v1/chat/completions", json=body, headers={"X-User-Id": user}
+            ) as response:
+                payload = await response.aread()
+            complete = not stream or payload.rstrip().endswith(b"[DONE]")
+            ok = response.status_code == 200 and complete
+        except httpx.HTTPError:
+            ok = False
+        tally["requests"] += 1
+        tally["stream" if stream else "plain"] += 1
+        if not ok:
+            tally["errors"] += 1
+
+
+async def load(port: int, args: argparse.Namespace, seconds: float) -> dict[str, int]:
+    tally = {"requests": 0, "errors": 0, "stream": 0, "plain": 0}
+    n = args.concurrency
+    limits = httpx.Limits(max_connections=n, max_keepalive_connections=n)
+    async with httpx.AsyncClient(
+        base_url=f"http://127.0.0.1:{port}",
+        headers={"authorization": f"Bearer {KEY}"},
+        timeout=60,
+        limits=limits,
+    ) as http:
+        stop = time.monotonic() + seconds
+        await asyncio.gather(
+            *(
+                client_loop(http, args.users, stop, random.Random(i), tally)
+                for i in range(args.concurrency)
+            )
+        )
+    return tally
+
+
+def spool_stats(port: int) -> dict[str, int]:
+    response = httpx.get(f"http://127.0.0.1:{port}/v1/memories/stats", timeout=30)
+    response.raise_for_status()
+    stats = response.json()
+    return {**stats["spool"], "memories": stats["memories"], "users": stats["users"]}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--minutes", type=float, default=30.0)
+    parser.add_argument("--warmup-seconds", type=float, default=20.0)
+    parser.add_argument("--concurrency", type=int, default=8)
+    parser.add_argument("--users", type=int, default=200)
+    parser.add_argument("--drain-timeout", type=float, default=600.0)
+    args = parser.parse_args()
+
+    workdir = Path(tempfile.mkdtemp(prefix="soak-"))
+    data = workdir / "data"
+    upstream, upstream_port = start_fake_upstream(workdir, "--add")
+    gateway = None
+    try:
+        memory = {
+            "embedder": {"provider": "local"},
+            "llm": {"api_key": "sk-soak-extractor"},
+            # Maintenance as configured by default in production: once a minute.
+            "maintenance": {"interval_seconds": 60.0},
+        }
+        gateway, port = start_gateway("gateway", workdir, upstream_port, data, memory)
+        asyncio.run(load(port, args, args.warmup_seconds))
+        start = snapshot(gateway, data)
+        began = time.monotonic()
+        tally = asyncio.run(load(port, args, args.minutes * 60))
+        elapsed = time.monotonic() - began
+        at_stop = spool_stats(port)
+        deadline = time.monotonic() + args.drain_timeout
+        while True:
+            drained = spool_stats(port)
+            if drained["pending"] + drained["running"] == 0 or time.monotonic() > deadline:
+                break
+            time.sleep(1)
+        drain_seconds = round(time.monotonic() - began - elapsed, 1)
+        end = snapshot(gateway, data)
+        report = {
+            "minutes": args.minutes,
+            "concurrency": args.concurrency,
+            "users": args.users,
+            **tally,
+            "rps": round(tally["requests"] / elapsed, 1),
+            "start": start,
+            "end": end,
+            "spool_at_stop": at_stop,
+            "spool_after_drain": drained,
+            "drain_seconds": drain_seconds,
+            "alive": gateway.alive(),
+        }
+        print(json.dumps(report, indent=2))
+    finally:
+        if gateway is not None:
+            gateway.stop()
+        upstream.stop()
+
+
+if __name__ == "__main__":
+    main()
