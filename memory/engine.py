@@ -325,7 +325,7 @@ class MemoryEngine:
             ops = await self.extractor.decide(job.exchange, existing, api_key=key)
         except ExtractionError as exc:
             # Belt and braces: an upstream error echoing the key must not reach the spool.
-            raise ExtractionError(exc.reason.replace(key, REDACTED)) from None
+            raise type(exc)(exc.reason.replace(key, REDACTED)) from None
         return [
             msgspec.structs.replace(op, text=self._redact(op.text)) if op.text else op for op in ops
         ]

@@ -37,6 +37,12 @@ class ExtractionError(Exception):
         self.reason = reason
 
 
+class ExtractionUnavailable(ExtractionError):
+    """The extraction model could not be reached or was overloaded (connection
+    error, timeout, 429, 5xx): the job waits and retries without using up its
+    attempts, so an outage never parks work as failed."""
+
+
 def _rejects_format(exc: openai.APIStatusError) -> bool:
     """Did the upstream refuse the `response_format` rather than the request?"""
     if exc.status_code in (400, 422):
@@ -224,6 +230,8 @@ class Extractor:
                 if mode != "text" and _rejects_format(exc):
                     last = exc
                     continue
+                if exc.status_code == 429 or exc.status_code >= 500:
+                    raise ExtractionUnavailable(_describe(exc)) from None
                 raise ExtractionError(_describe(exc)) from None
             self._modes[key] = mode
             return validate_operations(parse_json_answer(content), existing)
@@ -249,7 +257,7 @@ class Extractor:
         except openai.APIStatusError:
             raise
         except openai.APIConnectionError as exc:
-            raise ExtractionError(f"extraction model unreachable: {exc.message}") from None
+            raise ExtractionUnavailable(f"extraction model unreachable: {exc.message}") from None
         except openai.APIError as exc:
             raise ExtractionError(f"extraction call failed: {exc.message}") from None
         if not response.choices:

@@ -412,8 +412,16 @@ class Spool:
 
         return await self._grouped(done)
 
-    async def fail(self, job: Job, error: str, *, retry_in: float | None) -> bool:
-        """Record a failed attempt: back to pending after `retry_in` seconds, or parked."""
+    async def fail(
+        self, job: Job, error: str, *, retry_in: float | None, counted: bool = True
+    ) -> bool:
+        """Record a failed attempt: back to pending after `retry_in` seconds, or parked.
+
+        An attempt that is not `counted` (the model was unavailable) does not
+        bring the job closer to being parked.
+        """
+        # The claim counted the attempt; an uncounted one gives it back.
+        refund = 0 if counted else 1
 
         def fail(db: sqlite3.Connection) -> bool:
             now = self._clock()
@@ -429,8 +437,9 @@ class Spool:
                 db,
                 job,
                 "UPDATE jobs SET state = 'pending', lease_owner = NULL, lease_until = NULL,"
-                " last_error = ?, next_attempt_at = ?, updated_at = ?",
-                (error, now + retry_in, now),
+                " attempts = MAX(attempts - ?, 0), last_error = ?, next_attempt_at = ?,"
+                " updated_at = ?",
+                (refund, error, now + retry_in, now),
             )
 
         return await self._grouped(fail)

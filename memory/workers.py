@@ -18,6 +18,7 @@ from collections.abc import Callable, Coroutine, Iterable
 from typing import Any
 
 from memory.config import SpoolConfig
+from memory.extraction import ExtractionUnavailable
 from memory.redaction import redact
 from memory.spool import Job, Spool
 
@@ -61,6 +62,8 @@ class WorkerPool:
         self._changed = asyncio.Event()
         self._stopping = False
         self._last_purge = 0.0
+        # Consecutive "model unavailable" outcomes, for the outage backoff.
+        self._outage_streak = 0
 
     @property
     def running(self) -> bool:
@@ -167,6 +170,7 @@ class WorkerPool:
                 return
             exc = task.exception()
             if exc is None:
+                self._outage_streak = 0
                 await self._spool.complete(job)
                 self.notify()  # the user's next job is claimable now
                 return
@@ -176,6 +180,14 @@ class WorkerPool:
             if isinstance(exc, LeaseLost):
                 return
             error = redact(str(exc) or type(exc).__name__)[:MAX_ERROR_CHARS]
+            if isinstance(exc, ExtractionUnavailable):
+                # An outage: back off (up to backoff_max) and try again, however
+                # long it lasts; the streak is shared since the model is down for all.
+                self._outage_streak += 1
+                delay = backoff(self._config, self._outage_streak)
+                log.warning("spool job %s waits for the extraction model: %s", job.id, error)
+                await self._spool.fail(job, error, retry_in=delay, counted=False)
+                return
             if job.attempts >= self._config.max_attempts:
                 log.warning("spool job %s failed for good: %s", job.id, error)
                 await self._spool.fail(job, error, retry_in=None)

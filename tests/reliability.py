@@ -61,8 +61,6 @@ def memory_settings(upstream_url: str, **overrides: Any) -> dict[str, Any]:
             "backoff_max": 0.2,
             "lease_seconds": 1.0,
             "poll_interval": 0.2,
-            # Outages in these tests last longer than 5 quick retries.
-            "max_attempts": 50,
         },
     }
     for key, value in overrides.items():

@@ -1,6 +1,7 @@
 # ruff: noqa: RUF001 - Chinese punctuation is meant literally in these tests.
 """The engine end to end with a scripted extraction model: exchanges become facts."""
 
+import asyncio
 import sqlite3
 from datetime import UTC, datetime, timedelta
 
@@ -227,6 +228,24 @@ async def test_untrustworthy_answers_are_retried_then_parked_without_damage(open
     assert await engine.retry_failed("alice") == 1
     assert (await engine.wait(info.id, timeout=30)).state == "done"
     assert await texts(engine, ALICE) == ["User lives in Rome"]
+
+
+@pytest.mark.parametrize("status", [503, 429])
+async def test_an_extraction_outage_never_parks_jobs_however_long_it_lasts(open_engine, status):
+    outage = {"error": {"message": "overloaded", "type": "server_error"}}
+    llm = ScriptedLLM(responder=lambda call: httpx.Response(status, json=outage))
+    engine = await open_engine(llm, config(max_attempts=2))
+    job_id = await engine.record_exchange(exchange(ALICE, "I like jazz"))
+    # Many more failed calls than max_attempts: the job still waits, nothing parked.
+    while len(llm.calls) < 6:
+        await asyncio.sleep(0.01)
+    info = await engine.spool.get(job_id)
+    assert info.state in ("pending", "running") and info.attempts <= 1
+    assert (await engine.stats()).spool.failed == 0
+    # The model comes back: the job drains.
+    llm.responder = lambda call: ops({"op": "ADD", "text": "User likes jazz"})
+    assert (await engine.wait(job_id, timeout=30)).state == "done"
+    assert await texts(engine, ALICE) == ["User likes jazz"]
 
 
 async def test_an_upstream_that_knows_only_plain_text_still_gets_facts(open_engine):

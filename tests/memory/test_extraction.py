@@ -7,7 +7,13 @@ import pytest
 from scripted_llm import ScriptedLLM, completion, ops
 
 from memory.config import LLMConfig, MemoryConfig
-from memory.extraction import ExtractionError, Extractor, parse_json_answer, validate_operations
+from memory.extraction import (
+    ExtractionError,
+    ExtractionUnavailable,
+    Extractor,
+    parse_json_answer,
+    validate_operations,
+)
 from memory.models import Exchange, Memory, Operation, Scope
 
 AT = datetime(2026, 3, 13, 9, 30, tzinfo=UTC)  # a Friday
@@ -151,9 +157,9 @@ async def test_errors_that_are_not_about_the_format_do_not_trigger_fallback(make
     assert extractor.mode() is None
 
 
-async def test_server_errors_are_extraction_errors_for_the_spool_to_retry(make):
+async def test_server_errors_are_outages_for_the_spool_to_wait_out(make):
     llm = ScriptedLLM([httpx.Response(503, json={"error": {"message": "overloaded"}})])
-    with pytest.raises(ExtractionError, match="503"):
+    with pytest.raises(ExtractionUnavailable, match="503"):
         await make(llm).decide(exchange("a"), [], api_key=None)
     assert len(llm.calls) == 1  # no SDK retries: the spool owns retrying
 
