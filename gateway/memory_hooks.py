@@ -17,6 +17,7 @@ from gateway.config import Config
 from gateway.errors import GatewayError
 from gateway.hooks import ChatContext, CompletedExchange
 from memory import injection
+from memory import messages as chat_messages
 from memory.engine import MemoryEngine
 from memory.models import Exchange, Hit, Scope
 
@@ -97,7 +98,7 @@ class MemoryHooks:
         messages = body.get("messages")
         if mode == "write" or not isinstance(messages, list):
             return False
-        query = injection.last_user_text(messages)
+        query = chat_messages.last_user_text(messages)
         if not query.strip():
             return False
         hits = await self._recall(scope, query, headers)
@@ -134,7 +135,7 @@ class MemoryHooks:
         if ctx.state.get("memory_mode") not in ("auto", "write"):
             return
         messages = exchange.request_body.get("messages")
-        turns = injection.new_turns(messages if isinstance(messages, list) else [])
+        turns = chat_messages.new_turns(messages if isinstance(messages, list) else [])
         if not turns:
             return
         try:

@@ -25,6 +25,7 @@ from memory.config import MemoryConfig
 from memory.embedding import Embedder, create_embedder
 from memory.extraction import ExtractionError, Extractor
 from memory.maintenance import Maintenance
+from memory.messages import user_texts
 from memory.models import (
     Exchange,
     HistoryEntry,
@@ -92,21 +93,6 @@ def related_query(exchange: Exchange) -> str:
     user = [line["content"] for line in lines if line["role"] == "user"]
     text = "\n".join(user or [line["content"] for line in lines])
     return text[-RELATED_QUERY_CHARS:]
-
-
-def _user_text(messages: Iterable[dict[str, Any]]) -> list[str]:
-    texts = []
-    for m in messages:
-        if m.get("role") != "user":
-            continue
-        content = m.get("content")
-        if isinstance(content, list):
-            content = "\n".join(
-                p["text"] for p in content if isinstance(p, dict) and isinstance(p.get("text"), str)
-            )
-        if isinstance(content, str) and content.strip():
-            texts.append(content.strip())
-    return texts
 
 
 class MemoryEngine:
@@ -250,7 +236,7 @@ class MemoryEngine:
         if infer:
             exchange = Exchange(scope=scope, messages=messages, reply=None, at=datetime.now(UTC))
             return AddResult(job_id=await self.record_exchange(exchange, api_key=api_key))
-        texts = _user_text(messages)
+        texts = user_texts(messages)
         if not texts:
             raise ValueError("nothing to remember: no user text")
         memories = []

@@ -13,6 +13,7 @@ from typing import Any, Literal
 
 import msgspec
 
+from memory.messages import role
 from memory.models import Hit
 
 Position = Literal["before_last_user", "after_system", "end"]
@@ -56,54 +57,6 @@ def place(messages: list[Any], message: dict[str, Any], position: Position) -> l
                 break
     elif position == "after_system":
         index = 0
-        while index < len(messages) and _role(messages[index]) in ("system", "developer"):
+        while index < len(messages) and role(messages[index]) in ("system", "developer"):
             index += 1
     return [*messages[:index], message, *messages[index:]]
-
-
-def _role(message: Any) -> Any:
-    return message.get("role") if isinstance(message, dict) else None
-
-
-def text_of(message: Any) -> str:
-    """The text of a chat message: a string content, or its text parts (images ignored)."""
-    if not isinstance(message, dict):
-        return ""
-    content = message.get("content")
-    if isinstance(content, str):
-        return content
-    if isinstance(content, list):
-        parts = [
-            p["text"]
-            for p in content
-            if isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str)
-        ]
-        return "\n".join(parts)
-    return ""
-
-
-def last_user_text(messages: list[Any]) -> str:
-    for message in reversed(messages):
-        if _role(message) == "user":
-            return text_of(message)
-    return ""
-
-
-def new_turns(messages: list[Any]) -> list[dict[str, Any]]:
-    """The user turns the client added since the last assistant message.
-
-    Clients resend the whole history every turn; only what follows the last
-    assistant message is new, so old turns are never extracted twice.
-    """
-    start = 0
-    for i in range(len(messages) - 1, -1, -1):
-        if _role(messages[i]) == "assistant":
-            start = i + 1
-            break
-    turns = []
-    for message in messages[start:]:
-        if _role(message) == "user":
-            text = text_of(message)
-            if text.strip():
-                turns.append({"role": "user", "content": text})
-    return turns

@@ -17,6 +17,7 @@ from collections.abc import Mapping, Sequence
 from string import Template
 from typing import Any
 
+from memory.messages import content_text
 from memory.models import Exchange, Memory
 
 EXTRACTION_SYSTEM = """\
@@ -113,20 +114,6 @@ WEEKDAYS = ("Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday", 
 MAX_MESSAGE_CHARS = 8000
 
 
-def _text_of(content: Any) -> str:
-    """The text of an OpenAI message content (string or list of parts)."""
-    if isinstance(content, str):
-        return content
-    if isinstance(content, list):
-        texts = [
-            part["text"]
-            for part in content
-            if isinstance(part, dict) and isinstance(part.get("text"), str)
-        ]
-        return "\n".join(texts)
-    return ""
-
-
 def _clip(text: str) -> str:
     if len(text) <= MAX_MESSAGE_CHARS:
         return text
@@ -143,7 +130,7 @@ def conversation_lines(exchange: Exchange) -> list[dict[str, str]]:
         role = message.get("role")
         if role not in ("user", "system", "developer"):
             continue
-        text = _text_of(message.get("content")).strip()
+        text = content_text(message.get("content")).strip()
         if text:
             lines.append({"role": "user" if role == "user" else "app", "content": _clip(text)})
     if exchange.reply:

@@ -196,7 +196,9 @@ class ScopeIndex:
     def _rows(self, positions: np.ndarray) -> list[dict[str, Any]]:
         """Rows at live positions, in order; loaded ones built in one Arrow take."""
         loaded = positions[positions < self._base]
-        built = iter(self._table.take(loaded).to_pylist() if len(loaded) else ())
+        table = self._table
+        # Positions below `_base` exist only when the index was built from a table.
+        built = iter(table.take(loaded).to_pylist() if table is not None and len(loaded) else ())
         out = []
         for i in positions.tolist():
             row = next(built) if i < self._base else self._added[i - self._base]
