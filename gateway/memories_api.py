@@ -18,7 +18,7 @@ from typing import Annotated, Any, Literal
 import msgspec
 from litestar import Controller, Request, delete, get, post, put
 from litestar.di import NamedDependency, Provide
-from litestar.params import FromPath, JSONBody, QueryParameter
+from litestar.params import FromPath, FromQuery, JSONBody, QueryParameter
 from litestar.response import Stream
 
 from gateway.errors import GatewayError
@@ -235,7 +235,7 @@ class MemoriesController(Controller):
         agent_id: AgentId = None,
         limit: Annotated[int, QueryParameter(ge=1, le=1000)] = 100,
         offset: Annotated[int, QueryParameter(ge=0)] = 0,
-        include_superseded: bool = False,
+        include_superseded: FromQuery[bool] = False,
     ) -> MemoryList:
         scope = _scope(principal, user_id, agent_id)
         memories = await engine.list(
