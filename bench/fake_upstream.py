@@ -98,8 +98,13 @@ def _stream_body(model: str, chunks: int) -> bytes:
 def _extraction_answer(body: dict[str, Any], add: bool) -> str:
     if not add:
         return '{"operations": []}'
-    # A distinct fact per exchange, so every job really writes a row.
-    digest = hashlib.sha1(_encoder.encode(body.get("messages"))).hexdigest()[:12]
+    # One fact per distinct exchange text (not per prompt: the prompt also lists
+    # stored facts), so every new exchange really writes a row and a repeated
+    # one is de-duplicated, as a real extractor's would be.
+    messages = body.get("messages") or [{}]
+    prompt = str(messages[-1].get("content", ""))
+    exchange = prompt.split("The latest exchange", 1)[-1]
+    digest = hashlib.sha1(exchange.encode()).hexdigest()[:12]
     return _encoder.encode(
         {"operations": [{"op": "ADD", "text": f"The user mentioned topic {digest}."}]}
     ).decode()

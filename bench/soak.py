@@ -52,12 +52,17 @@ def snapshot(proc: Proc, data: Path) -> dict[str, Any]:
 
 
 async def client_loop(
-    http: httpx.AsyncClient, users: int, stop: float, rng: random.Random, tally: dict[str, int]
+    http: httpx.AsyncClient,
+    users: int,
+    distinct: int,
+    stop: float,
+    rng: random.Random,
+    tally: dict[str, int],
 ) -> None:
     while time.monotonic() < stop:
         user = f"soak-user-{rng.randrange(users)}"
         stream = rng.random() < 0.5
-        text = f"I like topic {rng.randrange(10_000)} and place {rng.randrange(500)}"
+        text = f"I like topic {rng.randrange(distinct)}"
         body = {"model": "bench-model", "messages": [{"role": "user", "content": text}]}
         if stream:
             body["stream"] = True
@@ -89,7 +94,7 @@ async def load(port: int, args: argparse.Namespace, seconds: float) -> dict[str,
         stop = time.monotonic() + seconds
         await asyncio.gather(
             *(
-                client_loop(http, args.users, stop, random.Random(i), tally)
+                client_loop(http, args.users, args.distinct, stop, random.Random(i), tally)
                 for i in range(args.concurrency)
             )
         )
@@ -109,6 +114,9 @@ def main() -> None:
     parser.add_argument("--warmup-seconds", type=float, default=20.0)
     parser.add_argument("--concurrency", type=int, default=8)
     parser.add_argument("--users", type=int, default=200)
+    # Distinct things a user says: small values make the stored data plateau, so
+    # growth of RSS, fds or the directory afterwards means a leak, not more data.
+    parser.add_argument("--distinct", type=int, default=5_000_000)
     parser.add_argument("--drain-timeout", type=float, default=600.0)
     args = parser.parse_args()
 
