@@ -20,7 +20,7 @@ import pytest
 
 from tests.conftest import GatewayServer, gateway_config_for
 from tests.extraction import is_extraction, latest_exchange, llm_answer, wait_for
-from tests.reliability import GatewayProcess, memory_settings, token_extractor
+from tests.reliability import GatewayProcess, free_port, memory_settings, token_extractor
 from tests.upstream import JSONReply, Recorded, ScriptedUpstream
 
 CHAT = "/v1/chat/completions"
@@ -124,7 +124,15 @@ def test_no_secret_appears_in_any_log_line(upstream: ScriptedUpstream, tmp_path:
     upstream.script(token_extractor)
     config = {
         "server": {"log_level": "debug", "access_log": True},
-        "upstreams": [{"name": "scripted", "base_url": upstream.url, "default": True}],
+        "upstreams": [
+            {"name": "scripted", "base_url": upstream.url, "default": True},
+            # Nothing listens there: requests for `dead-*` models get a 502.
+            {
+                "name": "dead",
+                "base_url": f"http://127.0.0.1:{free_port()}/v1",
+                "models": ["dead-*"],
+            },
+        ],
         "data_dir": str(tmp_path / "data"),
         "auth": {
             "admin_key": ADMIN_KEY,
@@ -149,6 +157,10 @@ def test_no_secret_appears_in_any_log_line(upstream: ScriptedUpstream, tmp_path:
             assert http.post(CHAT, json=chat_body("x"), headers=as_(CLIENT_KEY)).status_code == 401
             upstream.push(JSONReply({"error": {"message": "boom"}}, status=500))
             assert http.post(CHAT, json=chat_body("x"), headers=as_(USER_KEY)).status_code == 500
+            # An unreachable upstream: the gateway's own 502, with either key.
+            for key in (USER_KEY, CLIENT_KEY):
+                dead = chat_body("x", model="dead-model")
+                assert http.post(CHAT, json=dead, headers=as_(key)).status_code == 502
             bad_model = chat_body("x", model="m")
             assert http.post(CHAT, json=bad_model, headers=as_(WRONG_KEY)).status_code == 200
             # The management API with good and bad keys.
