@@ -21,7 +21,7 @@ import re
 import unicodedata
 import uuid
 from collections import Counter
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, TypeVar
@@ -47,7 +47,7 @@ from memory.schema import (
     history_schema,
     memories_schema,
 )
-from memory.vectors import Candidates, Key, ScopeCache, ScopeIndex
+from memory.vectors import Candidates, Key, ScopeCache, ScopeIndex, materialize
 
 __all__ = ["EmbedderMismatch", "MemoryStore", "normalized_hash"]
 
@@ -124,7 +124,7 @@ def _build_index(table: pa.Table, dimensions: int) -> ScopeIndex:
     return ScopeIndex.from_arrow(table, dimensions)
 
 
-def _to_memory(row: dict[str, Any]) -> Memory:
+def _to_memory(row: Mapping[str, Any]) -> Memory:
     return Memory(
         id=row["id"],
         user_id=row["user_id"],
@@ -607,7 +607,7 @@ class MemoryStore:
     def _fuse(self, found: Candidates, *, limit: int, min_score: float) -> list[Hit]:
         search = self._config.search
         similarity: dict[str, float] = {}
-        rows: dict[str, dict[str, Any]] = {}
+        rows: dict[str, Mapping[str, Any]] = {}
         for row, sim in found.by_vector:
             similarity[row["id"]] = sim
             rows[row["id"]] = row
@@ -627,9 +627,11 @@ class MemoryStore:
         ranked = sorted(
             (i for i in fused if similarity[i] >= min_score), key=lambda i: (-fused[i], i)
         )
+        ranked = ranked[:limit]
+        materialize([rows[i] for i in ranked])
         return [
             Hit(memory=_to_memory(rows[i]), score=fused[i], similarity=similarity[i])
-            for i in ranked[:limit]
+            for i in ranked
         ]
 
     async def _lance_candidates(

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import threading
 from collections import OrderedDict
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from functools import cache
 from typing import Any
 
@@ -35,8 +35,8 @@ class Candidates:
 
     def __init__(
         self,
-        by_vector: list[tuple[dict[str, Any], float]],
-        by_text: list[tuple[dict[str, Any], float, float]],
+        by_vector: list[tuple[Mapping[str, Any], float]],
+        by_text: list[tuple[Mapping[str, Any], float, float]],
     ) -> None:
         self.by_vector = by_vector
         self.by_text = by_text
@@ -93,6 +93,7 @@ class ScopeIndex:
         self._added: list[dict[str, Any]] = [] if table is not None else list(rows)
         self._base = n if table is not None else 0
         self._pos = {memory_id: i for i, memory_id in enumerate(ids)}
+        self._ids = ids
         self._matrix = np.zeros((capacity, dims), dtype=np.float32)
         self._matrix[:n] = _unit(vectors)
         self._alive = np.zeros(capacity, dtype=bool)
@@ -154,7 +155,7 @@ class ScopeIndex:
         if i >= self._base:
             self._added[i - self._base] = _GONE
 
-    def nearest(self, vector: np.ndarray, k: int) -> list[tuple[dict[str, Any], float]]:
+    def nearest(self, vector: np.ndarray, k: int) -> list[tuple[Mapping[str, Any], float]]:
         """The k most cosine-similar rows (vectors are unit length)."""
         with self.lock:
             sims = self._similarities(vector)
@@ -193,21 +194,66 @@ class ScopeIndex:
         sims[~self._alive[: self._n]] = -np.inf
         return sims
 
-    def _rows(self, positions: np.ndarray) -> list[dict[str, Any]]:
-        """Rows at live positions, in order; loaded ones built in one Arrow take."""
-        loaded = positions[positions < self._base]
-        table = self._table
-        # Positions below `_base` exist only when the index was built from a table.
-        built = iter(table.take(loaded).to_pylist() if table is not None and len(loaded) else ())
-        out = []
+    def _rows(self, positions: np.ndarray) -> list[Mapping[str, Any]]:
+        """Rows at live positions, in order. Loaded rows stay in Arrow until read:
+        a search ranks dozens of candidates but returns a handful, and converting
+        a row (its timestamps above all) costs more than scoring all of them."""
+        out: list[Mapping[str, Any]] = []
         for i in positions.tolist():
-            row = next(built) if i < self._base else self._added[i - self._base]
-            assert row is not _GONE
-            out.append(row)
+            if i < self._base:
+                # Positions below `_base` exist only when the index was built from a table.
+                assert self._table is not None
+                out.append(_ArrowRow(self._table, i, self._ids[i]))
+            else:
+                row = self._added[i - self._base]
+                assert row is not _GONE
+                out.append(row)
         return out
 
 
+class _ArrowRow(Mapping[str, Any]):
+    """One row of a loaded table; its id is at hand, the rest converted on first use."""
+
+    __slots__ = ("_id", "_position", "_row", "_table")
+
+    def __init__(self, table: pa.Table, position: int, memory_id: str) -> None:
+        self._table = table
+        self._position = position
+        self._id = memory_id
+        self._row: dict[str, Any] | None = None
+
+    def _materialized(self) -> dict[str, Any]:
+        if self._row is None:
+            self._row = self._table.slice(self._position, 1).to_pylist()[0]
+        return self._row
+
+    def __getitem__(self, key: str) -> Any:
+        if key == "id":
+            return self._id
+        return self._materialized()[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._materialized())
+
+    def __len__(self) -> int:
+        return len(self._materialized())
+
+
 _GONE: dict[str, Any] = {}
+
+
+def materialize(rows: Sequence[Mapping[str, Any]]) -> None:
+    """Convert the Arrow-backed rows among `rows` in one take per table: the
+    handful a search returns, instead of a slice per row."""
+    pending: dict[int, list[_ArrowRow]] = {}
+    for row in rows:
+        if isinstance(row, _ArrowRow) and row._row is None:
+            pending.setdefault(id(row._table), []).append(row)
+    for group in pending.values():
+        table = group[0]._table
+        converted = table.take([r._position for r in group]).to_pylist()
+        for row, values in zip(group, converted, strict=True):
+            row._row = values
 
 
 class ScopeCache:
