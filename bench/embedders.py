@@ -38,9 +38,10 @@ KS = (5, 8, 10)
 
 MODES: dict[str, SearchConfig] = {
     "USE vector only": SearchConfig(hybrid=False, min_score=-1.0),
-    "USE + FTS boost (default)": SearchConfig(fusion="boost", min_score=-1.0),
+    "USE + FTS boost, no cut-off": SearchConfig(fusion="boost", min_score=-1.0),
     "USE + FTS RRF": SearchConfig(fusion="rrf", min_score=-1.0),
-    "USE + FTS boost, min_score 0.2": SearchConfig(fusion="boost"),
+    "USE + FTS boost, min_score 0.2": SearchConfig(fusion="boost", min_score=0.2),
+    "USE + FTS boost, min_score 0.15 (default)": SearchConfig(fusion="boost"),
 }
 
 
@@ -253,6 +254,7 @@ async def latency(embedder: LocalEmbedder, scale: int) -> list[str]:
 
 async def main() -> int:
     parser = argparse.ArgumentParser()
+    # 0 skips the latency part (quality only).
     parser.add_argument("--scale", type=int, default=10_000)
     args = parser.parse_args()
     if not SHARED.is_dir():
@@ -270,7 +272,8 @@ async def main() -> int:
     print()
     print("\n".join(await eval_multilingual(embedder)))
     print()
-    print("\n".join(await latency(embedder, args.scale)))
+    if args.scale:
+        print("\n".join(await latency(embedder, args.scale)))
     print(f"- max RSS at the end: {rss_mib():.0f} MiB")
     await embedder.close()
     return 0

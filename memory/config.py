@@ -58,7 +58,7 @@ class SearchConfig(_Settings):
     text_weight: float = 0.1
     # Hits whose cosine similarity is below this are dropped (full-text-only
     # hits must still reach it through their vector score).
-    min_score: float = 0.2
+    min_score: float = 0.15
     # Existing memories shown to the extractor with each exchange.
     extraction_context: int = 10
     # Recently searched scopes are kept in memory (vectors + n-gram BM25) up to
