@@ -289,7 +289,7 @@ class ScriptedUpstream:
             self._scripts.clear()
 
     def push(self, reply: Reply, path: str = "/v1/chat/completions") -> None:
-        """Answer the next request to `path` with `reply` (FIFO)."""
+        """Answer the next request to `path` that no script claims with `reply` (FIFO)."""
         with self._lock:
             self._queues[path].append(reply)
 
@@ -314,15 +314,19 @@ class ScriptedUpstream:
         raise AssertionError(f"expected {count} upstream requests, got {len(self.requests)}")
 
     def _choose(self, request: Recorded) -> Reply:
+        # Scripts first: they claim the requests they recognise (the gateway's own
+        # extraction calls), so a reply queued for the app's next chat call is
+        # never taken by a background extraction that happens to arrive first.
         with self._lock:
-            queue = self._queues.get(request.path)
-            if queue:
-                return queue.popleft()
             scripts = list(self._scripts)
         for responder in scripts:
             reply = responder(request)
             if reply is not None:
                 return reply
+        with self._lock:
+            queue = self._queues.get(request.path)
+            if queue:
+                return queue.popleft()
         handler = DEFAULTS.get((request.method, request.path))
         if handler is None:
             return JSONReply(
