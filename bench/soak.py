@@ -81,7 +81,23 @@ async def client_loop(
             tally["errors"] += 1
 
 
-async def load(port: int, args: argparse.Namespace, seconds: float) -> dict[str, int]:
+async def sample(
+    gateway: Proc, data: Path, every: float, stop: float, out: list[dict[str, Any]]
+) -> None:
+    """A snapshot every `every` seconds: a curve tells a plateau from a leak."""
+    began = time.monotonic()
+    while time.monotonic() < stop:
+        await asyncio.sleep(min(every, max(stop - time.monotonic(), 0)))
+        point = await asyncio.to_thread(snapshot, gateway, data)
+        out.append({"minute": round((time.monotonic() - began) / 60, 1), **point})
+
+
+async def load(
+    port: int,
+    args: argparse.Namespace,
+    seconds: float,
+    samples: tuple[Proc, Path, list[dict[str, Any]]] | None = None,
+) -> dict[str, int]:
     tally = {"requests": 0, "errors": 0, "stream": 0, "plain": 0}
     n = args.concurrency
     limits = httpx.Limits(max_connections=n, max_keepalive_connections=n)
@@ -92,12 +108,14 @@ async def load(port: int, args: argparse.Namespace, seconds: float) -> dict[str,
         limits=limits,
     ) as http:
         stop = time.monotonic() + seconds
-        await asyncio.gather(
-            *(
-                client_loop(http, args.users, args.distinct, stop, random.Random(i), tally)
-                for i in range(args.concurrency)
-            )
-        )
+        clients = [
+            client_loop(http, args.users, args.distinct, stop, random.Random(i), tally)
+            for i in range(args.concurrency)
+        ]
+        if samples is not None:
+            gateway, data, out = samples
+            clients.append(sample(gateway, data, args.sample_seconds, stop, out))
+        await asyncio.gather(*clients)
     return tally
 
 
@@ -118,6 +136,7 @@ def main() -> None:
     # growth of RSS, fds or the directory afterwards means a leak, not more data.
     parser.add_argument("--distinct", type=int, default=5_000_000)
     parser.add_argument("--drain-timeout", type=float, default=600.0)
+    parser.add_argument("--sample-seconds", type=float, default=60.0)
     args = parser.parse_args()
 
     workdir = Path(tempfile.mkdtemp(prefix="soak-"))
@@ -135,7 +154,8 @@ def main() -> None:
         asyncio.run(load(port, args, args.warmup_seconds))
         start = snapshot(gateway, data)
         began = time.monotonic()
-        tally = asyncio.run(load(port, args, args.minutes * 60))
+        curve: list[dict[str, Any]] = []
+        tally = asyncio.run(load(port, args, args.minutes * 60, (gateway, data, curve)))
         elapsed = time.monotonic() - began
         at_stop = spool_stats(port)
         deadline = time.monotonic() + args.drain_timeout
@@ -154,6 +174,7 @@ def main() -> None:
             "rps": round(tally["requests"] / elapsed, 1),
             "start": start,
             "end": end,
+            "samples": curve,
             "spool_at_stop": at_stop,
             "spool_after_drain": drained,
             "drain_seconds": drain_seconds,
