@@ -1,13 +1,18 @@
-"""`memory-gateway serve`: load the configuration, then run the app under uvicorn."""
+"""`memory-gateway serve`: load the configuration, then run the app under uvicorn
+(in one process, or in `server.workers` processes under a supervisor)."""
 
 from __future__ import annotations
 
 import argparse
 import logging
 import os
+import socket
 import sys
+import threading
+import time
 import uuid
 from pathlib import Path
+from typing import Any
 
 from gateway.config import Config, ConfigError, load_config
 
@@ -30,6 +35,9 @@ def _parser() -> argparse.ArgumentParser:
         "--upstream", help="base URL of the default upstream, e.g. http://127.0.0.1:11434/v1"
     )
     serve.add_argument("--data", help="data directory (data_dir)")
+    serve.add_argument(
+        "--workers", type=int, help="gateway processes sharing the port (server.workers)"
+    )
     return parser
 
 
@@ -44,6 +52,7 @@ def config_from_args(args: argparse.Namespace) -> Config:
             "server.port": args.port,
             "upstream": args.upstream,
             "data_dir": args.data,
+            "server.workers": args.workers,
         },
     )
 
@@ -68,27 +77,75 @@ def check_data_dir(path: Path) -> None:
         raise ConfigError(f"data_dir: {str(path)!r} is not writable: {reason}") from None
 
 
-def serve(config: Config) -> None:
+def _setup_logging(config: Config) -> None:
+    level = "DEBUG" if config.server.log_level == "trace" else config.server.log_level.upper()
+    fmt = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+    if config.server.workers > 1:
+        fmt = "%(asctime)s %(levelname)s [%(process)d] %(name)s: %(message)s"
+    logging.basicConfig(level=level, format=fmt)
+    # httpx logs every request at INFO: noise, and latency on the hot path.
+    for name in ("httpx", "httpx2", "httpcore"):
+        logging.getLogger(name).setLevel(max(logging.WARNING, logging.getLogger().level))
+
+
+def _uvicorn_config(config: Config) -> dict[str, Any]:
+    return {
+        "loop": "uvloop" if sys.platform != "win32" else "asyncio",
+        "http": "httptools",
+        "lifespan": "on",
+        "log_level": config.server.log_level,
+        "access_log": config.server.access_log,
+        "server_header": False,
+    }
+
+
+def run_worker(config: Config, sock: socket.socket, index: int) -> None:
+    """One of `server.workers` processes, accepting on the supervisor's socket."""
     import uvicorn
 
     from gateway.app import create_app
 
-    level = "DEBUG" if config.server.log_level == "trace" else config.server.log_level.upper()
-    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    # httpx logs every request at INFO: noise, and latency on the hot path.
-    for name in ("httpx", "httpx2", "httpcore"):
-        logging.getLogger(name).setLevel(max(logging.WARNING, logging.getLogger().level))
+    _setup_logging(config)
+    server = uvicorn.Server(uvicorn.Config(create_app(config), **_uvicorn_config(config)))
+    threading.Thread(target=_exit_with_parent, args=(server,), daemon=True).start()
+    server.run(sockets=[sock])
+    if not server.started:
+        # The lifespan failed (store, embedder...): tell the supervisor.
+        sys.exit(3)
+
+
+def _exit_with_parent(server: Any) -> None:
+    """A worker whose supervisor died (SIGKILL, OOM) shuts down instead of
+    serving on, orphaned and never restarted or stopped."""
+    parent = os.getppid()
+    while not server.should_exit:
+        time.sleep(1.0)
+        if os.getppid() != parent:
+            logging.getLogger("gateway.supervisor").warning(
+                "the supervisor (pid %s) is gone; this worker shuts down", parent
+            )
+            server.should_exit = True
+
+
+def serve(config: Config) -> int:
+    if config.server.workers > 1:
+        from gateway.supervisor import Supervisor
+
+        _setup_logging(config)
+        return Supervisor(config, run_worker).run()
+
+    import uvicorn
+
+    from gateway.app import create_app
+
+    _setup_logging(config)
     uvicorn.run(
         create_app(config),
         host=config.server.host,
         port=config.server.port,
-        loop="uvloop" if sys.platform != "win32" else "asyncio",
-        http="httptools",
-        lifespan="on",
-        log_level=config.server.log_level,
-        access_log=config.server.access_log,
-        server_header=False,
+        **_uvicorn_config(config),
     )
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -100,8 +157,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"memory-gateway: configuration error: {exc}", file=sys.stderr)
         return 2
-    serve(config)
-    return 0
+    return serve(config)
 
 
 if __name__ == "__main__":

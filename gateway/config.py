@@ -36,6 +36,9 @@ class ServerConfig(_Settings):
     log_level: Literal["critical", "error", "warning", "info", "debug", "trace"] = "info"
     # One log line per request (uvicorn's access log); off by default, it costs latency.
     access_log: bool = False
+    # Gateway processes sharing the listening socket. Python runs one core per
+    # process; more than one uses more cores (and memory: each loads the embedder).
+    workers: int = 1
 
 
 class HTTPConfig(_Settings):
@@ -119,6 +122,8 @@ class Config(_Settings):
             raise ValueError("gateway keys must be unique - at `$.auth.keys`")
         if not 0 < self.server.port < 65536:
             raise ValueError("port must be between 1 and 65535 - at `$.server.port`")
+        if not 1 <= self.server.workers <= 64:
+            raise ValueError("workers must be between 1 and 64 - at `$.server.workers`")
 
     @property
     def default_upstream(self) -> UpstreamConfig:

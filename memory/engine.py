@@ -24,6 +24,7 @@ import msgspec
 from memory.config import MemoryConfig
 from memory.embedding import Embedder, create_embedder
 from memory.extraction import ExtractionError, Extractor
+from memory.locks import FileLock, locked
 from memory.maintenance import Maintenance
 from memory.messages import user_texts
 from memory.models import (
@@ -50,6 +51,8 @@ T = TypeVar("T")
 RELATED_QUERY_CHARS = 1000
 STORE_DIR = "lancedb"
 SPOOL_FILE = "spool.sqlite3"
+OPEN_LOCK = "open.lock"
+MAINTENANCE_LOCK = "maintenance.lock"
 
 _memory_encoder = msgspec.json.Encoder()
 _memory_decoder = msgspec.json.Decoder(Memory)
@@ -105,6 +108,7 @@ class MemoryEngine:
         owns_embedder: bool,
         spool: Spool,
         extractor: Extractor,
+        maintenance_lock: FileLock | None = None,
     ) -> None:
         self.config = config
         self.store = store
@@ -115,7 +119,7 @@ class MemoryEngine:
         # BYOK: user_id -> the key of their latest request. Process memory only.
         self._keys: dict[str, str] = {}
         self.workers = WorkerPool(spool, self._process, config.spool, users=self._claimable_users)
-        self.maintenance = Maintenance(store, config.maintenance)
+        self.maintenance = Maintenance(store, config.maintenance, maintenance_lock)
         self._closed = False
 
     @classmethod
@@ -135,10 +139,14 @@ class MemoryEngine:
             embedder = create_embedder(config.embedder, default_base_url=default_base_url)
         store: MemoryStore | None = None
         try:
-            store = await MemoryStore.open(data_dir / STORE_DIR, embedder, config)
-            spool = await Spool.open(
-                data_dir / SPOOL_FILE, lease_seconds=config.spool.lease_seconds
-            )
+            await asyncio.to_thread(data_dir.mkdir, parents=True, exist_ok=True)
+            # Several gateway processes may start at once on one directory:
+            # creating tables, indices and the spool's schema is done by one at a time.
+            async with locked(data_dir / OPEN_LOCK):
+                store = await MemoryStore.open(data_dir / STORE_DIR, embedder, config)
+                spool = await Spool.open(
+                    data_dir / SPOOL_FILE, lease_seconds=config.spool.lease_seconds
+                )
         except BaseException:
             if store is not None:
                 await store.close()
@@ -153,6 +161,7 @@ class MemoryEngine:
             owns_embedder=owns_embedder,
             spool=spool,
             extractor=extractor,
+            maintenance_lock=FileLock(data_dir / MAINTENANCE_LOCK),
         )
 
     async def start(self) -> None:

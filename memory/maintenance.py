@@ -9,6 +9,7 @@ import contextlib
 import logging
 
 from memory.config import MaintenanceConfig
+from memory.locks import FileLock
 from memory.store import MemoryStore
 
 log = logging.getLogger(__name__)
@@ -17,11 +18,18 @@ log = logging.getLogger(__name__)
 class Maintenance:
     """Runs `store.optimize()` every `interval_seconds`, or sooner once
     `optimize_after_writes` writes piled up. Failures are logged and retried
-    at the next turn; they never stop the loop."""
+    at the next turn; they never stop the loop.
 
-    def __init__(self, store: MemoryStore, config: MaintenanceConfig) -> None:
+    With several processes on one data directory, one of them maintains the
+    store: the holder of `lock`, taken without waiting and kept; when it dies
+    the lock is free and another process takes over at its next turn."""
+
+    def __init__(
+        self, store: MemoryStore, config: MaintenanceConfig, lock: FileLock | None = None
+    ) -> None:
         self._store = store
         self._config = config
+        self._lock = lock
         self._task: asyncio.Task[None] | None = None
         self.runs = 0
         self.failures = 0
@@ -38,6 +46,8 @@ class Maintenance:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+        if self._lock is not None:
+            self._lock.release()
 
     async def run_once(self) -> bool:
         """One optimize; `False` (logged) when it failed."""
@@ -57,7 +67,11 @@ class Maintenance:
                     self._store.wait_for_writes(max(1, self._config.optimize_after_writes)),
                     timeout=self._config.interval_seconds,
                 )
-            if self._store.writes_since_optimize == 0:
+            if self._lock is not None and not await self._lock.acquire(blocking=False):
+                # Another process maintains the store, our writes included.
+                self._store.forget_writes()
+                continue
+            if not await self._store.needs_optimize():
                 continue
             if not await self.run_once():
                 # Back off a full interval instead of spinning on pending writes.

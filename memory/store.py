@@ -353,6 +353,8 @@ class MemoryStore:
         self._loading: dict[Key, asyncio.Future[ScopeIndex]] = {}
         # The table version the cache reflects; None until first checked.
         self._version: int | None = None
+        # The table version right after our last optimize (None: not yet known).
+        self._optimized_version: int | None = None
         # While our own write is in flight the version moves under us: searches
         # trust the cache, and the writer checks that only its commit happened.
         self._own_writes = 0
@@ -453,6 +455,17 @@ class MemoryStore:
     @property
     def writes_since_optimize(self) -> int:
         return self._writes
+
+    def forget_writes(self) -> None:
+        """Another process optimizes: our writes are counted there, by version."""
+        self._writes = 0
+
+    async def needs_optimize(self) -> bool:
+        """Writes since the last optimize, ours or (by table version) another process's."""
+        version = await self._memories.version()
+        if self._optimized_version is None:
+            self._optimized_version = version
+        return self._writes > 0 or version != self._optimized_version
 
     async def wait_for_writes(self, n: int) -> None:
         """Return once at least `n` writes happened since the last optimize."""
@@ -1145,3 +1158,4 @@ class MemoryStore:
                     self._version = await self._memories.version()
                 self._own_writes -= 1
             self._writes = 0
+            self._optimized_version = await self._memories.version()

@@ -5,8 +5,10 @@ from __future__ import annotations
 import asyncio
 
 from memory.config import MaintenanceConfig
+from memory.locks import FileLock
 from memory.maintenance import Maintenance
 from memory.models import Scope
+from memory.store import MemoryStore
 
 ALICE = Scope(user_id="alice")
 
@@ -62,3 +64,43 @@ async def test_stop_is_idempotent(store):
     maintenance.start()
     await maintenance.stop()
     await maintenance.stop()
+
+
+async def test_one_process_maintains_a_shared_directory_and_another_takes_over(
+    tmp_path, embedder, memory_config
+):
+    """Two stores on one directory stand for two gateway processes: only the
+    holder of the maintenance lock optimizes, and it folds in the other's writes."""
+    config = MaintenanceConfig(interval_seconds=0.05, optimize_after_writes=1)
+    first = await MemoryStore.open(tmp_path / "memory", embedder, memory_config)
+    second = await MemoryStore.open(tmp_path / "memory", embedder, memory_config)
+    leader = Maintenance(first, config, FileLock(tmp_path / "maintenance.lock"))
+    follower = Maintenance(second, config, FileLock(tmp_path / "maintenance.lock"))
+    leader.start()
+    await wait_until(lambda: leader._lock is not None and leader._lock.held)
+    follower.start()
+    try:
+        await second.add(ALICE, "written by the second process")
+        await wait_until(lambda: leader.runs >= 1)
+        assert follower.runs == 0
+        # The follower forgets its own count: the leader saw the write by version.
+        await wait_until(lambda: second.writes_since_optimize == 0)
+
+        await leader.stop()  # the leading process exits: its lock is free
+        await second.add(ALICE, "another fact")
+        await wait_until(lambda: follower.runs >= 1)
+        assert await second.count(ALICE) == 2
+    finally:
+        await leader.stop()
+        await follower.stop()
+        await first.close()
+        await second.close()
+
+
+async def test_the_file_lock_is_exclusive_and_freed_on_release(tmp_path):
+    one, two = FileLock(tmp_path / "x.lock"), FileLock(tmp_path / "x.lock")
+    assert await one.acquire(blocking=False)
+    assert not await two.acquire(blocking=False)
+    one.release()
+    assert await two.acquire(blocking=False)
+    two.release()

@@ -1,0 +1,180 @@
+"""`server.workers`: several gateway processes on one port and one data directory.
+
+The spool and the store are shared on disk; these tests hold the promises that
+must survive the split: every completed exchange processed exactly once, one
+user's exchanges processed in the order they were made, a dead worker replaced,
+and a clean stop of the whole gateway.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import threading
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from tests.extraction import is_extraction, latest_exchange, wait_for
+from tests.reliability import TOKEN, GatewayProcess, memory_settings, new_token, token_extractor
+from tests.upstream import ScriptedUpstream
+
+USERS = ["ann", "ben", "cem", "dan"]
+PER_USER = 12
+
+
+def children(pid: int) -> list[int]:
+    """The supervisor's worker processes (not multiprocessing's resource tracker)."""
+    path = Path(f"/proc/{pid}/task/{pid}/children")
+    workers = []
+    for child in path.read_text().split():
+        try:
+            cmdline = Path(f"/proc/{child}/cmdline").read_bytes()
+        except FileNotFoundError:
+            continue
+        if b"spawn_main" in cmdline:
+            workers.append(int(child))
+    return workers
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def workers_config(upstream: ScriptedUpstream, tmp_path: Path, workers: int) -> dict[str, Any]:
+    return {
+        "upstreams": [{"name": "scripted", "base_url": upstream.url, "default": True}],
+        "data_dir": str(tmp_path / "data"),
+        "server": {"log_level": "warning", "workers": workers},
+        "memory": memory_settings(upstream.url),
+    }
+
+
+def chat(url: str, user: str, token: str, stream: bool) -> None:
+    # A new connection per request, so the kernel spreads them over the workers.
+    with httpx.Client(base_url=url, timeout=30) as http:
+        response = http.post(
+            "/v1/chat/completions",
+            json={
+                "model": "test-model",
+                "stream": stream,
+                "messages": [{"role": "user", "content": f"note {token} please"}],
+            },
+            headers={"X-User-Id": user},
+        )
+    assert response.status_code == 200, response.text
+    if stream:
+        assert response.text.rstrip().endswith("data: [DONE]")
+
+
+@pytest.fixture
+def two_workers(upstream: ScriptedUpstream, tmp_path: Path):
+    upstream.script(token_extractor)
+    gateway = GatewayProcess(workers_config(upstream, tmp_path, 2), tmp_path)
+    pids: list[int] = []
+    try:
+        gateway.start()
+        assert gateway.process is not None
+        wait_for(lambda: len(children(gateway.process.pid)) == 2, timeout=30)
+        pids = children(gateway.process.pid)
+        # /ready answered by one worker; both answer once both are up.
+        for _ in range(20):
+            assert httpx.get(gateway.url + "/ready", timeout=30).status_code == 200
+        yield gateway
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            if gateway.process is not None:
+                pids += children(gateway.process.pid)
+        gateway.kill()
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+
+
+@pytest.mark.timeout(240)
+def test_two_workers_process_every_exchange_once_and_each_user_in_order(two_workers, upstream):
+    gateway = two_workers
+    assert gateway.process is not None
+    pids = children(gateway.process.pid)
+    before = {pid: cpu_seconds(pid) for pid in pids}
+    sent: dict[str, list[str]] = {user: [] for user in USERS}
+
+    def one_user(user: str) -> None:
+        # One user's exchanges one after the other, as a chat app makes them.
+        for i in range(PER_USER):
+            token = new_token()
+            chat(gateway.url, user, token, stream=i % 2 == 1)
+            sent[user].append(token)
+
+    threads = [threading.Thread(target=one_user, args=(u,)) for u in USERS]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=180)
+    assert all(len(tokens) == PER_USER for tokens in sent.values())
+
+    with httpx.Client(base_url=gateway.url, timeout=30) as http:
+
+        def drained() -> bool:
+            spool = http.get("/v1/memories/stats").json()["spool"]
+            return spool["pending"] == 0 and spool["running"] == 0
+
+        wait_for(drained, timeout=120, interval=0.2)
+        memories = {
+            user: http.get("/v1/memories", params={"user_id": user, "limit": 1000}).json()["data"]
+            for user in USERS
+        }
+        failed = http.get("/v1/memories/jobs", params={"state": "failed"}).json()["data"]
+
+    used = {pid: cpu_seconds(pid) - before[pid] for pid in pids}
+    # The order the extraction model saw each user's exchanges in (first sight:
+    # a job replayed after a lost lease may ask again).
+    extraction_order: dict[str, list[str]] = {user: [] for user in USERS}
+    owner = {token: user for user, tokens in sent.items() for token in tokens}
+    for request in upstream.requests:
+        if is_extraction(request):
+            for token in TOKEN.findall(latest_exchange(request)):
+                seen = extraction_order[owner[token]]
+                if token not in seen:
+                    seen.append(token)
+    assert failed == []
+    for user in USERS:
+        facts = Counter(t for m in memories[user] for t in TOKEN.findall(m["text"]))
+        assert sorted(facts) == sorted(sent[user]), f"{user}: lost or foreign exchanges"
+        assert set(facts.values()) == {1}, f"{user}: an exchange was processed twice"
+        assert extraction_order[user] == sent[user], f"{user}: processed out of order"
+    # Both processes did part of the work (requests and spool jobs).
+    total = sum(used.values())
+    assert all(share > 0.1 * total for share in used.values()), used
+
+
+@pytest.mark.timeout(180)
+def test_a_dead_worker_is_replaced_and_sigterm_stops_every_worker(two_workers):
+    gateway = two_workers
+    assert gateway.process is not None
+    victim, survivor = children(gateway.process.pid)
+    os.kill(victim, signal.SIGKILL)
+    # The survivor answers meanwhile.
+    chat(gateway.url, "ann", new_token(), stream=False)
+    wait_for(
+        lambda: len(now := children(gateway.process.pid)) == 2 and victim not in now,
+        timeout=60,
+    )
+    pids = children(gateway.process.pid)
+    assert survivor in pids
+    for _ in range(10):
+        assert httpx.get(gateway.url + "/ready", timeout=30).status_code == 200
+    chat(gateway.url, "ben", new_token(), stream=True)
+
+    assert gateway.terminate() == 0, gateway.log()
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and any(Path(f"/proc/{p}").exists() for p in pids):
+        time.sleep(0.1)
+    assert not any(Path(f"/proc/{p}").exists() for p in pids)
+    assert "Traceback" not in gateway.log()
