@@ -99,7 +99,7 @@ def _uvicorn_config(config: Config) -> dict[str, Any]:
     }
 
 
-def run_worker(config: Config, sock: socket.socket, index: int) -> None:
+def run_worker(config: Config, sock: socket.socket, index: int, supervisor: int) -> None:
     """One of `server.workers` processes, accepting on the supervisor's socket."""
     import uvicorn
 
@@ -107,24 +107,23 @@ def run_worker(config: Config, sock: socket.socket, index: int) -> None:
 
     _setup_logging(config)
     server = uvicorn.Server(uvicorn.Config(create_app(config), **_uvicorn_config(config)))
-    threading.Thread(target=_exit_with_parent, args=(server,), daemon=True).start()
+    threading.Thread(target=_exit_with_parent, args=(server, supervisor), daemon=True).start()
     server.run(sockets=[sock])
     if not server.started:
         # The lifespan failed (store, embedder...): tell the supervisor.
         sys.exit(3)
 
 
-def _exit_with_parent(server: Any) -> None:
+def _exit_with_parent(server: Any, parent: int) -> None:
     """A worker whose supervisor died (SIGKILL, OOM) shuts down instead of
     serving on, orphaned and never restarted or stopped."""
-    parent = os.getppid()
     while not server.should_exit:
-        time.sleep(1.0)
         if os.getppid() != parent:
             logging.getLogger("gateway.supervisor").warning(
                 "the supervisor (pid %s) is gone; this worker shuts down", parent
             )
             server.should_exit = True
+        time.sleep(1.0)
 
 
 def serve(config: Config) -> int:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import multiprocessing
+import os
 import signal
 import socket
 import threading
@@ -46,7 +47,7 @@ class Supervisor:
     def __init__(
         self,
         config: Config,
-        target: Callable[[Config, socket.socket, int], None],
+        target: Callable[[Config, socket.socket, int, int], None],
     ) -> None:
         self.config = config
         self.target = target
@@ -61,7 +62,7 @@ class Supervisor:
         # half-alive. The config travels pickled through a pipe, never on disk.
         proc = self._ctx.Process(
             target=self.target,
-            args=(self.config, sock, index),
+            args=(self.config, sock, index, os.getpid()),
             name=f"memory-gateway-worker-{index}",
         )
         proc.start()

@@ -153,6 +153,10 @@ def test_two_workers_process_every_exchange_once_and_each_user_in_order(two_work
     total = sum(used.values())
     assert all(share > 0.1 * total for share in used.values()), used
 
+    # A supervisor killed outright leaves no orphan serving on.
+    gateway.kill()
+    wait_for(lambda: not any(Path(f"/proc/{p}").exists() for p in pids), timeout=30)
+
 
 @pytest.mark.timeout(180)
 def test_a_dead_worker_is_replaced_and_sigterm_stops_every_worker(two_workers):
