@@ -37,6 +37,26 @@ def open_fds(proc: Proc) -> int:
     return len(os.listdir(f"/proc/{proc.popen.pid}/fd"))
 
 
+def fd_kinds(proc: Proc, data: Path) -> dict[str, int]:
+    """Open descriptors by kind: a leak shows which kind grows, not just that one does."""
+    kinds: dict[str, int] = {}
+    base = f"/proc/{proc.popen.pid}/fd"
+    for fd in os.listdir(base):
+        try:
+            target = os.readlink(f"{base}/{fd}")
+        except OSError:
+            continue
+        if target.startswith(str(data)):
+            parts = Path(target).relative_to(data).parts
+            kind = "/".join(parts[:3]) if len(parts) > 3 else "/".join(parts)
+        elif target.startswith("/"):
+            kind = "file:" + Path(target).suffix
+        else:
+            kind = target.split(":")[0]
+        kinds[kind] = kinds.get(kind, 0) + 1
+    return dict(sorted(kinds.items()))
+
+
 def dir_bytes(path: Path) -> int:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
 
@@ -47,6 +67,7 @@ def snapshot(proc: Proc, data: Path) -> dict[str, Any]:
         "rss_mib": round(rss, 1),
         "peak_rss_mib": round(peak, 1),
         "open_fds": open_fds(proc),
+        "fd_kinds": fd_kinds(proc, data),
         "lancedb_mib": round(dir_bytes(data / "lancedb") / 2**20, 2),
     }
 

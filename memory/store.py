@@ -325,6 +325,17 @@ class _Plan:
                     entry(i, target["id"], "DELETE", target["text"], None, target["agent_id"])
 
 
+async def _connect(path: Path, config: MemoryConfig) -> Any:
+    session = lancedb.Session(
+        index_cache_size_bytes=config.maintenance.index_cache_bytes,
+        metadata_cache_size_bytes=config.maintenance.metadata_cache_bytes,
+    )
+    consistency = timedelta(seconds=config.maintenance.read_consistency_seconds)
+    return await lancedb.connect_async(
+        str(path), session=session, read_consistency_interval=consistency
+    )
+
+
 class MemoryStore:
     """The engine's storage. Open with `MemoryStore.open`; the caller owns the
     embedder and closes it after the store."""
@@ -336,7 +347,10 @@ class MemoryStore:
         history: Any,
         embedder: Embedder,
         config: MemoryConfig,
+        *,
+        path: Path,
     ) -> None:
+        self._path = path
         self._db = db
         self._memories = memories
         self._history = history
@@ -375,14 +389,7 @@ class MemoryStore:
         if not embedder.dimensions:
             raise EmbedderError(f"embedder {embedder.name!r} does not know its dimension")
         await asyncio.to_thread(Path(path).mkdir, parents=True, exist_ok=True)
-        session = lancedb.Session(
-            index_cache_size_bytes=config.maintenance.index_cache_bytes,
-            metadata_cache_size_bytes=config.maintenance.metadata_cache_bytes,
-        )
-        consistency = timedelta(seconds=config.maintenance.read_consistency_seconds)
-        db = await lancedb.connect_async(
-            str(path), session=session, read_consistency_interval=consistency
-        )
+        db = await _connect(path, config)
         names = set((await db.list_tables()).tables)
         if MEMORIES in names:
             memories = await db.open_table(MEMORIES)
@@ -396,7 +403,7 @@ class MemoryStore:
             schema = memories_schema(embedder.name, embedder.dimensions)
             memories = await db.create_table(MEMORIES, schema=schema, exist_ok=True)
         history = await db.create_table(HISTORY, schema=history_schema(), exist_ok=True)
-        store = cls(db, memories, history, embedder, config)
+        store = cls(db, memories, history, embedder, config, path=Path(path))
         await store._ensure_indices()
         return store
 
@@ -415,6 +422,16 @@ class MemoryStore:
         for column in ("memory_id", "user_id"):
             if (column,) not in have_h:
                 await self._history.create_index(column, config=BTree())
+
+    async def _reconnect(self) -> None:
+        """Fresh handles after an optimize. LanceDB's session cache keeps every
+        superseded index file open, deleted or not (about 2 descriptors per
+        optimize, forever); a new session lets them go. Old handles are
+        dropped, not closed: a read still running on them finishes."""
+        db = await _connect(self._path, self._config)
+        memories = await db.open_table(MEMORIES)
+        history = await db.open_table(HISTORY)
+        self._db, self._memories, self._history = db, memories, history
 
     async def close(self) -> None:
         if self._closed:
@@ -1151,6 +1168,7 @@ class MemoryStore:
                 await self._retry(lambda: self._memories.optimize(cleanup_older_than=keep))
                 await self._retry(lambda: self._history.optimize(cleanup_older_than=keep))
                 await self._ensure_indices()
+                await self._reconnect()
             finally:
                 if self._cache is not None:
                     if not fresh:
