@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from gateway.config import Config, ConfigError, load_config
+from memory.heap import limit_arenas
 
 DEFAULT_CONFIG = Path("gateway.yaml")
 
@@ -101,6 +102,7 @@ def _uvicorn_config(config: Config) -> dict[str, Any]:
 
 def run_worker(config: Config, sock: socket.socket, index: int, supervisor: int) -> None:
     """One of `server.workers` processes, accepting on the supervisor's socket."""
+    limit_arenas()
     import uvicorn
 
     from gateway.app import create_app
@@ -148,6 +150,7 @@ def serve(config: Config) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    limit_arenas()
     args = _parser().parse_args(argv)
     try:
         config = config_from_args(args)

@@ -9,6 +9,7 @@ import contextlib
 import logging
 
 from memory.config import MaintenanceConfig
+from memory.heap import release_free_memory
 from memory.locks import FileLock
 from memory.store import MemoryStore
 
@@ -57,6 +58,8 @@ class Maintenance:
             self.failures += 1
             log.exception("memory store maintenance failed")
             return False
+        # Compaction's buffers are freed by now; give the pages back.
+        await asyncio.to_thread(release_free_memory)
         self.runs += 1
         return True
 

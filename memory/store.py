@@ -38,6 +38,7 @@ from memory.config import MemoryConfig
 from memory.embedding import Embedder, EmbedderError
 from memory.filters import build_filter, scope_filter
 from memory.fusion import boosted_similarity, reciprocal_rank_fusion
+from memory.heap import release_free_memory
 from memory.models import Actor, HistoryEntry, Hit, Memory, Operation, Scope
 from memory.schema import (
     HISTORY,
@@ -47,7 +48,13 @@ from memory.schema import (
     history_schema,
     memories_schema,
 )
-from memory.vectors import Candidates, Key, ScopeCache, ScopeIndex, materialize
+from memory.vectors import (
+    Candidates,
+    Key,
+    ScopeCache,
+    ScopeIndex,
+    materialize,
+)
 
 __all__ = ["EmbedderMismatch", "MemoryStore", "normalized_hash"]
 
@@ -90,6 +97,8 @@ _APPLY_GROUP = 64
 _OR_CHUNK = 64
 # Cached scopes smaller than this are scored on the event loop (a thread hop costs more).
 _INLINE_ROWS = 2048
+# Scopes this large leave enough freed heap behind to be worth a malloc_trim.
+_TRIM_AFTER_ROWS = 1000
 _WRITE_ATTEMPTS = 6
 _SPACE = re.compile(r"\s+")
 _TRAILING = ".!?;,\u3002\uff01\uff1f\uff1b\uff0c"  # ASCII and full-width
@@ -121,7 +130,10 @@ def _is_conflict(exc: Exception) -> bool:
 
 def _build_index(table: pa.Table, dimensions: int) -> ScopeIndex:
     """A `ScopeIndex` of an Arrow table of memory rows with vectors (CPU-bound)."""
-    return ScopeIndex.from_arrow(table, dimensions)
+    index = ScopeIndex.from_arrow(table, dimensions)
+    if len(index) >= _TRIM_AFTER_ROWS:
+        release_free_memory()
+    return index
 
 
 def _to_memory(row: Mapping[str, Any]) -> Memory:
