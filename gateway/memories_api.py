@@ -177,7 +177,14 @@ async def provide_engine(request: Request[Any, Any, Any]) -> MemoryEngine:
     hooks = request.app.state.hooks
     if not isinstance(hooks, MemoryHooks):
         raise GatewayError(404, "memory is disabled in this gateway", code="memory_disabled")
-    return hooks.engine
+    if hooks.opened is None:
+        raise GatewayError(
+            503,
+            "memory is not available yet: its store or embedder could not be opened "
+            "(the gateway keeps trying; see its log)",
+            code="memory_unavailable",
+        )
+    return hooks.opened
 
 
 async def provide_principal(request: Request[Any, Any, Any]) -> Principal:

@@ -9,6 +9,7 @@ the reply go to the engine's durable spool.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from datetime import UTC, datetime
 from typing import Any, Literal, cast
@@ -18,6 +19,7 @@ from gateway.errors import GatewayError
 from gateway.hooks import ChatContext, CompletedExchange
 from memory import injection
 from memory import messages as chat_messages
+from memory.embedding import EmbedderError
 from memory.engine import MemoryEngine
 from memory.models import Exchange, Hit, Scope
 
@@ -29,6 +31,9 @@ MODE_HEADER = "x-memory-mode"
 # Response headers have practical size limits; ids beyond this are left out.
 MAX_IDS_HEADER = 1024
 WARMUP_USER = "memory-gateway-warmup"
+# Opening the engine again after a failed start: first wait, and the longest.
+OPEN_RETRY_FIRST = 1.0
+OPEN_RETRY_MAX = 60.0
 KEYLESS = "no-key"
 
 
@@ -39,6 +44,8 @@ class MemoryHooks:
         self.config = config
         self.memory = config.memory
         self._engine: MemoryEngine | None = None
+        # Retries opening the engine when it could not be opened at start-up.
+        self._opener: asyncio.Task[None] | None = None
 
     @property
     def engine(self) -> MemoryEngine:
@@ -46,18 +53,67 @@ class MemoryHooks:
             raise RuntimeError("the memory engine is not started")
         return self._engine
 
+    @property
+    def opened(self) -> MemoryEngine | None:
+        """The engine, or None while it could not be opened."""
+        return self._engine
+
     async def startup(self) -> None:
-        self._engine = await MemoryEngine.open(
+        """Open the engine; if the embedder cannot be reached yet, serve chat
+        without memory and keep trying in the background (no crash loop)."""
+        try:
+            await self._open()
+        except (EmbedderError, OSError) as exc:
+            logger.error(
+                "memory is unavailable, serving without it and retrying: %s: %s",
+                type(exc).__name__,
+                str(exc)[:300],
+            )
+            self._opener = asyncio.create_task(self._open_until_done(), name="memory-open")
+
+    async def _open(self) -> None:
+        engine = await MemoryEngine.open(
             self.memory,
             self.config.data_path,
             default_base_url=self.config.default_upstream.base_url,
         )
-        await self._engine.start()
-        # The first query pays for lazy loading (model, table, indices); pay it
-        # here rather than against the first user's retrieval deadline.
-        await self._engine.search(Scope(user_id=WARMUP_USER), "warm-up query")
+        try:
+            await engine.start()
+            # The first query pays for lazy loading (model, table, indices); pay it
+            # here rather than against the first user's retrieval deadline.
+            await engine.search(Scope(user_id=WARMUP_USER), "warm-up query")
+        except BaseException:
+            await engine.close()
+            raise
+        self._engine = engine
+
+    async def _open_until_done(self) -> None:
+        delay = OPEN_RETRY_FIRST
+        while True:
+            await asyncio.sleep(delay)
+            try:
+                await self._open()
+            except (EmbedderError, OSError) as exc:
+                delay = min(delay * 2, OPEN_RETRY_MAX)
+                logger.warning(
+                    "memory still unavailable (next try in %.0f s): %s: %s",
+                    delay,
+                    type(exc).__name__,
+                    str(exc)[:300],
+                )
+            except Exception:
+                logger.exception("memory cannot be opened; serving without it")
+                return
+            else:
+                logger.info("memory is available again")
+                return
 
     async def shutdown(self) -> None:
+        opener, self._opener = self._opener, None
+        if opener is not None:
+            opener.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await opener
         if self._engine is not None:
             await self._engine.close()
             self._engine = None
@@ -88,8 +144,12 @@ class MemoryHooks:
         if user_id is None:
             headers["X-Memory-Status"] = "no-user"
             return False
-        if not self.memory.enabled or mode == "off" or self._engine is None:
+        if not self.memory.enabled or mode == "off":
             headers["X-Memory-Status"] = "off"
+            return False
+        if self._engine is None:
+            # Not open yet (see `startup`): the answer goes out without memory.
+            headers["X-Memory-Status"] = "unavailable"
             return False
         scope = self._scope(ctx)
         ctx.state["memory_scope"] = scope

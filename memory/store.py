@@ -723,7 +723,9 @@ class MemoryStore:
         if self._cache is not None:
             embedded, entry = await asyncio.gather(self._embed([text]), self._scope_index(scope))
             found = await asyncio.to_thread(entry.nearest, embedded[0], k)
-            return [_to_memory(row) for row, _ in found]
+            rows = [row for row, _ in found]
+            materialize(rows)
+            return [_to_memory(row) for row in rows]
         vector = (await self._embed([text]))[0]
         rows = (
             await self._memories.query()

@@ -225,3 +225,52 @@ def test_extraction_llm_outage_jobs_wait_and_drain_when_it_returns(
         )
     )
     assert texts <= {f"Remembers {t}" for t in tokens}
+
+
+def test_an_embedder_down_at_start_up_serves_chat_without_memory_until_it_returns(
+    start_gateway: Callable[..., GatewayServer], upstream: ScriptedUpstream, tmp_path: Path
+) -> None:
+    """No crash loop: the gateway starts, answers without memory, and opens the
+    memory engine by itself once the embeddings endpoint answers."""
+    down = threading.Event()
+    down.set()
+
+    def embeddings_outage(request: Recorded) -> JSONReply | None:
+        if request.path.endswith("/embeddings") and down.is_set():
+            return JSONReply({"error": {"message": "loading", "type": "server_error"}}, 503)
+        return None
+
+    upstream.script(embeddings_outage)
+    upstream.script(token_extractor)
+    config = gateway_config_for(
+        upstream.url, tmp_path / "data", memory=memory_settings(upstream.url)
+    )
+    gateway = start_gateway(config)
+    with httpx.Client(base_url=gateway.url, timeout=30) as http:
+        response = _chat(http, new_token(), stream=False)
+        assert response.status_code == 200
+        assert response.headers["x-memory-status"] == "unavailable"
+        streamed = _chat(http, new_token(), stream=True)
+        assert streamed.status_code == 200 and "[DONE]" in streamed.text
+        assert http.get("/health").status_code == 200
+        assert http.get("/ready").status_code == 503
+        listing = http.get("/v1/memories", params={"user_id": "fault-user"})
+        assert listing.status_code == 503
+        assert listing.json()["error"]["code"] == "memory_unavailable"
+
+        down.clear()
+        wait_for(lambda: http.get("/ready").status_code == 200, timeout=60)
+        token = new_token()
+        response = _chat(http, token, stream=False)
+        assert response.headers["x-memory-status"] == "ok"
+        wait_for(
+            lambda: (
+                [
+                    m["text"]
+                    for m in http.get("/v1/memories", params={"user_id": "fault-user"}).json()[
+                        "data"
+                    ]
+                ]
+                == [f"Remembers {token}"]
+            )
+        )
