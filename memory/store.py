@@ -34,6 +34,7 @@ import pyarrow.compute as pc
 from lancedb.index import FTS, BTree, IvfPq
 from lancedb.query import ColumnOrdering
 
+from memory.changelog import ChangeLog
 from memory.config import MemoryConfig
 from memory.embedding import Embedder, EmbedderError
 from memory.filters import build_filter, scope_filter
@@ -100,6 +101,8 @@ _INLINE_ROWS = 2048
 # Scopes this large leave enough freed heap behind to be worth a malloc_trim.
 _TRIM_AFTER_ROWS = 1000
 _WRITE_ATTEMPTS = 6
+# Beside the tables: which users each table version changed (memory/changelog.py).
+CHANGES_FILE = "_changes.sqlite3"
 _SPACE = re.compile(r"\s+")
 _TRAILING = ".!?;,\u3002\uff01\uff1f\uff1b\uff0c"  # ASCII and full-width
 
@@ -126,6 +129,10 @@ def _utc(at: datetime) -> datetime:
 def _is_conflict(exc: Exception) -> bool:
     text = str(exc).lower()
     return "conflict" in text or "retryable" in text
+
+
+def _users(rows: Iterable[Mapping[str, Any]]) -> set[str]:
+    return {row["user_id"] for row in rows}
 
 
 def _build_index(table: pa.Table, dimensions: int) -> ScopeIndex:
@@ -361,8 +368,10 @@ class MemoryStore:
         config: MemoryConfig,
         *,
         path: Path,
+        changes: ChangeLog,
     ) -> None:
         self._path = path
+        self._changes = changes
         self._db = db
         self._memories = memories
         self._history = history
@@ -415,7 +424,8 @@ class MemoryStore:
             schema = memories_schema(embedder.name, embedder.dimensions)
             memories = await db.create_table(MEMORIES, schema=schema, exist_ok=True)
         history = await db.create_table(HISTORY, schema=history_schema(), exist_ok=True)
-        store = cls(db, memories, history, embedder, config, path=Path(path))
+        changes = await asyncio.to_thread(ChangeLog, Path(path) / CHANGES_FILE)
+        store = cls(db, memories, history, embedder, config, path=Path(path), changes=changes)
         await store._ensure_indices()
         return store
 
@@ -453,6 +463,7 @@ class MemoryStore:
             self._memories.close()
             self._history.close()
             self._db.close()
+            await asyncio.to_thread(self._changes.close)
 
     async def ready(self) -> bool:
         if self._closed:
@@ -502,34 +513,64 @@ class MemoryStore:
             self._writes_changed.clear()
             await self._writes_changed.wait()
 
-    async def _commit(self, fn: Callable[[], Awaitable[Any]], mirror: Callable[[], None]) -> None:
-        """Run one memories-table write, then apply it to the cache with `mirror`.
+    async def _commit(
+        self, fn: Callable[[], Awaitable[Any]], mirror: Callable[[], None], users: set[str]
+    ) -> None:
+        """Run one memories-table write, log which users its version changed (for
+        the other processes' caches), then apply it to our cache with `mirror`.
 
-        The write must make at most one table version; any other jump means
-        another process wrote too, and the cache is dropped instead.
+        Versions that appeared meanwhile and are not ours were another
+        process's: the users they changed are dropped from the cache (all of
+        it when the change log cannot say).
         """
-        if self._cache is None:
-            await self._retry(fn)
-            return
         self._own_writes += 1
         try:
-            before = await self._memories.version()
+            known = self._version
             try:
-                await self._retry(fn)
-            finally:
-                after = await self._memories.version()
-                if self._version == before and after - before in (0, 1):
-                    mirror()
-                else:
+                result = await self._retry(fn)
+            except BaseException:
+                # Written or not, we cannot tell: the cache must not guess.
+                if self._cache is not None:
                     self._cache.clear()
-                self._version = after
+                self._version = None
+                raise
+            mine = getattr(result, "version", None)
+            if mine is not None:
+                await asyncio.to_thread(self._changes.record, mine, users)
+            if self._cache is None:
+                return
+            after = await self._memories.version()
+            mirror()
+            if known is None or mine is None:
+                self._cache.clear()
+            else:
+                await self._forget(set(range(known + 1, after + 1)) - {mine})
+            self._version = after
         finally:
             self._own_writes -= 1
+
+    async def _forget(self, versions: set[int]) -> None:
+        """Drop from the cache what other processes changed in `versions`."""
+        assert self._cache is not None
+        if not versions:
+            return
+        users = await asyncio.to_thread(self._changes.users_changed, versions)
+        if users is None:
+            log.info(
+                "memories table moved by %d unlogged version(s); search cache dropped",
+                len(versions),
+            )
+            self._cache.clear()
+            return
+        for user_id in users:
+            self._cache.drop_user(user_id)
 
     async def _insert(self, rows: list[dict[str, Any]]) -> None:
         if rows:
             data = pa.Table.from_pylist(rows, schema=self._schema)
-            await self._commit(lambda: self._memories.add(data), lambda: self._mirror(rows))
+            await self._commit(
+                lambda: self._memories.add(data), lambda: self._mirror(rows), _users(rows)
+            )
             self._wrote()
 
     async def _upsert(self, rows: list[dict[str, Any]]) -> None:
@@ -539,6 +580,7 @@ class MemoryStore:
             await self._commit(
                 lambda: self._memories.merge_insert("id").when_matched_update_all().execute(data),
                 lambda: self._mirror(rows),
+                _users(rows),
             )
             self._wrote()
 
@@ -565,7 +607,7 @@ class MemoryStore:
             else:
                 cache.remove(scope.user_id, ids)
 
-        await self._commit(lambda: self._memories.delete(where), mirror)
+        await self._commit(lambda: self._memories.delete(where), mirror, {scope.user_id})
         self._wrote()
 
     # ---------- reads ----------
@@ -775,19 +817,20 @@ class MemoryStore:
         return entry
 
     async def _check_version(self) -> None:
-        """Drop the cache when the table moved without us (another process wrote)."""
+        """Follow the table when it moved without us (another process wrote)."""
         assert self._cache is not None
         if self._own_writes:
             return
+        known = self._version
         version = await self._memories.version()
-        if self._own_writes:
+        if self._own_writes or version == known:
             return
-        if version != self._version:
-            if self._version is not None:
-                log.info(
-                    "memories table moved %s -> %s; search cache dropped", self._version, version
-                )
+        if known is None or version < known:
             self._cache.clear()
+        else:
+            await self._forget(set(range(known + 1, version + 1)))
+        # A write of ours that started meanwhile sets the version itself.
+        if self._version == known and not self._own_writes:
             self._version = version
 
     # ---------- extraction decisions ----------
@@ -1174,20 +1217,30 @@ class MemoryStore:
         keep = timedelta(seconds=self._config.maintenance.keep_versions_seconds)
         async with self._lock:
             # Compaction and index updates make versions without changing any
-            # row: the cache stays. (A foreign write landing during our own
-            # optimize is not noticed; see docs/benchmarks.md.)
+            # row: the cache stays. Writes of other processes are followed by
+            # the change log: those before the optimize as usual, those during
+            # it by the users they logged (a write logged only after the
+            # optimize returned is missed: see docs/gateway.md).
+            start = await self._memories.version()
             self._own_writes += 1
             try:
-                fresh = self._version == await self._memories.version()
+                if self._cache is not None:
+                    if self._version is None or start < self._version:
+                        self._cache.clear()
+                    else:
+                        await self._forget(set(range(self._version + 1, start + 1)))
                 await self._retry(lambda: self._memories.optimize(cleanup_older_than=keep))
                 await self._retry(lambda: self._history.optimize(cleanup_older_than=keep))
                 await self._ensure_indices()
                 await self._reconnect()
             finally:
+                end = await self._memories.version()
                 if self._cache is not None:
-                    if not fresh:
-                        self._cache.clear()
-                    self._version = await self._memories.version()
+                    during = await asyncio.to_thread(self._changes.users_logged, start + 1, end)
+                    for user_id in during:
+                        self._cache.drop_user(user_id)
+                    self._version = end
                 self._own_writes -= 1
+            await asyncio.to_thread(self._changes.prune, end)
             self._writes = 0
             self._optimized_version = await self._memories.version()

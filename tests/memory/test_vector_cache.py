@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 from datetime import UTC, datetime
 
+import lancedb
 import numpy as np
 import pytest
 from conftest import HashEmbedder
@@ -306,3 +307,44 @@ def test_an_index_from_arrow_returns_the_rows_as_dicts():
     assert found.by_vector[0][0] == {"id": "d", "text": "four"}
     assert {r["id"] for r, _ in found.by_vector} == {"a", "c", "d"}
     assert {r["id"] for r, _, _ in found.by_text} == {"c", "d"}
+
+
+async def test_another_process_writing_for_one_user_leaves_the_others_cached(tmp_path):
+    """The change log names the users a foreign version touched: only they reload."""
+    first = await MemoryStore.open(tmp_path / "m", HashEmbedder(), cached())
+    second = await MemoryStore.open(tmp_path / "m", HashEmbedder(), cached())
+    try:
+        await first.add(ALICE, "Plays the violin")
+        await first.add(BOB, "Plays the drums")
+        assert await texts(first, ALICE, "violin") and await texts(first, BOB, "drums")
+        assert first._cache is not None
+        bob_entry = first._cache.get(("bob", None))
+        assert bob_entry is not None
+
+        added = await second.add(ALICE, "Speaks Korean")
+        assert (await texts(first, ALICE, "Korean"))[0] == "Speaks Korean"
+        assert first._cache.get(("bob", None)) is bob_entry  # not reloaded
+
+        await second.delete(ALICE, added.id)
+        assert "Speaks Korean" not in await texts(first, ALICE, "Korean")
+        assert first._cache.get(("bob", None)) is bob_entry
+    finally:
+        await second.close()
+        await first.close()
+
+
+async def test_a_version_nobody_logged_drops_the_whole_cache(tmp_path):
+    """A writer that died between its commit and its log entry (or any write
+    outside the store) leaves a gap: every cached user reloads."""
+    store = await MemoryStore.open(tmp_path / "m", HashEmbedder(), cached())
+    try:
+        await store.add(ALICE, "Plays the violin")
+        await store.add(BOB, "Plays the drums")
+        assert await texts(store, BOB, "drums")
+        victim = (await store.list(BOB))[0]
+        db = await lancedb.connect_async(str(tmp_path / "m"))
+        raw = await db.open_table("memories")
+        await raw.delete(f"id = '{victim.id}'")  # behind the store's back: unlogged
+        assert await texts(store, BOB, "drums") == []
+    finally:
+        await store.close()

@@ -1,0 +1,95 @@
+"""Which users each memories-table version changed, shared by the processes
+that write one store (`server.workers`).
+
+Each process keeps a search cache of users' memories. When the table moves
+under it, the other process's write may have touched any user; without this
+log the only safe answer is to drop the whole cache (a 10k-memory user costs
+~0.3-0.7 s to reload). Writers record `(version, user)` right after their
+commit; a reader that sees versions V0 -> V1 drops only the users recorded for
+every version in between, and the whole cache if any version is unexplained
+(a writer that died before recording, compaction by maintenance, a pruned
+log). A missing record therefore costs speed, never correctness.
+
+SQLite in WAL mode, `synchronous=NORMAL`: a record lost to a power cut is a
+gap, and gaps are safe. Calls are blocking; the store runs them in a thread.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+from collections.abc import Iterable
+from pathlib import Path
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS changes (
+    version INTEGER NOT NULL,
+    user_id TEXT NOT NULL,
+    PRIMARY KEY (version, user_id)
+) WITHOUT ROWID;
+"""
+# Versions kept: a reader further behind than this reloads its whole cache.
+KEEP_VERSIONS = 100_000
+
+
+class ChangeLog:
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        self._lock = threading.Lock()
+        self._db = sqlite3.connect(
+            self.path, isolation_level=None, check_same_thread=False, timeout=30.0
+        )
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=NORMAL")
+        self._db.execute("PRAGMA busy_timeout=30000")
+        self._db.executescript(_SCHEMA)
+
+    def record(self, version: int, users: Iterable[str]) -> None:
+        """The users whose memories `version` changed."""
+        rows = [(version, user) for user in set(users)]
+        if not rows:
+            return
+        with self._lock:
+            # One transaction: a reader sees all of a version's users or none.
+            self._db.execute("BEGIN")
+            try:
+                self._db.executemany(
+                    "INSERT OR IGNORE INTO changes (version, user_id) VALUES (?, ?)", rows
+                )
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
+
+    def users_changed(self, versions: Iterable[int]) -> set[str] | None:
+        """Users changed by `versions`, or None when any of them is not recorded."""
+        wanted = sorted(set(versions))
+        if not wanted:
+            return set()
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT version, user_id FROM changes WHERE version BETWEEN ? AND ?",
+                (wanted[0], wanted[-1]),
+            ).fetchall()
+        seen = {version for version, _ in rows}
+        if not seen.issuperset(wanted):
+            return None
+        wanted_set = set(wanted)
+        return {user for version, user in rows if version in wanted_set}
+
+    def users_logged(self, first: int, last: int) -> set[str]:
+        """Users logged for versions first..last, whether or not every version is."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT DISTINCT user_id FROM changes WHERE version BETWEEN ? AND ?",
+                (first, last),
+            ).fetchall()
+        return {user for (user,) in rows}
+
+    def prune(self, current: int) -> None:
+        with self._lock:
+            self._db.execute("DELETE FROM changes WHERE version < ?", (current - KEEP_VERSIONS,))
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
