@@ -8,7 +8,7 @@ import httpx
 import msgspec
 
 from tests.recording import RecordingHooks
-from tests.upstream import DONE, SSEReply, chunk
+from tests.upstream import DONE, JSONReply, SSEReply, chunk
 
 MESSAGES = [
     {"role": "system", "content": "Be brief."},
@@ -227,3 +227,39 @@ def test_before_forward_rewrite_reaches_the_upstream(start_gateway, gateway_conf
     # The exchange handed on afterwards holds what the client sent, not the rewrite.
     (exchange,) = hooks.wait_completed()
     assert exchange.request_body["messages"] == MESSAGES
+
+
+def test_cookies_an_upstream_sets_reach_that_client_and_never_another_request(http, upstream):
+    """The upstream client is shared by every user: a cookie jar in it would
+    carry one user's cookies (a load balancer's session, say) to everyone."""
+    upstream.push(
+        JSONReply(
+            {"choices": []},
+            headers={"set-cookie": "session=user-a-secret; Path=/; HttpOnly"},
+        )
+    )
+    first = http.post(
+        "/v1/chat/completions",
+        json={"model": "test-model", "messages": MESSAGES},
+        headers={"X-User-Id": "user-a"},
+    )
+    assert "session=user-a-secret" in first.headers["set-cookie"]
+    http.cookies.clear()
+    http.post(
+        "/v1/chat/completions",
+        json={"model": "test-model", "messages": MESSAGES},
+        headers={"X-User-Id": "user-b"},
+    )
+    assert "cookie" not in upstream.last().headers
+
+
+def test_a_clients_own_cookie_header_reaches_the_upstream_as_sent(http, upstream):
+    upstream.push(JSONReply({"choices": []}, headers={"set-cookie": "lb=node-7; Path=/"}))
+    http.post("/v1/chat/completions", json={"model": "test-model", "messages": MESSAGES})
+    http.cookies.clear()
+    http.post(
+        "/v1/chat/completions",
+        json={"model": "test-model", "messages": MESSAGES},
+        headers={"cookie": "mine=1"},
+    )
+    assert upstream.last().headers["cookie"] == "mine=1"
