@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 from collections.abc import AsyncIterator
-from http.cookiejar import CookieJar
 from typing import Any
 
 import anyio
@@ -29,6 +28,7 @@ from gateway.identity import IdentityResolver
 from gateway.routing import Router, Upstream
 from gateway.sse import SSEParser, parse_completion, sse_error_event
 from gateway.tasks import BackgroundTasks
+from memory.cookies import NoCookies
 
 logger = logging.getLogger("gateway")
 
@@ -67,19 +67,6 @@ def _bad_request(
     return GatewayError(400, message, param=param, code=code, retryable=False)
 
 
-class _NoCookies(CookieJar):
-    """A cookie jar that keeps nothing. httpx stores every `Set-Cookie` an
-    upstream sends and replays it on later requests; in a client shared by
-    all users that would carry one user's cookies to the next. The clients'
-    own `Cookie` and `Set-Cookie` headers pass through untouched."""
-
-    def set_cookie(self, cookie: Any) -> None:
-        return None
-
-    def extract_cookies(self, response: Any, request: Any) -> None:
-        return None
-
-
 class Proxy:
     def __init__(self, config: Config, hooks: ChatHooks, tasks: BackgroundTasks) -> None:
         self.config = config
@@ -114,7 +101,7 @@ class Proxy:
             ),
             follow_redirects=False,
             # Shared by every user: it must never keep an upstream's cookies.
-            cookies=_NoCookies(),
+            cookies=NoCookies(),
         )
 
     async def close(self) -> None:

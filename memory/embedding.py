@@ -19,6 +19,7 @@ import msgspec
 import numpy as np
 
 from memory.config import EmbedderConfig
+from memory.cookies import NoCookies
 
 log = logging.getLogger(__name__)
 
@@ -215,6 +216,7 @@ class OpenAIEmbedder:
             headers=headers,
             timeout=timeout,
             transport=transport,
+            cookies=NoCookies(),
         )
         self._cache = _QueryCache(cache_size)
 

@@ -17,6 +17,7 @@ import httpx
 import openai
 
 from memory.config import MemoryConfig
+from memory.cookies import NoCookies
 from memory.models import Exchange, Memory, Operation
 from memory.prompts import OPERATIONS_SCHEMA, SCHEMA_NAME, build_messages
 
@@ -201,7 +202,9 @@ class Extractor:
                 max_retries=0,
                 timeout=self._config.llm.timeout,
                 # The SDK accepts a legacy httpx client as well as its httpx2 one.
-                http_client=self._http_client,  # type: ignore[arg-type]
+                # Ours keeps no cookies: one client serves every user's key.
+                http_client=self._http_client  # type: ignore[arg-type]
+                or openai.DefaultAsyncHttpxClient(cookies=NoCookies()),
             )
         if key == self._client.api_key:
             return self._client
