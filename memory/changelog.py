@@ -6,9 +6,10 @@ under it, the other process's write may have touched any user; without this
 log the only safe answer is to drop the whole cache (a 10k-memory user costs
 ~0.3-0.7 s to reload). Writers record `(version, user)` right after their
 commit; a reader that sees versions V0 -> V1 drops only the users recorded for
-every version in between, and the whole cache if any version is unexplained
-(a writer that died before recording, compaction by maintenance, a pruned
-log). A missing record therefore costs speed, never correctness.
+them. A version still unrecorded is waited for briefly (its writer records it
+milliseconds after committing), then the whole cache is dropped: a writer that
+died in between, compaction by maintenance and a pruned log cost speed, never
+correctness.
 
 SQLite in WAL mode, `synchronous=NORMAL`: a record lost to a power cut is a
 gap, and gaps are safe. Calls are blocking; the store runs them in a thread.
@@ -61,21 +62,18 @@ class ChangeLog:
                 raise
             self._db.execute("COMMIT")
 
-    def users_changed(self, versions: Iterable[int]) -> set[str] | None:
-        """Users changed by `versions`, or None when any of them is not recorded."""
-        wanted = sorted(set(versions))
-        if not wanted:
-            return set()
+    def logged(self, first: int, last: int) -> dict[int, set[str]]:
+        """The users of each logged version from `first` to `last`; versions
+        nobody logged (yet) are absent."""
         with self._lock:
             rows = self._db.execute(
                 "SELECT version, user_id FROM changes WHERE version BETWEEN ? AND ?",
-                (wanted[0], wanted[-1]),
+                (first, last),
             ).fetchall()
-        seen = {version for version, _ in rows}
-        if not seen.issuperset(wanted):
-            return None
-        wanted_set = set(wanted)
-        return {user for version, user in rows if version in wanted_set}
+        out: dict[int, set[str]] = {}
+        for version, user in rows:
+            out.setdefault(version, set()).add(user)
+        return out
 
     def users_logged(self, first: int, last: int) -> set[str]:
         """Users logged for versions first..last, whether or not every version is."""

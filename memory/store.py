@@ -18,6 +18,7 @@ import builtins
 import hashlib
 import logging
 import re
+import time
 import unicodedata
 import uuid
 from collections import Counter
@@ -101,6 +102,9 @@ _INLINE_ROWS = 2048
 # Scopes this large leave enough freed heap behind to be worth a malloc_trim.
 _TRIM_AFTER_ROWS = 1000
 _WRITE_ATTEMPTS = 6
+# A version another process committed but has not logged is waited for this
+# long (seconds) before the whole search cache is dropped instead.
+_UNLOGGED_GRACE = 1.0
 # Beside the tables: which users each table version changed (memory/changelog.py).
 CHANGES_FILE = "_changes.sqlite3"
 _SPACE = re.compile(r"\s+")
@@ -388,6 +392,8 @@ class MemoryStore:
         self._loading: dict[Key, asyncio.Future[ScopeIndex]] = {}
         # The table version the cache reflects; None until first checked.
         self._version: int | None = None
+        # Since when a table version nobody logged has been seen (see `_follow`).
+        self._unlogged_since: float | None = None
         # The table version right after our last optimize (None: not yet known).
         self._optimized_version: int | None = None
         # While our own write is in flight the version moves under us: searches
@@ -543,27 +549,43 @@ class MemoryStore:
             mirror()
             if known is None or mine is None:
                 self._cache.clear()
+                self._version = after
             else:
-                await self._forget(set(range(known + 1, after + 1)) - {mine})
-            self._version = after
+                pending = await self._follow(set(range(known + 1, after + 1)) - {mine})
+                self._version = after if pending is None else pending - 1
         finally:
             self._own_writes -= 1
 
-    async def _forget(self, versions: set[int]) -> None:
-        """Drop from the cache what other processes changed in `versions`."""
+    async def _follow(self, versions: set[int]) -> int | None:
+        """Drop from the cache the users other processes changed in `versions`.
+
+        Returns None when every version is followed, or the first version
+        nobody has logged yet: the caller must not count the cache as past it.
+        One still unlogged after `_UNLOGGED_GRACE` seconds (a writer that died
+        between commit and log, or maintenance's compaction) drops the cache.
+        """
         assert self._cache is not None
         if not versions:
-            return
-        users = await asyncio.to_thread(self._changes.users_changed, versions)
-        if users is None:
-            log.info(
-                "memories table moved by %d unlogged version(s); search cache dropped",
-                len(versions),
-            )
-            self._cache.clear()
-            return
-        for user_id in users:
-            self._cache.drop_user(user_id)
+            return None
+        logged = await asyncio.to_thread(self._changes.logged, min(versions), max(versions))
+        for version in versions:
+            for user_id in logged.get(version, ()):
+                self._cache.drop_user(user_id)
+        missing = sorted(v for v in versions if v not in logged)
+        if not missing:
+            self._unlogged_since = None
+            return None
+        now = time.monotonic()
+        if self._unlogged_since is None:
+            self._unlogged_since = now
+        if now - self._unlogged_since < _UNLOGGED_GRACE:
+            return missing[0]
+        log.info(
+            "memories table moved by unlogged version(s) %s; search cache dropped", missing[:5]
+        )
+        self._cache.clear()
+        self._unlogged_since = None
+        return None
 
     async def _insert(self, rows: list[dict[str, Any]]) -> None:
         if rows:
@@ -825,13 +847,14 @@ class MemoryStore:
         version = await self._memories.version()
         if self._own_writes or version == known:
             return
+        pending = None
         if known is None or version < known:
             self._cache.clear()
         else:
-            await self._forget(set(range(known + 1, version + 1)))
+            pending = await self._follow(set(range(known + 1, version + 1)))
         # A write of ours that started meanwhile sets the version itself.
         if self._version == known and not self._own_writes:
-            self._version = version
+            self._version = version if pending is None else pending - 1
 
     # ---------- extraction decisions ----------
 
@@ -1227,8 +1250,8 @@ class MemoryStore:
                 if self._cache is not None:
                     if self._version is None or start < self._version:
                         self._cache.clear()
-                    else:
-                        await self._forget(set(range(self._version + 1, start + 1)))
+                    elif await self._follow(set(range(self._version + 1, start + 1))) is not None:
+                        self._cache.clear()  # no waiting for a late log in here
                 await self._retry(lambda: self._memories.optimize(cleanup_older_than=keep))
                 await self._retry(lambda: self._history.optimize(cleanup_older_than=keep))
                 await self._ensure_indices()

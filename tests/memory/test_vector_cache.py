@@ -3,6 +3,7 @@ write, aware of other processes' writes, bounded by bytes."""
 
 from __future__ import annotations
 
+import asyncio
 import math
 from datetime import UTC, datetime
 
@@ -333,7 +334,7 @@ async def test_another_process_writing_for_one_user_leaves_the_others_cached(tmp
         await first.close()
 
 
-async def test_a_version_nobody_logged_drops_the_whole_cache(tmp_path):
+async def test_a_version_nobody_logged_drops_the_whole_cache_after_a_grace(tmp_path):
     """A writer that died between its commit and its log entry (or any write
     outside the store) leaves a gap: every cached user reloads."""
     store = await MemoryStore.open(tmp_path / "m", HashEmbedder(), cached())
@@ -345,6 +346,9 @@ async def test_a_version_nobody_logged_drops_the_whole_cache(tmp_path):
         db = await lancedb.connect_async(str(tmp_path / "m"))
         raw = await db.open_table("memories")
         await raw.delete(f"id = '{victim.id}'")  # behind the store's back: unlogged
+        # Its writer might log it any moment: waited for a second, no longer.
+        await texts(store, BOB, "drums")
+        await asyncio.sleep(1.1)
         assert await texts(store, BOB, "drums") == []
     finally:
         await store.close()
