@@ -90,7 +90,7 @@ async def _seed(data_dir: Path, n: int) -> None:
         await engine.close()
 
 
-def seeded_data(n: int, workdir: Path) -> Path:
+def seeded_data(n: int, workdir: Path, name: str = "data-on") -> Path:
     """A data dir holding `n` memories of the bench user, built once and cached."""
     cache = SEED_CACHE / f"{n}"
     if not (cache / "done").exists():
@@ -100,7 +100,7 @@ def seeded_data(n: int, workdir: Path) -> Path:
         print(f"seeding {n} memories into {cache} (embedding them, once) ...", flush=True)
         asyncio.run(_seed(cache, n))
         (cache / "done").write_text(f"{time.perf_counter() - t:.1f}s\n")
-    data = workdir / "data-on"
+    data = workdir / name
     shutil.copytree(cache, data)
     (data / "done").unlink()
     return data
@@ -224,6 +224,12 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 16])
     parser.add_argument("--no-litellm", action="store_true")
     parser.add_argument("--no-memory", action="store_true", help="skip the memory-on gateway")
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=0,
+        help="also measure the gateways with this many worker processes (server.workers)",
+    )
     parser.add_argument("--litellm-venv", type=Path, default=LITELLM_VENV)
     parser.add_argument("--litellm-install-timeout", type=float, default=600)
     parser.add_argument("--out", type=Path, help="write the pooled results as JSON here")
@@ -246,6 +252,26 @@ def main() -> None:
             gw, port = start_gateway("gateway-on", workdir, up_port, data, {"enabled": True})
             procs.append(gw)
             targets[f"gateway, memory on ({args.memories // 1000}k)"] = (port, [])
+        if args.workers > 1:
+            server = {"workers": args.workers}
+            gw, port = start_gateway(
+                "gateway-off-workers",
+                workdir,
+                up_port,
+                workdir / "data-off-w",
+                {"enabled": False},
+                server=server,
+            )
+            procs.append(gw)
+            targets[f"gateway, memory off, {args.workers} workers"] = (port, [])
+            if not args.no_memory:
+                data = seeded_data(args.memories, workdir, "data-on-workers")
+                gw, port = start_gateway(
+                    "gateway-on-workers", workdir, up_port, data, {"enabled": True}, server=server
+                )
+                procs.append(gw)
+                label = f"gateway, memory on ({args.memories // 1000}k), {args.workers} workers"
+                targets[label] = (port, [])
         if not args.no_litellm:
             try:
                 key = "sk-" + secrets.token_hex(24)
@@ -283,6 +309,9 @@ def main() -> None:
                 continue
             rss, peak = p.rss_mib()
             notes.append(f"RSS of {p.name}: {rss:.0f} MiB now, {peak:.0f} MiB peak")
+            tree = p.tree_rss_mib()
+            if tree > rss + 1:
+                notes.append(f"RSS of {p.name} with its worker processes: {tree:.0f} MiB now")
         for n in notes:
             print(n)
         if args.out:

@@ -63,6 +63,23 @@ class Proc:
             fields[name] = value.strip()
         return int(fields["VmRSS"].split()[0]) / 1024, int(fields["VmHWM"].split()[0]) / 1024
 
+    def tree_rss_mib(self) -> float:
+        """Resident memory of the process and all its descendants, in MiB (Linux)."""
+        total = 0.0
+        todo = [self.popen.pid]
+        while todo:
+            pid = todo.pop()
+            try:
+                status = Path(f"/proc/{pid}/status").read_text()
+                kids = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+            except FileNotFoundError:
+                continue
+            for line in status.splitlines():
+                if line.startswith("VmRSS:"):
+                    total += int(line.split()[1]) / 1024
+            todo += [int(k) for k in kids]
+        return total
+
     def tail(self, n: int = 2000) -> str:
         return self.log.read_bytes()[-n:].decode(errors="replace")
 
@@ -105,12 +122,18 @@ def start_fake_upstream(workdir: Path, *extra: str) -> tuple[Proc, int]:
 
 
 def start_gateway(
-    name: str, workdir: Path, upstream_port: int, data_dir: Path, memory: dict, timeout: float = 120
+    name: str,
+    workdir: Path,
+    upstream_port: int,
+    data_dir: Path,
+    memory: dict,
+    timeout: float = 120,
+    server: dict | None = None,
 ) -> tuple[Proc, int]:
     """`memory-gateway serve` with its default server, as a user would run it."""
     port = free_port()
     config = {
-        "server": {"host": "127.0.0.1", "port": port, "log_level": "warning"},
+        "server": {"host": "127.0.0.1", "port": port, "log_level": "warning", **(server or {})},
         "upstreams": [
             {"name": "fake", "base_url": f"http://127.0.0.1:{upstream_port}/v1", "default": True}
         ],
