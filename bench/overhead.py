@@ -7,10 +7,14 @@ virtualenv under /tmp, installed on first use; never a dependency of ours).
 The same load (bench/load.py, its own process) is then sent to each target in
 turn, round after round, so that a noisy neighbour hurts every target alike.
 Latencies are pooled over the rounds; "added" is the target's percentile minus
-the direct one, "ratio" is the target's requests/s over direct's.
+the direct one, "ratio" is the target's requests/s over direct's. After each
+memory-on measurement the run waits until that gateway's extraction backlog is
+drained, so it does not run during the next target's measurement.
+`--workers N` adds both gateways again with `server.workers: N`.
 
     python bench/overhead.py                   # everything, ~5 minutes
     python bench/overhead.py --no-litellm --rounds 2 --duration 2
+    python bench/overhead.py --workers 2       # also with two processes each
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -156,6 +161,18 @@ def start_litellm(
     url = f"http://127.0.0.1:{port}/v1/chat/completions"
     wait_http(proc, url, 180, "POST", body, key=master_key)
     return proc, port
+
+
+def drain(port: int, timeout: float = 120.0) -> None:
+    """Wait until a memory-on gateway has no extraction job left: its backlog
+    would otherwise run during the next target's measurement and steal its CPU."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/v1/memories/stats", timeout=30) as r:
+            spool = json.loads(r.read())["spool"]
+        if spool["pending"] + spool["running"] == 0:
+            return
+        time.sleep(0.2)
 
 
 def load(port: int, concurrency: int, stream: bool, duration: float, extra: list[str]) -> dict:
@@ -291,6 +308,8 @@ def main() -> None:
                 case = f"c={c} {'stream' if stream else 'non-stream'}"
                 for name, (port, extra) in targets.items():
                     r = load(port, c, stream, args.duration, extra)
+                    if "memory on" in name:
+                        drain(port)
                     raw.setdefault(case, {}).setdefault(name, []).append(r)
                     print(
                         f"round {rnd + 1} {case:>18} {name:>26}: {r['rps']:7.0f} req/s "
