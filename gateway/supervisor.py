@@ -75,7 +75,12 @@ class Supervisor:
 
     def run(self) -> int:
         """Serve until SIGTERM/SIGINT; the exit status of the whole gateway."""
-        sock = bind(self.config.server.host, self.config.server.port)
+        server = self.config.server
+        try:
+            sock = bind(server.host, server.port)
+        except OSError as exc:
+            logger.error("cannot listen on %s:%s: %s", server.host, server.port, exc.strerror)
+            return 1
         previous = {
             sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGTERM, signal.SIGINT)
         }

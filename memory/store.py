@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import builtins
+import contextlib
 import hashlib
 import logging
 import re
@@ -542,7 +543,12 @@ class MemoryStore:
                 raise
             mine = getattr(result, "version", None)
             if mine is not None:
-                await asyncio.to_thread(self._changes.record, mine, users)
+                try:
+                    await asyncio.to_thread(self._changes.record, mine, users)
+                except Exception as exc:
+                    # The write stands; other processes see an unlogged
+                    # version and drop their whole cache, which is safe.
+                    log.warning("could not log table version %s: %s", mine, exc)
             if self._cache is None:
                 return
             after = await self._memories.version()
@@ -567,7 +573,12 @@ class MemoryStore:
         assert self._cache is not None
         if not versions:
             return None
-        logged = await asyncio.to_thread(self._changes.logged, min(versions), max(versions))
+        try:
+            logged = await asyncio.to_thread(self._changes.logged, min(versions), max(versions))
+        except Exception as exc:
+            log.warning("change log unreadable (%s); search cache dropped", exc)
+            self._cache.clear()
+            return None
         for version in versions:
             for user_id in logged.get(version, ()):
                 self._cache.drop_user(user_id)
@@ -1259,11 +1270,16 @@ class MemoryStore:
             finally:
                 end = await self._memories.version()
                 if self._cache is not None:
-                    during = await asyncio.to_thread(self._changes.users_logged, start + 1, end)
+                    try:
+                        during = await asyncio.to_thread(self._changes.users_logged, start + 1, end)
+                    except Exception:
+                        self._cache.clear()
+                        during = set()
                     for user_id in during:
                         self._cache.drop_user(user_id)
                     self._version = end
                 self._own_writes -= 1
-            await asyncio.to_thread(self._changes.prune, end)
+            with contextlib.suppress(Exception):
+                await asyncio.to_thread(self._changes.prune, end)
             self._writes = 0
             self._optimized_version = await self._memories.version()
