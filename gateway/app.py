@@ -13,6 +13,7 @@ from litestar.openapi import OpenAPIConfig
 from gateway.config import Config
 from gateway.errors import exception_handlers
 from gateway.hooks import ChatHooks, NoHooks
+from gateway.logs import logging_config
 from gateway.memories_api import Access, MemoriesController
 from gateway.memory_hooks import MemoryHooks
 from gateway.proxy import Proxy
@@ -59,6 +60,7 @@ def create_app(config: Config, *, hooks: ChatHooks | None = None) -> Litestar:
             description="Management API of memory-gateway's long-term memory.",
         ),
         debug=False,
+        logging_config=logging_config(config),
     )
     app.state.config = config
     app.state.proxy = proxy

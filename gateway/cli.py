@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from gateway.config import Config, ConfigError, load_config
+from gateway.logs import quiet_http_loggers
 from memory.heap import limit_arenas
 
 DEFAULT_CONFIG = Path("gateway.yaml")
@@ -79,14 +80,10 @@ def check_data_dir(path: Path) -> None:
 
 
 def _setup_logging(config: Config) -> None:
-    level = "DEBUG" if config.server.log_level == "trace" else config.server.log_level.upper()
-    fmt = "%(asctime)s %(levelname)s %(name)s: %(message)s"
-    if config.server.workers > 1:
-        fmt = "%(asctime)s %(levelname)s [%(process)d] %(name)s: %(message)s"
-    logging.basicConfig(level=level, format=fmt)
-    # httpx logs every request at INFO: noise, and latency on the hot path.
-    for name in ("httpx", "httpx2", "httpcore"):
-        logging.getLogger(name).setLevel(max(logging.WARNING, logging.getLogger().level))
+    """Logging until the app starts (the supervisor's, and start-up errors);
+    the app then configures the same format and level (gateway/app.py)."""
+    logging.basicConfig(level=config.server.python_log_level, format=config.server.log_format)
+    quiet_http_loggers()
 
 
 def _uvicorn_config(config: Config) -> dict[str, Any]:

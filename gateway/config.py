@@ -40,6 +40,17 @@ class ServerConfig(_Settings):
     # process; more than one uses more cores (and memory: each loads the embedder).
     workers: int = 1
 
+    @property
+    def python_log_level(self) -> str:
+        """`log_level` for Python's logging (uvicorn's "trace" is its DEBUG)."""
+        return "DEBUG" if self.log_level == "trace" else self.log_level.upper()
+
+    @property
+    def log_format(self) -> str:
+        if self.workers > 1:
+            return "%(asctime)s %(levelname)s [%(process)d] %(name)s: %(message)s"
+        return "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
 
 class HTTPConfig(_Settings):
     """The shared upstream client. `read_timeout` is the gap allowed between

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import socket
 import subprocess
 import sys
@@ -121,3 +122,42 @@ def test_serve_with_built_in_defaults_and_flags(tmp_path, upstream):
     assert process.returncode in (0, -15)
     assert "Application shutdown complete" in output
     assert "sk-secret-key-123" not in output
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_log_lines_use_the_gateway_format_and_level(tmp_path, workers):
+    """Litestar configures logging when the app starts; it must keep our format
+    (with the process id when there are several) and `server.log_level`."""
+    port = _free_port()
+    dead = f"http://127.0.0.1:{_free_port()}/v1"
+    config = tmp_path / "gateway.yaml"
+    config.write_text(
+        f"server: {{port: {port}, log_level: warning, workers: {workers}}}\n"
+        f"upstreams: [{{name: u, base_url: '{dead}', default: true}}]\n"
+        f"data_dir: {str(tmp_path / 'data')!r}\n"
+        f"memory: {{embedder: {{provider: openai, base_url: '{dead}'}}}}\n"
+    )
+    process = subprocess.Popen(
+        [sys.executable, "-m", "gateway", "serve", "--config", str(config)],
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        assert process.stdout is not None
+        deadline = time.monotonic() + 60
+        lines = []
+        # The embedder is unreachable: one ERROR at start, then WARNINGs while retrying.
+        while not any("memory still unavailable" in line for line in lines):
+            assert time.monotonic() < deadline, "".join(lines)
+            lines.append(process.stdout.readline())
+    finally:
+        process.terminate()
+        rest, _ = process.communicate(timeout=60)
+    output = "".join(lines) + rest
+    error = next(line for line in lines if "memory is unavailable" in line)
+    assert " ERROR " in error and "gateway.memory:" in error
+    if workers > 1:
+        assert re.search(r" ERROR \[\d+\] gateway\.memory: ", error), error
+    assert " INFO " not in output  # log_level: warning
