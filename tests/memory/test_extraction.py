@@ -173,6 +173,21 @@ async def test_an_answer_cut_off_by_max_tokens_is_rejected(make):
 
 
 @pytest.mark.parametrize(
+    "reply",
+    [
+        httpx.Response(200, content=b"<html>gateway error</html>"),
+        httpx.Response(200, json={"choices": "not a list"}),
+        httpx.Response(200, json={"choices": []}),
+        httpx.Response(200, json={"choices": [{"message": {"content": None}}]}),
+    ],
+)
+async def test_a_200_that_is_not_a_usable_completion_is_an_untrustworthy_answer(make, reply):
+    with pytest.raises(ExtractionError) as caught:
+        await make(ScriptedLLM([reply])).decide(exchange("a"), [], api_key=None)
+    assert not isinstance(caught.value, ExtractionUnavailable)
+
+
+@pytest.mark.parametrize(
     ("answer", "reason"),
     [
         ("I cannot help with that.", "not valid JSON"),
