@@ -75,15 +75,6 @@ class ChangeLog:
             out.setdefault(version, set()).add(user)
         return out
 
-    def users_logged(self, first: int, last: int) -> set[str]:
-        """Users logged for versions first..last, whether or not every version is."""
-        with self._lock:
-            rows = self._db.execute(
-                "SELECT DISTINCT user_id FROM changes WHERE version BETWEEN ? AND ?",
-                (first, last),
-            ).fetchall()
-        return {user for (user,) in rows}
-
     def prune(self, current: int) -> None:
         with self._lock:
             self._db.execute("DELETE FROM changes WHERE version < ?", (current - KEEP_VERSIONS,))

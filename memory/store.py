@@ -1271,12 +1271,13 @@ class MemoryStore:
                 end = await self._memories.version()
                 if self._cache is not None:
                     try:
-                        during = await asyncio.to_thread(self._changes.users_logged, start + 1, end)
+                        during = await asyncio.to_thread(self._changes.logged, start + 1, end)
                     except Exception:
                         self._cache.clear()
-                        during = set()
-                    for user_id in during:
-                        self._cache.drop_user(user_id)
+                        during = {}
+                    for users in during.values():
+                        for user_id in users:
+                            self._cache.drop_user(user_id)
                     self._version = end
                 self._own_writes -= 1
             with contextlib.suppress(Exception):
