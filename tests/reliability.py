@@ -44,6 +44,24 @@ def token_extractor(request: Recorded) -> JSONReply | None:
     return llm_answer([{"op": "ADD", "text": f"Remembers {t}"} for t in seen])
 
 
+def post_token_exchange(http: httpx.Client, user: str, token: str, stream: bool) -> httpx.Response:
+    """One chat exchange of `user` carrying `token`, as the token extractor expects it."""
+    return http.post(
+        "/v1/chat/completions",
+        json={
+            "model": "test-model",
+            "stream": stream,
+            "messages": [{"role": "user", "content": f"note {token} please"}],
+        },
+        headers={"X-User-Id": user},
+    )
+
+
+def spool_drained(http: httpx.Client) -> bool:
+    spool = http.get("/v1/memories/stats").json()["spool"]
+    return spool["pending"] == 0 and spool["running"] == 0
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

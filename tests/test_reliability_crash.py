@@ -25,6 +25,8 @@ from tests.reliability import (
     GatewayProcess,
     memory_settings,
     new_token,
+    post_token_exchange,
+    spool_drained,
     token_extractor,
 )
 from tests.upstream import ScriptedUpstream
@@ -75,15 +77,7 @@ class Senders:
                 with self._lock:
                     self.attempted.append(token)
                 try:
-                    response = http.post(
-                        "/v1/chat/completions",
-                        json={
-                            "model": "test-model",
-                            "stream": stream,
-                            "messages": [{"role": "user", "content": f"note {token} please"}],
-                        },
-                        headers={"X-User-Id": user},
-                    )
+                    response = post_token_exchange(http, user, token, stream)
                 except httpx.HTTPError:
                     return
                 if _complete(response, stream):
@@ -97,11 +91,6 @@ def _memories(http: httpx.Client, user: str) -> list[dict[str, Any]]:
     response = http.get("/v1/memories", params={"user_id": user, "limit": 1000})
     assert response.status_code == 200, response.text
     return response.json()["data"]
-
-
-def _drained(http: httpx.Client) -> bool:
-    spool = http.get("/v1/memories/stats").json()["spool"]
-    return spool["pending"] == 0 and spool["running"] == 0
 
 
 @pytest.mark.timeout(300)
@@ -133,7 +122,7 @@ def test_sigkill_at_random_moments_loses_and_doubles_no_completed_exchange(
 
         gateway = following.start()
         with httpx.Client(base_url=gateway.url, timeout=30) as http:
-            wait_for(lambda: _drained(http), timeout=90, interval=0.2)
+            wait_for(lambda: spool_drained(http), timeout=90, interval=0.2)
             memories = [m for user in USERS for m in _memories(http, user)]
             histories = {
                 m["id"]: http.get(

@@ -21,7 +21,15 @@ import httpx
 import pytest
 
 from tests.extraction import is_extraction, latest_exchange, wait_for
-from tests.reliability import TOKEN, GatewayProcess, memory_settings, new_token, token_extractor
+from tests.reliability import (
+    TOKEN,
+    GatewayProcess,
+    memory_settings,
+    new_token,
+    post_token_exchange,
+    spool_drained,
+    token_extractor,
+)
 from tests.upstream import ScriptedUpstream
 
 USERS = ["ann", "ben", "cem", "dan"]
@@ -59,15 +67,7 @@ def workers_config(upstream: ScriptedUpstream, tmp_path: Path, workers: int) -> 
 def chat(url: str, user: str, token: str, stream: bool) -> None:
     # A new connection per request, so the kernel spreads them over the workers.
     with httpx.Client(base_url=url, timeout=30) as http:
-        response = http.post(
-            "/v1/chat/completions",
-            json={
-                "model": "test-model",
-                "stream": stream,
-                "messages": [{"role": "user", "content": f"note {token} please"}],
-            },
-            headers={"X-User-Id": user},
-        )
+        response = post_token_exchange(http, user, token, stream)
     assert response.status_code == 200, response.text
     if stream:
         assert response.text.rstrip().endswith("data: [DONE]")
@@ -120,12 +120,7 @@ def test_two_workers_process_every_exchange_once_and_each_user_in_order(two_work
     assert all(len(tokens) == PER_USER for tokens in sent.values())
 
     with httpx.Client(base_url=gateway.url, timeout=30) as http:
-
-        def drained() -> bool:
-            spool = http.get("/v1/memories/stats").json()["spool"]
-            return spool["pending"] == 0 and spool["running"] == 0
-
-        wait_for(drained, timeout=120, interval=0.2)
+        wait_for(lambda: spool_drained(http), timeout=120, interval=0.2)
         memories = {
             user: http.get("/v1/memories", params={"user_id": user, "limit": 1000}).json()["data"]
             for user in USERS
