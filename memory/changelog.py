@@ -1,14 +1,15 @@
-"""Which users each memories-table version changed, shared by the processes
-that write one store (`server.workers`).
+"""Which memories each memories-table version changed, shared by the
+processes that write one store (`server.workers`, the extraction process).
 
 Each process keeps a search cache of users' memories. When the table moves
 under it, the other process's write may have touched any user; without this
 log the only safe answer is to drop the whole cache (a 10k-memory user costs
-~0.3-0.7 s to reload). Writers record `(version, user)` right after their
-commit; a reader that sees versions V0 -> V1 drops only the users recorded for
-them. A version still unrecorded is waited for briefly (its writer records it
-milliseconds after committing), then the whole cache is dropped: a writer that
-died in between, compaction by maintenance and a pruned log cost speed, never
+~0.3-0.7 s to reload). Writers record `(version, user, ids)` right after
+their commit; a reader that sees versions V0 -> V1 re-reads just those rows
+of the users it has cached (`ids` NULL: the whole user, reloaded). A version
+still unrecorded is waited for briefly (its writer records it milliseconds
+after committing), then the whole cache is dropped: a writer that died in
+between, compaction by maintenance and a pruned log cost speed, never
 correctness.
 
 SQLite in WAL mode, `synchronous=NORMAL`: a record lost to a power cut is a
@@ -19,18 +20,28 @@ from __future__ import annotations
 
 import sqlite3
 import threading
-from collections.abc import Iterable
+from collections.abc import Collection, Mapping
 from pathlib import Path
 
+import msgspec
+
 _SCHEMA = """
-CREATE TABLE IF NOT EXISTS changes (
+DROP TABLE IF EXISTS changes;
+CREATE TABLE IF NOT EXISTS changed_rows (
     version INTEGER NOT NULL,
     user_id TEXT NOT NULL,
+    ids TEXT,
     PRIMARY KEY (version, user_id)
 ) WITHOUT ROWID;
 """
 # Versions kept: a reader further behind than this reloads its whole cache.
 KEEP_VERSIONS = 100_000
+# A write of more rows than this for one user is logged as "the whole user":
+# re-reading that many rows by id costs more than reloading the scope.
+MAX_IDS = 256
+
+# user_id -> the ids a version changed, or None for "any of that user's rows".
+Changes = Mapping[str, Collection[str] | None]
 
 
 class ChangeLog:
@@ -45,9 +56,18 @@ class ChangeLog:
         self._db.execute("PRAGMA busy_timeout=30000")
         self._db.executescript(_SCHEMA)
 
-    def record(self, version: int, users: Iterable[str]) -> None:
-        """The users whose memories `version` changed."""
-        rows = [(version, user) for user in set(users)]
+    def record(self, version: int, changes: Changes) -> None:
+        """The rows of each user that `version` changed."""
+        rows = [
+            (
+                version,
+                user,
+                None
+                if ids is None or len(ids) > MAX_IDS
+                else msgspec.json.encode(sorted(ids)).decode(),
+            )
+            for user, ids in changes.items()
+        ]
         if not rows:
             return
         with self._lock:
@@ -55,30 +75,52 @@ class ChangeLog:
             self._db.execute("BEGIN")
             try:
                 self._db.executemany(
-                    "INSERT OR IGNORE INTO changes (version, user_id) VALUES (?, ?)", rows
+                    "INSERT OR IGNORE INTO changed_rows (version, user_id, ids) VALUES (?, ?, ?)",
+                    rows,
                 )
             except BaseException:
                 self._db.execute("ROLLBACK")
                 raise
             self._db.execute("COMMIT")
 
-    def logged(self, first: int, last: int) -> dict[int, set[str]]:
-        """The users of each logged version from `first` to `last`; versions
-        nobody logged (yet) are absent."""
+    def logged(self, first: int, last: int) -> dict[int, dict[str, frozenset[str] | None]]:
+        """What each logged version from `first` to `last` changed, by user;
+        versions nobody logged (yet) are absent."""
         with self._lock:
             rows = self._db.execute(
-                "SELECT version, user_id FROM changes WHERE version BETWEEN ? AND ?",
+                "SELECT version, user_id, ids FROM changed_rows WHERE version BETWEEN ? AND ?",
                 (first, last),
             ).fetchall()
-        out: dict[int, set[str]] = {}
-        for version, user in rows:
-            out.setdefault(version, set()).add(user)
+        out: dict[int, dict[str, frozenset[str] | None]] = {}
+        for version, user, ids in rows:
+            changed = None if ids is None else frozenset(msgspec.json.decode(ids, type=list[str]))
+            out.setdefault(version, {})[user] = changed
         return out
 
     def prune(self, current: int) -> None:
         with self._lock:
-            self._db.execute("DELETE FROM changes WHERE version < ?", (current - KEEP_VERSIONS,))
+            self._db.execute(
+                "DELETE FROM changed_rows WHERE version < ?", (current - KEEP_VERSIONS,)
+            )
 
     def close(self) -> None:
         with self._lock:
             self._db.close()
+
+
+def merged(
+    logged: Mapping[int, Mapping[str, frozenset[str] | None]],
+) -> dict[str, set[str] | None]:
+    """The union, by user, of several versions' changes (None absorbs)."""
+    out: dict[str, set[str] | None] = {}
+    for changes in logged.values():
+        for user, ids in changes.items():
+            if user in out and out[user] is None:
+                continue
+            if ids is None:
+                out[user] = None
+            else:
+                known = out.setdefault(user, set())
+                assert known is not None
+                known.update(ids)
+    return out

@@ -36,7 +36,7 @@ import pyarrow.compute as pc
 from lancedb.index import FTS, BTree, IvfPq
 from lancedb.query import ColumnOrdering
 
-from memory.changelog import ChangeLog
+from memory.changelog import ChangeLog, Changes, merged
 from memory.config import MemoryConfig
 from memory.embedding import Embedder, EmbedderError
 from memory.filters import build_filter, scope_filter
@@ -136,8 +136,14 @@ def _is_conflict(exc: Exception) -> bool:
     return "conflict" in text or "retryable" in text
 
 
-def _users(rows: Iterable[Mapping[str, Any]]) -> set[str]:
-    return {row["user_id"] for row in rows}
+def _changed(rows: Iterable[Mapping[str, Any]]) -> dict[str, set[str] | None]:
+    """The ids each user's rows among `rows` have: what a write of them changed."""
+    out: dict[str, set[str] | None] = {}
+    for row in rows:
+        ids = out.setdefault(row["user_id"], set())
+        assert ids is not None
+        ids.add(row["id"])
+    return out
 
 
 def _build_index(table: pa.Table, dimensions: int) -> ScopeIndex:
@@ -521,14 +527,14 @@ class MemoryStore:
             await self._writes_changed.wait()
 
     async def _commit(
-        self, fn: Callable[[], Awaitable[Any]], mirror: Callable[[], None], users: set[str]
+        self, fn: Callable[[], Awaitable[Any]], mirror: Callable[[], None], changes: Changes
     ) -> None:
-        """Run one memories-table write, log which users its version changed (for
+        """Run one memories-table write, log which rows its version changed (for
         the other processes' caches), then apply it to our cache with `mirror`.
 
         Versions that appeared meanwhile and are not ours were another
-        process's: the users they changed are dropped from the cache (all of
-        it when the change log cannot say).
+        process's: the rows they changed are re-read into the cache (all of
+        it is dropped when the change log cannot say).
         """
         self._own_writes += 1
         try:
@@ -544,7 +550,7 @@ class MemoryStore:
             mine = getattr(result, "version", None)
             if mine is not None:
                 try:
-                    await asyncio.to_thread(self._changes.record, mine, users)
+                    await asyncio.to_thread(self._changes.record, mine, changes)
                 except Exception as exc:
                     # The write stands; other processes see an unlogged
                     # version and drop their whole cache, which is safe.
@@ -563,7 +569,7 @@ class MemoryStore:
             self._own_writes -= 1
 
     async def _follow(self, versions: set[int]) -> int | None:
-        """Drop from the cache the users other processes changed in `versions`.
+        """Bring the cache up to what other processes changed in `versions`.
 
         Returns None when every version is followed, or the first version
         nobody has logged yet: the caller must not count the cache as past it.
@@ -579,9 +585,7 @@ class MemoryStore:
             log.warning("change log unreadable (%s); search cache dropped", exc)
             self._cache.clear()
             return None
-        for version in versions:
-            for user_id in logged.get(version, ()):
-                self._cache.drop_user(user_id)
+        await self._refresh({v: c for v, c in logged.items() if v in versions})
         missing = sorted(v for v in versions if v not in logged)
         if not missing:
             self._unlogged_since = None
@@ -602,7 +606,7 @@ class MemoryStore:
         if rows:
             data = pa.Table.from_pylist(rows, schema=self._schema)
             await self._commit(
-                lambda: self._memories.add(data), lambda: self._mirror(rows), _users(rows)
+                lambda: self._memories.add(data), lambda: self._mirror(rows), _changed(rows)
             )
             self._wrote()
 
@@ -613,7 +617,7 @@ class MemoryStore:
             await self._commit(
                 lambda: self._memories.merge_insert("id").when_matched_update_all().execute(data),
                 lambda: self._mirror(rows),
-                _users(rows),
+                _changed(rows),
             )
             self._wrote()
 
@@ -640,7 +644,8 @@ class MemoryStore:
             else:
                 cache.remove(scope.user_id, ids)
 
-        await self._commit(lambda: self._memories.delete(where), mirror, {scope.user_id})
+        changes = {scope.user_id: None if ids is None else set(ids)}
+        await self._commit(lambda: self._memories.delete(where), mirror, changes)
         self._wrote()
 
     # ---------- reads ----------
@@ -866,6 +871,36 @@ class MemoryStore:
         # A write of ours that started meanwhile sets the version itself.
         if self._version == known and not self._own_writes:
             self._version = version if pending is None else pending - 1
+
+    async def _refresh(self, logged: Mapping[int, Mapping[str, frozenset[str] | None]]) -> None:
+        """Re-read into the cache the rows other processes' versions changed.
+
+        Only users with a cached scope are read; a user logged as a whole
+        (None), or whose rows cannot be read, is dropped and reloads on its
+        next search. Rows are read as they are now, which may be newer than
+        the versions followed: those are followed later, to the same rows.
+        """
+        cache = self._cache
+        assert cache is not None
+        for user_id, ids in merged(logged).items():
+            if ids is None or not cache.holds(user_id):
+                # Also invalidates a load of this user in flight.
+                cache.drop_user(user_id)
+                continue
+            token = cache.token(user_id)
+            try:
+                found = await self._rows_by_ids(Scope(user_id=user_id), sorted(ids), vectors=True)
+            except Exception as exc:
+                log.warning("could not re-read changed memories (%s); user reloads", exc)
+                cache.drop_user(user_id)
+                continue
+            if cache.token(user_id) != token:
+                cache.drop_user(user_id)  # we wrote meanwhile: no guessing which is newer
+                continue
+            cache.apply(found.values())
+            gone = [i for i in ids if i not in found]
+            if gone:
+                cache.remove(user_id, gone)
 
     # ---------- extraction decisions ----------
 
@@ -1275,9 +1310,7 @@ class MemoryStore:
                     except Exception:
                         self._cache.clear()
                         during = {}
-                    for users in during.values():
-                        for user_id in users:
-                            self._cache.drop_user(user_id)
+                    await self._refresh(during)
                     self._version = end
                 self._own_writes -= 1
             with contextlib.suppress(Exception):

@@ -289,6 +289,10 @@ class ScopeCache:
         self.hits += 1
         return entry
 
+    def holds(self, user_id: str) -> bool:
+        """Whether any scope of the user is cached."""
+        return user_id in self._by_user
+
     def token(self, user_id: str) -> tuple[int, int]:
         return (self._generation, self._epochs.get(user_id, 0))
 

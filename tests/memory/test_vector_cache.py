@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 from conftest import HashEmbedder
 
+from memory.changelog import MAX_IDS, ChangeLog, merged
 from memory.config import MemoryConfig, SearchConfig
 from memory.models import Memory, Operation, Scope
 from memory.ngram_index import NgramIndex, ngrams
@@ -332,6 +333,56 @@ async def test_another_process_writing_for_one_user_leaves_the_others_cached(tmp
     finally:
         await second.close()
         await first.close()
+
+
+async def test_another_process_writing_to_a_cached_user_updates_it_in_place(tmp_path):
+    """The change log names the rows: a 10k-memory user is re-read by id, not reloaded."""
+    first = await MemoryStore.open(tmp_path / "m", HashEmbedder(), cached())
+    second = await MemoryStore.open(tmp_path / "m", HashEmbedder(), cached())
+    try:
+        violin = await first.add(ALICE, "Plays the violin")
+        await first.add(ALICE_BOT, "Bot fact about drums")
+        assert await texts(first, ALICE, "violin") and await texts(first, ALICE_BOT, "drums")
+        assert first._cache is not None
+        entry = first._cache.get(("alice", None))
+        bot_entry = first._cache.get(("alice", "bot"))
+
+        korean = await second.add(ALICE, "Speaks Korean")
+        await second.update(ALICE, violin.id, text="Plays the cello")
+        bot_fact = await second.add(ALICE_BOT, "Bot fact about Korean drums")
+        assert (await texts(first, ALICE, "Korean"))[0] == "Speaks Korean"
+        assert (await texts(first, ALICE, "cello"))[0] == "Plays the cello"
+        assert "Plays the violin" not in await texts(first, ALICE, "violin")
+        assert (await texts(first, ALICE_BOT, "Korean drums"))[0] == "Bot fact about Korean drums"
+        assert first._cache.get(("alice", None)) is entry  # updated, not reloaded
+        assert first._cache.get(("alice", "bot")) is bot_entry
+
+        await second.delete(ALICE, korean.id)
+        await second.delete(ALICE_BOT, bot_fact.id)
+        assert "Speaks Korean" not in await texts(first, ALICE, "Korean")
+        assert "Bot fact about Korean drums" not in await texts(first, ALICE, "Korean drums")
+        assert first._cache.get(("alice", None)) is entry
+
+        # Every row of the user (or too many to re-read) means a reload.
+        await second.delete_all(ALICE)
+        assert await first.search(ALICE, "cello") == []
+        assert first._cache.get(("alice", None)) is not entry
+    finally:
+        await second.close()
+        await first.close()
+
+
+def test_the_change_log_names_rows_up_to_a_bound_then_the_whole_user(tmp_path):
+    log = ChangeLog(tmp_path / "changes.sqlite3")
+    try:
+        log.record(7, {"alice": {"a", "b"}, "bob": None})
+        log.record(8, {"alice": {f"m{i}" for i in range(MAX_IDS + 1)}})
+        logged = log.logged(1, 10)
+        assert logged == {7: {"alice": frozenset({"a", "b"}), "bob": None}, 8: {"alice": None}}
+        assert merged({7: logged[7]}) == {"alice": {"a", "b"}, "bob": None}
+        assert merged(logged) == {"alice": None, "bob": None}
+    finally:
+        log.close()
 
 
 async def test_a_version_nobody_logged_drops_the_whole_cache_after_a_grace(tmp_path):
