@@ -247,6 +247,11 @@ def main() -> None:
         default=0,
         help="also measure the gateways with this many worker processes (server.workers)",
     )
+    parser.add_argument(
+        "--inline",
+        action="store_true",
+        help="also measure memory on with extraction inside the serving process",
+    )
     parser.add_argument("--litellm-venv", type=Path, default=LITELLM_VENV)
     parser.add_argument("--litellm-install-timeout", type=float, default=600)
     parser.add_argument("--out", type=Path, help="write the pooled results as JSON here")
@@ -269,6 +274,18 @@ def main() -> None:
             gw, port = start_gateway("gateway-on", workdir, up_port, data, {"enabled": True})
             procs.append(gw)
             targets[f"gateway, memory on ({args.memories // 1000}k)"] = (port, [])
+            if args.inline:
+                data = seeded_data(args.memories, workdir, "data-on-inline")
+                gw, port = start_gateway(
+                    "gateway-on-inline",
+                    workdir,
+                    up_port,
+                    data,
+                    {"enabled": True},
+                    server={"extraction": "inline"},
+                )
+                procs.append(gw)
+                targets[f"gateway, memory on ({args.memories // 1000}k), inline"] = (port, [])
         if args.workers > 1:
             server = {"workers": args.workers}
             gw, port = start_gateway(
@@ -326,11 +343,14 @@ def main() -> None:
             if not p.alive():
                 notes.append(f"{p.name} exited during the run")
                 continue
-            rss, peak = p.rss_mib()
-            notes.append(f"RSS of {p.name}: {rss:.0f} MiB now, {peak:.0f} MiB peak")
-            tree = p.tree_rss_mib()
-            if tree > rss + 1:
-                notes.append(f"RSS of {p.name} with its worker processes: {tree:.0f} MiB now")
+            each = p.processes_rss_mib()
+            if len(each) == 1:
+                [(rss, peak)] = each.values()
+                notes.append(f"RSS of {p.name}: {rss:.0f} MiB now, {peak:.0f} MiB peak")
+                continue
+            parts = ", ".join(f"{n} {r:.0f} (peak {k:.0f})" for n, (r, k) in each.items())
+            total = sum(r for r, _ in each.values())
+            notes.append(f"RSS of {p.name}, MiB: {parts}; {total:.0f} in all")
         for n in notes:
             print(n)
         if args.out:

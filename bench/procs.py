@@ -80,6 +80,27 @@ class Proc:
             todo += [int(k) for k in kids]
         return total
 
+    def processes_rss_mib(self) -> dict[str, tuple[float, float]]:
+        """(current, peak) resident memory in MiB of each process of the tree, by
+        its name (`mg-worker-0`, `mg-extraction`, ...; Linux)."""
+        out: dict[str, tuple[float, float]] = {}
+        todo = [self.popen.pid]
+        while todo:
+            pid = todo.pop()
+            try:
+                status = Path(f"/proc/{pid}/status").read_text()
+                kids = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+            except FileNotFoundError:
+                continue
+            fields = dict(line.partition(":")[::2] for line in status.splitlines())
+            name = fields["Name"].strip()
+            if name in out or pid == self.popen.pid:
+                name = f"{name}[{pid}]"
+            rss = int(fields["VmRSS"].split()[0]) / 1024
+            out[name] = (rss, int(fields["VmHWM"].split()[0]) / 1024)
+            todo += [int(k) for k in kids]
+        return out
+
     def tail(self, n: int = 2000) -> str:
         return self.log.read_bytes()[-n:].decode(errors="replace")
 

@@ -19,6 +19,7 @@ from gateway.memory_hooks import MemoryHooks
 from gateway.proxy import Proxy
 from gateway.routes import handlers
 from gateway.tasks import BackgroundTasks
+from memory.handoff import HandoffSender
 
 logger = logging.getLogger("gateway")
 
@@ -26,11 +27,14 @@ logger = logging.getLogger("gateway")
 DRAIN_SECONDS = 10.0
 
 
-def create_app(config: Config, *, hooks: ChatHooks | None = None) -> Litestar:
+def create_app(
+    config: Config, *, hooks: ChatHooks | None = None, handoff: HandoffSender | None = None
+) -> Litestar:
     """The gateway; by default with the memory engine behind the chat seams
-    (`memory.enabled: false` makes it a plain proxy)."""
+    (`memory.enabled: false` makes it a plain proxy). With `handoff`, spooled
+    exchanges are extracted by the extraction process at its other end."""
     if hooks is None:
-        hooks = MemoryHooks(config) if config.memory.enabled else NoHooks()
+        hooks = MemoryHooks(config, handoff) if config.memory.enabled else NoHooks()
     tasks = BackgroundTasks()
     proxy = Proxy(config, hooks, tasks)
 

@@ -4,19 +4,16 @@
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 import socket
 import sys
-import threading
-import time
 import uuid
 from pathlib import Path
 from typing import Any
 
 from gateway.config import Config, ConfigError, load_config
-from gateway.logs import quiet_http_loggers
-from memory.heap import limit_arenas
+from gateway.logs import setup_logging
+from memory.heap import tune_process_heap
 
 DEFAULT_CONFIG = Path("gateway.yaml")
 
@@ -79,13 +76,6 @@ def check_data_dir(path: Path) -> None:
         raise ConfigError(f"data_dir: {str(path)!r} is not writable: {reason}") from None
 
 
-def _setup_logging(config: Config) -> None:
-    """Logging until the app starts (the supervisor's, and start-up errors);
-    the app then configures the same format and level (gateway/app.py)."""
-    logging.basicConfig(level=config.server.python_log_level, format=config.server.log_format)
-    quiet_http_loggers()
-
-
 def _uvicorn_config(config: Config) -> dict[str, Any]:
     return {
         "loop": "uvloop" if sys.platform != "win32" else "asyncio",
@@ -97,46 +87,50 @@ def _uvicorn_config(config: Config) -> dict[str, Any]:
     }
 
 
-def run_worker(config: Config, sock: socket.socket, index: int, supervisor: int) -> None:
-    """One of `server.workers` processes, accepting on the supervisor's socket."""
-    limit_arenas()
+def run_worker(
+    config: Config,
+    sock: socket.socket,
+    index: int,
+    supervisor: int,
+    handoff: socket.socket | None = None,
+) -> None:
+    """One of `server.workers` processes, accepting on the supervisor's socket;
+    with `handoff`, its exchanges are extracted by the extraction process."""
+    tune_process_heap()
     import uvicorn
 
     from gateway.app import create_app
+    from gateway.supervisor import name_process, watch_parent
+    from memory.handoff import HandoffSender
 
-    _setup_logging(config)
-    server = uvicorn.Server(uvicorn.Config(create_app(config), **_uvicorn_config(config)))
-    threading.Thread(target=_exit_with_parent, args=(server, supervisor), daemon=True).start()
+    name_process(f"mg-worker-{index}")
+    setup_logging(config)
+    sender = HandoffSender(handoff) if handoff is not None else None
+    app = create_app(config, handoff=sender)
+    server = uvicorn.Server(uvicorn.Config(app, **_uvicorn_config(config)))
+    watch_parent(supervisor, stop=lambda: setattr(server, "should_exit", True))
     server.run(sockets=[sock])
     if not server.started:
         # The lifespan failed (store, embedder...): tell the supervisor.
         sys.exit(3)
 
 
-def _exit_with_parent(server: Any, parent: int) -> None:
-    """A worker whose supervisor died (SIGKILL, OOM) shuts down instead of
-    serving on, orphaned and never restarted or stopped."""
-    while not server.should_exit:
-        if os.getppid() != parent:
-            logging.getLogger("gateway.supervisor").warning(
-                "the supervisor (pid %s) is gone; this worker shuts down", parent
-            )
-            server.should_exit = True
-        time.sleep(1.0)
-
-
 def serve(config: Config) -> int:
-    if config.server.workers > 1:
+    if config.processes > 1:
+        from gateway.extraction_process import run_extraction
         from gateway.supervisor import Supervisor
 
-        _setup_logging(config)
-        return Supervisor(config, run_worker).run()
+        setup_logging(config)
+        extraction = run_extraction if config.extraction_process else None
+        return Supervisor(config, run_worker, extraction).run()
 
+    # One process serves: tune its heap before any thread starts.
+    tune_process_heap()
     import uvicorn
 
     from gateway.app import create_app
 
-    _setup_logging(config)
+    setup_logging(config)
     uvicorn.run(
         create_app(config),
         host=config.server.host,
@@ -147,7 +141,6 @@ def serve(config: Config) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    limit_arenas()
     args = _parser().parse_args(argv)
     try:
         config = config_from_args(args)

@@ -39,17 +39,16 @@ class ServerConfig(_Settings):
     # Gateway processes sharing the listening socket. Python runs one core per
     # process; more than one uses more cores (and memory: each loads the embedder).
     workers: int = 1
+    # Where extraction jobs run (memory on): `process`, one extraction process
+    # beside the serving ones, so extraction never competes with requests for
+    # their event loop; `inline`, inside each serving process (one process
+    # in all, less memory).
+    extraction: Literal["process", "inline"] = "process"
 
     @property
     def python_log_level(self) -> str:
         """`log_level` for Python's logging (uvicorn's "trace" is its DEBUG)."""
         return "DEBUG" if self.log_level == "trace" else self.log_level.upper()
-
-    @property
-    def log_format(self) -> str:
-        if self.workers > 1:
-            return "%(asctime)s %(levelname)s [%(process)d] %(name)s: %(message)s"
-        return "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 
 class HTTPConfig(_Settings):
@@ -135,6 +134,22 @@ class Config(_Settings):
             raise ValueError("port must be between 1 and 65535 - at `$.server.port`")
         if not 1 <= self.server.workers <= 64:
             raise ValueError("workers must be between 1 and 64 - at `$.server.workers`")
+
+    @property
+    def extraction_process(self) -> bool:
+        """Whether `serve` runs an extraction process beside the serving ones."""
+        return self.memory.enabled and self.server.extraction == "process"
+
+    @property
+    def processes(self) -> int:
+        """Processes `serve` runs under its supervisor (1: none, one process)."""
+        return self.server.workers + (1 if self.extraction_process else 0)
+
+    @property
+    def log_format(self) -> str:
+        if self.processes > 1:
+            return "%(asctime)s %(levelname)s [%(process)d] %(name)s: %(message)s"
+        return "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
     @property
     def default_upstream(self) -> UpstreamConfig:

@@ -5,10 +5,12 @@ keeps our format and honours `server.log_level`."""
 from __future__ import annotations
 
 import logging
-
-from litestar.logging.config import LoggingConfig
+from typing import TYPE_CHECKING
 
 from gateway.config import Config
+
+if TYPE_CHECKING:
+    from litestar.logging.config import LoggingConfig
 
 
 def quiet_http_loggers() -> None:
@@ -18,8 +20,18 @@ def quiet_http_loggers() -> None:
         logging.getLogger(name).setLevel(level)
 
 
+def setup_logging(config: Config) -> None:
+    """Logging until the app starts (the supervisor's, the extraction process's,
+    start-up errors); the app then configures the same format and level."""
+    logging.basicConfig(level=config.server.python_log_level, format=config.log_format)
+    quiet_http_loggers()
+
+
 def logging_config(config: Config) -> LoggingConfig:
+    # Imported here: the extraction process logs without loading Litestar.
+    from litestar.logging.config import LoggingConfig
+
     return LoggingConfig(
-        formatters={"standard": {"format": config.server.log_format}},
+        formatters={"standard": {"format": config.log_format}},
         root={"handlers": ["queue_listener"], "level": config.server.python_log_level},
     )

@@ -20,7 +20,8 @@ from gateway.hooks import ChatContext, CompletedExchange
 from memory import injection
 from memory import messages as chat_messages
 from memory.embedding import EmbedderError
-from memory.engine import MemoryEngine
+from memory.engine import MemoryEngine, open_when_possible
+from memory.handoff import HandoffSender
 from memory.models import Exchange, Hit, Scope
 
 logger = logging.getLogger("gateway.memory")
@@ -31,18 +32,17 @@ MODE_HEADER = "x-memory-mode"
 # Response headers have practical size limits; ids beyond this are left out.
 MAX_IDS_HEADER = 1024
 WARMUP_USER = "memory-gateway-warmup"
-# Opening the engine again after a failed start: first wait, and the longest.
-OPEN_RETRY_FIRST = 1.0
-OPEN_RETRY_MAX = 60.0
 KEYLESS = "no-key"
 
 
 class MemoryHooks:
     """The memory engine behind the chat pipeline's two seams."""
 
-    def __init__(self, config: Config) -> None:
+    def __init__(self, config: Config, handoff: HandoffSender | None = None) -> None:
         self.config = config
         self.memory = config.memory
+        # Set when the extraction process runs the spool's jobs (gateway/supervisor.py).
+        self._handoff = handoff
         self._engine: MemoryEngine | None = None
         # Retries opening the engine when it could not be opened at start-up.
         self._opener: asyncio.Task[None] | None = None
@@ -71,11 +71,12 @@ class MemoryHooks:
             )
             self._opener = asyncio.create_task(self._open_until_done(), name="memory-open")
 
-    async def _open(self) -> None:
+    async def _open(self) -> MemoryEngine:
         engine = await MemoryEngine.open(
             self.memory,
             self.config.data_path,
             default_base_url=self.config.default_upstream.base_url,
+            handoff=self._handoff,
         )
         try:
             await engine.start()
@@ -86,27 +87,11 @@ class MemoryHooks:
             await engine.close()
             raise
         self._engine = engine
+        return engine
 
     async def _open_until_done(self) -> None:
-        delay = OPEN_RETRY_FIRST
-        while True:
-            await asyncio.sleep(delay)
-            try:
-                await self._open()
-            except (EmbedderError, OSError) as exc:
-                delay = min(delay * 2, OPEN_RETRY_MAX)
-                logger.warning(
-                    "memory still unavailable (next try in %.0f s): %s: %s",
-                    delay,
-                    type(exc).__name__,
-                    str(exc)[:300],
-                )
-            except Exception:
-                logger.exception("memory cannot be opened; serving without it")
-                return
-            else:
-                logger.info("memory is available again")
-                return
+        if await open_when_possible(self._open) is None:
+            logger.error("memory stays unavailable; serving without it")
 
     async def shutdown(self) -> None:
         opener, self._opener = self._opener, None

@@ -1,16 +1,22 @@
-"""Several gateway processes behind one listening socket (`server.workers`).
+"""The gateway's processes: serving workers behind one listening socket
+(`server.workers`) and, with memory on, the extraction process
+(`server.extraction: process`).
 
 One Python process runs on one core. The supervisor binds the socket once,
-starts `workers` processes that all accept on it, restarts one that dies, and
-on SIGTERM/SIGINT asks each to shut down gracefully (uvicorn drains its
-requests, the memory engine hands running spool jobs back). Everything shared
-between the processes is on disk and built for it: the spool's leases keep one
-user's exchanges in order and exactly-once, LanceDB commits are optimistic, and
-the search cache drops what another process changed.
+starts `workers` processes that all accept on it and the extraction process
+that runs the spool's jobs, restarts one that dies, and on SIGTERM/SIGINT
+asks each to shut down gracefully (uvicorn drains its requests, the memory
+engine hands running spool jobs back). Everything shared between the
+processes is on disk and built for it: the spool's leases keep one user's
+exchanges in order and exactly-once, LanceDB commits are optimistic, and the
+search cache follows what another process changed. Keys and wake-ups go from
+the serving processes to the extraction process over a socketpair
+(memory/handoff.py), never through a file.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import multiprocessing
 import os
@@ -20,9 +26,12 @@ import threading
 import time
 from collections.abc import Callable
 from multiprocessing.context import SpawnProcess
+from pathlib import Path
 from types import FrameType
+from typing import Any
 
 from gateway.config import Config
+from memory.handoff import channel
 
 logger = logging.getLogger("gateway.supervisor")
 
@@ -43,32 +52,35 @@ def bind(host: str, port: int) -> socket.socket:
     return sock
 
 
+Target = Callable[..., None]
+
+
 class Supervisor:
-    def __init__(
-        self,
-        config: Config,
-        target: Callable[[Config, socket.socket, int, int], None],
-    ) -> None:
+    def __init__(self, config: Config, serve: Target, extraction: Target | None = None) -> None:
+        """`serve(config, sock, index, supervisor_pid, handoff_sender | None)` runs
+        one serving worker; `extraction(config, handoff_receiver, supervisor_pid)`
+        the extraction process."""
         self.config = config
-        self.target = target
+        self.serve = serve
+        self.extraction = extraction
         self._ctx = multiprocessing.get_context("spawn")
         self._stop = threading.Event()
-        self._procs: dict[int, SpawnProcess] = {}
-        self._started: dict[int, float] = {}
-        self._failed_starts: dict[int, int] = {}
+        self._slots: dict[str, tuple[Target, tuple[Any, ...]]] = {}
+        self._procs: dict[str, SpawnProcess] = {}
+        self._started: dict[str, float] = {}
+        self._failed_starts: dict[str, int] = {}
 
-    def _spawn(self, index: int, sock: socket.socket) -> None:
+    def _spawn(self, name: str) -> None:
         # spawn, not fork: LanceDB and BLAS start threads, which fork would copy
         # half-alive. The config travels pickled through a pipe, never on disk.
+        target, args = self._slots[name]
         proc = self._ctx.Process(
-            target=self.target,
-            args=(self.config, sock, index, os.getpid()),
-            name=f"memory-gateway-worker-{index}",
+            target=target, args=args, name=f"memory-gateway-{name.replace(' ', '-')}"
         )
         proc.start()
-        self._procs[index] = proc
-        self._started[index] = time.monotonic()
-        logger.info("worker %d started (pid %s)", index, proc.pid)
+        self._procs[name] = proc
+        self._started[name] = time.monotonic()
+        logger.info("%s started (pid %s)", name, proc.pid)
 
     def _on_signal(self, signum: int, frame: FrameType | None) -> None:
         self._stop.set()
@@ -84,15 +96,27 @@ class Supervisor:
         previous = {
             sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGTERM, signal.SIGINT)
         }
+        sender = receiver = None
+        if self.extraction is not None:
+            sender, receiver = channel()
+            self._slots["extraction process"] = (
+                self.extraction,
+                (self.config, receiver, os.getpid()),
+            )
+        for index in range(self.config.server.workers):
+            self._slots[f"worker {index}"] = (
+                self.serve,
+                (self.config, sock, index, os.getpid(), sender),
+            )
         status = 0
         try:
-            for index in range(self.config.server.workers):
-                self._spawn(index, sock)
+            for name in self._slots:
+                self._spawn(name)
             while not self._stop.wait(0.5):
-                failed = self._restart_dead(sock)
+                failed = self._restart_dead()
                 if failed:
                     logger.error(
-                        "worker %d failed %d times in a row at start-up; stopping the gateway",
+                        "%s failed %d times in a row at start-up; stopping the gateway",
                         failed[0],
                         MAX_FAILED_STARTS,
                     )
@@ -101,46 +125,69 @@ class Supervisor:
         finally:
             self._stop_all()
             sock.close()
+            for end in (sender, receiver):
+                if end is not None:
+                    end.close()
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
         return status
 
-    def _restart_dead(self, sock: socket.socket) -> list[int]:
-        """Restart dead workers; the indices that keep failing at start-up."""
+    def _restart_dead(self) -> list[str]:
+        """Restart dead processes; the names of those that keep failing at start-up."""
         hopeless = []
-        for index, proc in list(self._procs.items()):
+        for name, proc in list(self._procs.items()):
             if proc.is_alive() or self._stop.is_set():
                 continue
-            lived = time.monotonic() - self._started[index]
+            lived = time.monotonic() - self._started[name]
             logger.warning(
-                "worker %d (pid %s) exited with status %s after %.1f s; restarting it",
-                index,
+                "%s (pid %s) exited with status %s after %.1f s; restarting it",
+                name,
                 proc.pid,
                 proc.exitcode,
                 lived,
             )
             proc.close()
             if lived < STARTUP_SECONDS:
-                self._failed_starts[index] = self._failed_starts.get(index, 0) + 1
-                if self._failed_starts[index] >= MAX_FAILED_STARTS:
-                    del self._procs[index]
-                    hopeless.append(index)
+                self._failed_starts[name] = self._failed_starts.get(name, 0) + 1
+                if self._failed_starts[name] >= MAX_FAILED_STARTS:
+                    del self._procs[name]
+                    hopeless.append(name)
                     continue
-                time.sleep(min(2 ** self._failed_starts[index], 10))
+                time.sleep(min(2 ** self._failed_starts[name], 10))
             else:
-                self._failed_starts[index] = 0
-            self._spawn(index, sock)
+                self._failed_starts[name] = 0
+            self._spawn(name)
         return hopeless
 
     def _stop_all(self) -> None:
         for proc in self._procs.values():
             if proc.is_alive():
-                proc.terminate()  # SIGTERM: uvicorn's graceful shutdown
+                proc.terminate()  # SIGTERM: graceful shutdown
         deadline = time.monotonic() + STOP_SECONDS
-        for index, proc in self._procs.items():
+        for name, proc in self._procs.items():
             proc.join(max(0.0, deadline - time.monotonic()))
             if proc.is_alive():
-                logger.warning("worker %d did not stop in %.0f s; killing it", index, STOP_SECONDS)
+                logger.warning("%s did not stop in %.0f s; killing it", name, STOP_SECONDS)
                 proc.kill()
                 proc.join()
         self._procs.clear()
+
+
+def watch_parent(supervisor: int, stop: Callable[[], None]) -> None:
+    """Call `stop` (once) when the supervisor is gone (SIGKILL, OOM): a child
+    process shuts down rather than run on orphaned, never restarted or stopped."""
+
+    def watch() -> None:
+        while os.getppid() == supervisor:
+            time.sleep(1.0)
+        logger.warning("the supervisor (pid %s) is gone; this process shuts down", supervisor)
+        stop()
+
+    threading.Thread(target=watch, name="watch-supervisor", daemon=True).start()
+
+
+def name_process(name: str) -> None:
+    """Show `name` in ps and top (Linux, 15 characters), so an operator can
+    tell the serving workers from the extraction process."""
+    with contextlib.suppress(OSError):
+        Path("/proc/self/comm").write_text(name[:15])

@@ -13,7 +13,7 @@ import asyncio
 import builtins
 import logging
 import time
-from collections.abc import Awaitable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TypeVar
@@ -22,8 +22,9 @@ import httpx
 import msgspec
 
 from memory.config import MemoryConfig
-from memory.embedding import Embedder, create_embedder
+from memory.embedding import Embedder, EmbedderError, create_embedder
 from memory.extraction import ExtractionError, Extractor
+from memory.handoff import HandoffSender
 from memory.locks import FileLock, locked
 from memory.maintenance import Maintenance
 from memory.messages import user_texts
@@ -98,6 +99,39 @@ def related_query(exchange: Exchange) -> str:
     return text[-RELATED_QUERY_CHARS:]
 
 
+# Opening again after the embedder or the disk failed at start-up: first
+# wait, then doubling up to the longest (seconds).
+OPEN_RETRY_FIRST = 1.0
+OPEN_RETRY_MAX = 60.0
+
+
+async def open_when_possible(
+    open_once: Callable[[], Awaitable[T]], *, first_delay: float = OPEN_RETRY_FIRST
+) -> T | None:
+    """Call `open_once` until it succeeds, while it fails for a reason that
+    passes (the embedder unreachable, an I/O error). Any other error is a
+    configuration to fix, not to wait for: logged, and None."""
+    delay = first_delay
+    while True:
+        await asyncio.sleep(delay)
+        try:
+            result = await open_once()
+        except (EmbedderError, OSError) as exc:
+            delay = min(delay * 2, OPEN_RETRY_MAX)
+            log.warning(
+                "memory still unavailable (next try in %.0f s): %s: %s",
+                delay,
+                type(exc).__name__,
+                str(exc)[:300],
+            )
+        except Exception:
+            log.exception("memory cannot be opened")
+            return None
+        else:
+            log.info("memory is available again")
+            return result
+
+
 class MemoryEngine:
     def __init__(
         self,
@@ -109,8 +143,12 @@ class MemoryEngine:
         spool: Spool,
         extractor: Extractor,
         maintenance_lock: FileLock | None = None,
+        handoff: HandoffSender | None = None,
     ) -> None:
         self.config = config
+        # Set when another process (the extraction process) runs the jobs and
+        # the maintenance: this one spools, searches and hands over keys.
+        self._handoff = handoff
         self.store = store
         self.spool = spool
         self.extractor = extractor
@@ -131,8 +169,12 @@ class MemoryEngine:
         default_base_url: str | None = None,
         http_client: httpx.AsyncClient | None = None,
         embedder: Embedder | None = None,
+        handoff: HandoffSender | None = None,
     ) -> MemoryEngine:
-        """Open (or create) the store and the spool under `data_dir`. Call `start()` next."""
+        """Open (or create) the store and the spool under `data_dir`. Call `start()` next.
+
+        With `handoff`, spooled jobs are processed by the process at its other
+        end (`receive` there), not here."""
         data_dir = Path(data_dir)
         owns_embedder = embedder is None
         if embedder is None:
@@ -162,12 +204,15 @@ class MemoryEngine:
             spool=spool,
             extractor=extractor,
             maintenance_lock=FileLock(data_dir / MAINTENANCE_LOCK),
+            handoff=handoff,
         )
 
     async def start(self) -> None:
-        """Start the spool workers and background maintenance."""
-        self.workers.start()
-        self.maintenance.start()
+        """Start the spool workers and background maintenance (unless another
+        process runs them: see `open`)."""
+        if self._handoff is None:
+            self.workers.start()
+            self.maintenance.start()
 
     async def close(self) -> None:
         """Stop workers (running jobs go back to the queue), then close everything."""
@@ -207,8 +252,27 @@ class MemoryEngine:
             return
         known = self._keys.get(user_id)
         self._keys[user_id] = api_key
-        if known is None:
+        if known == api_key:
+            return
+        if self._handoff is not None:
+            self._handoff.send(user_id, api_key)
+        elif known is None:
             self.workers.notify()
+
+    def receive(self, user_id: str | None, api_key: str | None) -> None:
+        """A message from a serving process (memory/handoff.py): a user's key,
+        and jobs that may be claimable now."""
+        if user_id is not None and api_key:
+            self.provide_key(user_id, api_key)
+        self.workers.notify()
+
+    def _wake(self, user_id: str | None = None, api_key: str | None = None) -> None:
+        """Jobs may be claimable: wake the workers, here or in the extraction process."""
+        if self._handoff is None:
+            self.workers.notify()
+        else:
+            needed = api_key if api_key and not self.config.llm.api_key else None
+            self._handoff.send(user_id, needed)
 
     def _claimable_users(self) -> list[str] | None:
         return None if self.config.llm.api_key else list(self._keys)
@@ -220,8 +284,11 @@ class MemoryEngine:
         if self.config.redaction.enabled:
             exchange = redact_exchange(exchange)
         job_id = await self.spool.enqueue(exchange)
-        self.provide_key(exchange.scope.user_id, api_key)
-        self.workers.notify()
+        if api_key and not self.config.llm.api_key:
+            self._keys[exchange.scope.user_id] = api_key
+        # The key travels with every wake-up: an extraction process that
+        # restarted since learns it back from the user's next exchange.
+        self._wake(exchange.scope.user_id, api_key)
         return job_id
 
     async def add(
@@ -284,7 +351,7 @@ class MemoryEngine:
     async def retry_failed(self, user_id: str | None = None) -> int:
         n = await self.spool.retry_failed(user_id)
         if n:
-            self.workers.notify()
+            self._wake()
         return n
 
     # -- the job handler ------------------------------------------------------

@@ -11,16 +11,20 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Sequence
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import httpx
 import msgspec
-import openai
 
 from memory.config import MemoryConfig
 from memory.cookies import NoCookies
 from memory.models import Exchange, Memory, Operation
 from memory.prompts import OPERATIONS_SCHEMA, SCHEMA_NAME, build_messages
+
+if TYPE_CHECKING:
+    # Imported on first use: a serving process whose exchanges are extracted
+    # elsewhere (memory/handoff.py) never pays its ~12 MiB.
+    import openai
 
 Mode = Literal["json_schema", "json_object", "text"]
 _MODES: tuple[Mode, ...] = ("json_schema", "json_object", "text")
@@ -189,6 +193,8 @@ class Extractor:
         return self._modes.get((self._base_url, self._config.llm.model))
 
     def _client_for(self, api_key: str | None) -> openai.AsyncOpenAI:
+        import openai
+
         if not self._base_url:
             raise ExtractionError("memory.llm.base_url is not set and there is no default upstream")
         key = api_key or self._config.llm.api_key
@@ -221,6 +227,8 @@ class Extractor:
         self, exchange: Exchange, existing: list[Memory], *, api_key: str | None
     ) -> list[Operation]:
         """The validated operations for one exchange (empty: nothing to remember)."""
+        import openai
+
         client = self._client_for(api_key)
         messages = build_messages(exchange, existing, self._config.prompts)
         key = (self._base_url, self._config.llm.model)
@@ -245,6 +253,8 @@ class Extractor:
     async def _complete(
         self, client: openai.AsyncOpenAI, messages: list[dict[str, str]], mode: Mode
     ) -> str:
+        import openai
+
         llm = self._config.llm
         body: dict[str, Any] = {
             "model": llm.model,

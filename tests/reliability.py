@@ -8,6 +8,7 @@ whether an exchange was lost (0) or processed twice (2).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import signal
@@ -44,8 +45,14 @@ def token_extractor(request: Recorded) -> JSONReply | None:
     return llm_answer([{"op": "ADD", "text": f"Remembers {t}"} for t in seen])
 
 
-def post_token_exchange(http: httpx.Client, user: str, token: str, stream: bool) -> httpx.Response:
-    """One chat exchange of `user` carrying `token`, as the token extractor expects it."""
+def post_token_exchange(
+    http: httpx.Client, user: str, token: str, stream: bool, key: str | None = None
+) -> httpx.Response:
+    """One chat exchange of `user` carrying `token`, as the token extractor
+    expects it; `key` is the user's own upstream key (bring-your-own-key)."""
+    headers = {"X-User-Id": user}
+    if key is not None:
+        headers["Authorization"] = f"Bearer {key}"
     return http.post(
         "/v1/chat/completions",
         json={
@@ -53,13 +60,31 @@ def post_token_exchange(http: httpx.Client, user: str, token: str, stream: bool)
             "stream": stream,
             "messages": [{"role": "user", "content": f"note {token} please"}],
         },
-        headers={"X-User-Id": user},
+        headers=headers,
     )
 
 
 def spool_drained(http: httpx.Client) -> bool:
     spool = http.get("/v1/memories/stats").json()["spool"]
     return spool["pending"] == 0 and spool["running"] == 0
+
+
+def descendants(pid: int) -> list[int]:
+    """Every process below `pid` (children first found, then theirs)."""
+    found: list[int] = []
+    todo = [pid]
+    while todo:
+        parent = todo.pop()
+        try:
+            tasks = list(Path(f"/proc/{parent}/task").iterdir())
+        except FileNotFoundError:
+            continue
+        for task in tasks:
+            with contextlib.suppress(FileNotFoundError):
+                kids = [int(c) for c in (task / "children").read_text().split()]
+                found += kids
+                todo += kids
+    return found
 
 
 def free_port() -> int:
@@ -154,6 +179,17 @@ class GatewayProcess:
         raise RuntimeError(f"gateway did not become ready:\n{self.log()}")
 
     def kill(self) -> None:
+        """SIGKILL the gateway and every process it started, as a power cut would."""
+        if self.process is not None and self.process.poll() is None:
+            family = descendants(self.process.pid)
+            self.process.send_signal(signal.SIGKILL)
+            for pid in family:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+            self.process.wait(timeout=30)
+
+    def kill_supervisor(self) -> None:
+        """SIGKILL the supervisor alone: its children must notice and exit."""
         if self.process is not None and self.process.poll() is None:
             self.process.send_signal(signal.SIGKILL)
             self.process.wait(timeout=30)

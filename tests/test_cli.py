@@ -124,15 +124,16 @@ def test_serve_with_built_in_defaults_and_flags(tmp_path, upstream):
     assert "sk-secret-key-123" not in output
 
 
-@pytest.mark.parametrize("workers", [1, 2])
-def test_log_lines_use_the_gateway_format_and_level(tmp_path, workers):
+@pytest.mark.parametrize(("workers", "extraction"), [(1, "inline"), (1, "process"), (2, "process")])
+def test_log_lines_use_the_gateway_format_and_level(tmp_path, workers, extraction):
     """Litestar configures logging when the app starts; it must keep our format
     (with the process id when there are several) and `server.log_level`."""
     port = _free_port()
     dead = f"http://127.0.0.1:{_free_port()}/v1"
     config = tmp_path / "gateway.yaml"
     config.write_text(
-        f"server: {{port: {port}, log_level: warning, workers: {workers}}}\n"
+        f"server: {{port: {port}, log_level: warning, workers: {workers},"
+        f" extraction: {extraction}}}\n"
         f"upstreams: [{{name: u, base_url: '{dead}', default: true}}]\n"
         f"data_dir: {str(tmp_path / 'data')!r}\n"
         f"memory: {{embedder: {{provider: openai, base_url: '{dead}'}}}}\n"
@@ -148,16 +149,25 @@ def test_log_lines_use_the_gateway_format_and_level(tmp_path, workers):
         assert process.stdout is not None
         deadline = time.monotonic() + 60
         lines = []
-        # The embedder is unreachable: one ERROR at start, then WARNINGs while retrying.
-        while not any("memory still unavailable" in line for line in lines):
+        # The embedder is unreachable: one ERROR at start, then WARNINGs while
+        # retrying, in each process.
+        expected = ["memory is unavailable, serving", "memory still unavailable"]
+        if extraction == "process":
+            expected.append("extraction waits and retries")
+        while not all(any(e in line for line in lines) for e in expected):
             assert time.monotonic() < deadline, "".join(lines)
             lines.append(process.stdout.readline())
     finally:
         process.terminate()
         rest, _ = process.communicate(timeout=60)
     output = "".join(lines) + rest
-    error = next(line for line in lines if "memory is unavailable" in line)
+    error = next(line for line in lines if "memory is unavailable, serving" in line)
     assert " ERROR " in error and "gateway.memory:" in error
-    if workers > 1:
+    if workers > 1 or extraction == "process":
         assert re.search(r" ERROR \[\d+\] gateway\.memory: ", error), error
+    else:
+        assert not re.search(r"\[\d+\]", error), error
+    if extraction == "process":
+        waiting = next(line for line in lines if "extraction waits and retries" in line)
+        assert re.search(r" ERROR \[\d+\] gateway\.extraction: ", waiting), waiting
     assert " INFO " not in output  # log_level: warning

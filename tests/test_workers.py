@@ -1,15 +1,17 @@
-"""`server.workers`: several gateway processes on one port and one data directory.
+"""`server.workers` and `server.extraction`: several gateway processes on one
+port and one data directory, with or without an extraction process.
 
 The spool and the store are shared on disk; these tests hold the promises that
 must survive the split: every completed exchange processed exactly once, one
-user's exchanges processed in the order they were made, a dead worker replaced,
-and a clean stop of the whole gateway.
+user's exchanges processed in the order they were made, each with its user's
+own key, a dead process replaced, and a clean stop of the whole gateway.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import re
 import signal
 import threading
 import time
@@ -55,19 +57,21 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def workers_config(upstream: ScriptedUpstream, tmp_path: Path, workers: int) -> dict[str, Any]:
+def workers_config(
+    upstream: ScriptedUpstream, tmp_path: Path, workers: int, extraction: str = "inline"
+) -> dict[str, Any]:
     return {
         "upstreams": [{"name": "scripted", "base_url": upstream.url, "default": True}],
         "data_dir": str(tmp_path / "data"),
-        "server": {"log_level": "warning", "workers": workers},
+        "server": {"log_level": "warning", "workers": workers, "extraction": extraction},
         "memory": memory_settings(upstream.url),
     }
 
 
-def chat(url: str, user: str, token: str, stream: bool) -> None:
+def chat(url: str, user: str, token: str, stream: bool, key: str | None = None) -> None:
     # A new connection per request, so the kernel spreads them over the workers.
     with httpx.Client(base_url=url, timeout=30) as http:
-        response = post_token_exchange(http, user, token, stream)
+        response = post_token_exchange(http, user, token, stream, key)
     assert response.status_code == 200, response.text
     if stream:
         assert response.text.rstrip().endswith("data: [DONE]")
@@ -149,7 +153,7 @@ def test_two_workers_process_every_exchange_once_and_each_user_in_order(two_work
     assert all(share > 0.1 * total for share in used.values()), used
 
     # A supervisor killed outright leaves no orphan serving on.
-    gateway.kill()
+    gateway.kill_supervisor()
     wait_for(lambda: not any(Path(f"/proc/{p}").exists() for p in pids), timeout=30)
 
 
@@ -176,4 +180,118 @@ def test_a_dead_worker_is_replaced_and_sigterm_stops_every_worker(two_workers):
     while time.monotonic() < deadline and any(Path(f"/proc/{p}").exists() for p in pids):
         time.sleep(0.1)
     assert not any(Path(f"/proc/{p}").exists() for p in pids)
+    assert "Traceback" not in gateway.log()
+
+
+# ---------- the extraction process (server.extraction: process) ----------
+
+
+def user_key(user: str) -> str:
+    return f"sk-own-key-of-{user}"
+
+
+def started_pid(gateway: GatewayProcess, name: str) -> int:
+    """The pid of the latest `name` the supervisor started (from its log)."""
+    found = re.findall(rf"{name} started \(pid (\d+)\)", gateway.log())
+    assert found, gateway.log()
+    return int(found[-1])
+
+
+@pytest.fixture
+def with_extraction_process(upstream: ScriptedUpstream, tmp_path: Path):
+    """Two serving workers and the extraction process; no configured extraction
+    key: each user's exchanges are extracted with the key of their requests."""
+    upstream.script(token_extractor)
+    config = workers_config(upstream, tmp_path, 2, extraction="process")
+    config["server"]["log_level"] = "info"
+    config["memory"]["llm"] = {}
+    gateway = GatewayProcess(config, tmp_path)
+    try:
+        gateway.start()
+        assert gateway.process is not None
+        wait_for(lambda: len(children(gateway.process.pid)) == 3, timeout=30)
+        for _ in range(10):
+            assert httpx.get(gateway.url + "/ready", timeout=30).status_code == 200
+        yield gateway
+    finally:
+        gateway.kill()
+
+
+def check_extracted(
+    gateway: GatewayProcess, upstream: ScriptedUpstream, sent: dict[str, list[str]]
+) -> None:
+    """Every token once, each user's in order, each extracted with its user's key."""
+    with httpx.Client(base_url=gateway.url, timeout=30) as http:
+        wait_for(lambda: spool_drained(http), timeout=120, interval=0.2)
+        memories = {
+            user: http.get("/v1/memories", params={"user_id": user, "limit": 1000}).json()["data"]
+            for user in sent
+        }
+        assert http.get("/v1/memories/jobs", params={"state": "failed"}).json()["data"] == []
+    owner = {token: user for user, tokens in sent.items() for token in tokens}
+    order: dict[str, list[str]] = {user: [] for user in sent}
+    for request in upstream.requests:
+        if is_extraction(request):
+            for token in TOKEN.findall(latest_exchange(request)):
+                user = owner[token]
+                assert request.headers["authorization"] == f"Bearer {user_key(user)}"
+                if token not in order[user]:
+                    order[user].append(token)
+    for user, tokens in sent.items():
+        facts = Counter(t for m in memories[user] for t in TOKEN.findall(m["text"]))
+        assert sorted(facts) == sorted(tokens), f"{user}: lost or foreign exchanges"
+        assert set(facts.values()) == {1}, f"{user}: an exchange was processed twice"
+        assert order[user] == tokens, f"{user}: processed out of order"
+
+
+@pytest.mark.timeout(240)
+def test_the_extraction_process_extracts_every_exchange_once_in_order_with_its_users_key(
+    with_extraction_process, upstream
+):
+    gateway = with_extraction_process
+    sent: dict[str, list[str]] = {user: [] for user in USERS}
+
+    def one_user(user: str) -> None:
+        for i in range(PER_USER // 2):
+            token = new_token()
+            chat(gateway.url, user, token, stream=i % 2 == 1, key=user_key(user))
+            sent[user].append(token)
+
+    threads = [threading.Thread(target=one_user, args=(u,)) for u in USERS]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=180)
+    check_extracted(gateway, upstream, sent)
+
+    # The serving processes only spool: with the extraction process stopped,
+    # an exchange waits for it.
+    extraction = started_pid(gateway, "extraction process")
+    os.kill(extraction, signal.SIGSTOP)
+    try:
+        token = new_token()
+        chat(gateway.url, "ann", token, stream=False, key=user_key("ann"))
+        sent["ann"].append(token)
+        time.sleep(1.5)
+        with httpx.Client(base_url=gateway.url, timeout=30) as http:
+            assert http.get("/v1/memories/stats").json()["spool"]["pending"] == 1
+    finally:
+        os.kill(extraction, signal.SIGCONT)
+    check_extracted(gateway, upstream, sent)
+
+
+@pytest.mark.timeout(240)
+def test_a_killed_extraction_process_is_replaced_and_catches_up(with_extraction_process, upstream):
+    gateway = with_extraction_process
+    first = started_pid(gateway, "extraction process")
+    os.kill(first, signal.SIGKILL)
+    # Chat goes on meanwhile; these exchanges wait in the spool, and their
+    # users' keys in the handoff socket, for the next extraction process.
+    sent = {user: [new_token()] for user in USERS}
+    for user, [token] in sent.items():
+        chat(gateway.url, user, token, stream=False, key=user_key(user))
+    wait_for(lambda: started_pid(gateway, "extraction process") != first, timeout=60)
+    check_extracted(gateway, upstream, sent)
+
+    assert gateway.terminate() == 0, gateway.log()
     assert "Traceback" not in gateway.log()

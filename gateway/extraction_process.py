@@ -1,0 +1,108 @@
+"""The extraction process (`server.extraction: process`): the spool's jobs
+and the store's maintenance, beside the serving processes.
+
+Extraction of an exchange (related-memory search, the LLM call, the store
+write) is CPU work on the event loop. Run inside a serving process it delays
+the next requests; here it has a process, and with two cores a core, of its
+own. The serving processes spool each exchange and send a wake-up with the
+user's key (bring-your-own-key) over the supervisor's socketpair
+(memory/handoff.py); the spool's leases make a job exactly-once whoever
+claims it.
+
+No HTTP server and no Litestar here: only the memory engine, imported in
+the process itself so that the supervisor, which names this module's entry
+point, stays small.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import socket
+import sys
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING
+
+from gateway.config import Config
+from gateway.logs import setup_logging
+from gateway.supervisor import name_process, watch_parent
+from memory.heap import tune_process_heap
+
+if TYPE_CHECKING:
+    from memory.engine import MemoryEngine
+
+logger = logging.getLogger("gateway.extraction")
+
+
+def run_extraction(config: Config, handoff: socket.socket, supervisor: int) -> None:
+    """Process entry point (spawned by the supervisor)."""
+    tune_process_heap()
+    name_process("mg-extraction")
+    setup_logging(config)
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover - uvloop is a dependency off Windows
+        status = asyncio.run(_extract(config, handoff, supervisor))
+    else:
+        status = uvloop.run(_extract(config, handoff, supervisor))
+    sys.exit(status)
+
+
+async def _extract(config: Config, handoff: socket.socket, supervisor: int) -> int:
+    """Run until SIGTERM (or the supervisor is gone); the exit status."""
+    from memory.engine import MemoryEngine
+    from memory.handoff import HandoffReceiver
+
+    loop = asyncio.get_running_loop()
+    stopping = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stopping.set)
+
+    def orphaned() -> None:
+        loop.call_soon_threadsafe(stopping.set)
+
+    watch_parent(supervisor, stop=orphaned)
+    receiver = HandoffReceiver(handoff)
+
+    async def open_engine() -> MemoryEngine:
+        return await MemoryEngine.open(
+            config.memory, config.data_path, default_base_url=config.default_upstream.base_url
+        )
+
+    opening = asyncio.ensure_future(_open(open_engine))
+    stopped = asyncio.ensure_future(stopping.wait())
+    await asyncio.wait([opening, stopped], return_when=asyncio.FIRST_COMPLETED)
+    if not opening.done():
+        opening.cancel()
+        return 0
+    stopped.cancel()
+    engine = opening.result()
+    if engine is None:
+        return 3  # not something waiting fixes: the supervisor gives up after 3
+    try:
+        receiver.start(engine.receive)
+        await engine.start()
+        logger.info("extraction process ready")
+        await stopping.wait()
+    finally:
+        receiver.close()
+        # Running jobs go back to the spool; another start takes them up.
+        await engine.close()
+    return 0
+
+
+async def _open(open_engine: Callable[[], Awaitable[MemoryEngine]]) -> MemoryEngine | None:
+    """Open the engine; while the embedder is unreachable, keep trying."""
+    from memory.embedding import EmbedderError
+    from memory.engine import open_when_possible
+
+    try:
+        return await open_engine()
+    except (EmbedderError, OSError) as exc:
+        logger.error(
+            "memory is unavailable, extraction waits and retries: %s: %s",
+            type(exc).__name__,
+            str(exc)[:300],
+        )
+    return await open_when_possible(open_engine)

@@ -1,0 +1,97 @@
+"""Exchanges recorded in one process, extracted in another.
+
+With an extraction process (`server.extraction: process`), the serving
+processes only spool exchanges; the extraction process claims and processes
+them. The spool on disk carries the exchanges themselves. This channel
+carries the two things that must not touch disk or that only save time: the
+key a bring-your-own-key user's extraction is paid with, and a wake-up, so a
+job starts at once instead of at the extraction process's next poll.
+
+One datagram per message on a Unix socketpair that the supervisor creates and
+every process inherits: a datagram is delivered whole, so messages of
+several senders never interleave, and sending never blocks. When the
+receiver is behind (its queue full) or restarting, a message is dropped: the
+poll still finds the job, and the user's next request brings the key again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+from collections.abc import Callable
+
+import msgspec
+
+log = logging.getLogger(__name__)
+
+# User ids are at most 256 characters; a key longer than ~16 KiB is not handed over.
+MAX_MESSAGE = 16 * 1024
+
+Message = tuple[str | None, str | None]  # (user_id, key); (None, None) only wakes
+
+
+def channel() -> tuple[socket.socket, socket.socket]:
+    """(sender end, receiver end), inheritable by spawned processes."""
+    sender, receiver = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+    for end in (sender, receiver):
+        end.set_inheritable(True)
+    return sender, receiver
+
+
+class HandoffSender:
+    """The serving side: wake the extraction process, hand it a user's key."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        sock.setblocking(False)
+        self._sock = sock
+        self.dropped = 0
+
+    def send(self, user_id: str | None = None, api_key: str | None = None) -> None:
+        data = msgspec.json.encode((user_id, api_key))
+        if len(data) > MAX_MESSAGE:
+            log.warning("user id or key too long to hand to the extraction process; not sent")
+            return
+        try:
+            self._sock.send(data)
+        except (BlockingIOError, InterruptedError):
+            # The extraction process is behind; its poll finds the job anyway.
+            self.dropped += 1
+        except OSError as exc:
+            self.dropped += 1
+            log.warning("cannot reach the extraction process: %s", exc.strerror or exc)
+
+    def close(self) -> None:
+        self._sock.close()
+
+
+class HandoffReceiver:
+    """The extraction side: messages are read on the event loop, never blocking it."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        sock.setblocking(False)
+        self._sock = sock
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    def start(self, on_message: Callable[[str | None, str | None], None]) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._loop.add_reader(self._sock.fileno(), self._readable, on_message)
+
+    def _readable(self, on_message: Callable[[str | None, str | None], None]) -> None:
+        while True:
+            try:
+                data = self._sock.recv(MAX_MESSAGE + 1)
+            except (BlockingIOError, InterruptedError):
+                return
+            try:
+                user_id, api_key = msgspec.json.decode(data, type=Message)
+            except msgspec.DecodeError:
+                log.warning("unreadable handoff message ignored (%d bytes)", len(data))
+                continue
+            on_message(user_id, api_key)
+
+    def close(self) -> None:
+        if self._loop is not None:
+            self._loop.remove_reader(self._sock.fileno())
+            self._loop = None
+        self._sock.close()
