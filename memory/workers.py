@@ -3,13 +3,16 @@
 The spool decides what may run (per-user order, leases); the pool runs up to
 `spool.concurrency` jobs, renews their leases, turns failures into retries with
 capped exponential backoff, and parks a job as failed after `max_attempts`.
-Enqueues in this process wake idle workers at once; a slow poll covers jobs
-written by other processes and backoffs coming due.
+Enqueues in this process wake an idle worker at once (one: a worker that got
+a job wakes the next, so a burst fans out and a lone job does not make every
+worker query the spool); a slow poll covers jobs written by other processes
+and backoffs coming due.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import logging
 import random
@@ -58,6 +61,11 @@ class WorkerPool:
         self._users = users
         self._tasks: list[asyncio.Task[None]] = []
         self._wakers: list[asyncio.Event] = []
+        # Workers waiting for work, the longest idle first.
+        self._idle: collections.deque[asyncio.Event] = collections.deque()
+        # A wake-up that found no idle worker: the next worker to finish a
+        # claim looks again instead of sleeping (no lost wake-up).
+        self._missed = False
         self._inflight: dict[str, tuple[Job, asyncio.Task[None]]] = {}
         self._changed = asyncio.Event()
         self._stopping = False
@@ -79,7 +87,15 @@ class WorkerPool:
             self._tasks.append(asyncio.create_task(self._work(waker), name=f"spool-worker-{n}"))
 
     def notify(self) -> None:
-        """Something may have become claimable: wake every idle worker."""
+        """Something may have become claimable: wake one idle worker."""
+        while self._idle:
+            waker = self._idle.popleft()
+            if not waker.is_set():
+                waker.set()
+                return
+        self._missed = True
+
+    def _notify_all(self) -> None:
         for waker in self._wakers:
             waker.set()
 
@@ -96,12 +112,13 @@ class WorkerPool:
     async def stop(self) -> None:
         """Stop claiming; interrupt running jobs and give their leases back."""
         self._stopping = True
-        self.notify()
+        self._notify_all()
         for _, task in list(self._inflight.values()):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         self._tasks.clear()
         self._wakers.clear()
+        self._idle.clear()
 
     async def cancel_user(self, user_id: str) -> None:
         """Stop this process's running jobs of a user (their rows are being erased)."""
@@ -120,16 +137,25 @@ class WorkerPool:
                 log.exception("claiming a spool job failed")
                 claim = None
             if claim is not None and claim.job is not None:
+                self.notify()  # there may be more: let the next idle worker look
                 try:
                     await self._run(claim.job)
                 except Exception:
                     log.exception("spool worker error on job %s", claim.job.id)
                 continue
+            if self._missed:
+                self._missed = False
+                continue
             wait = self._config.poll_interval
             if claim is not None and claim.wait is not None:
                 wait = min(wait, claim.wait + 0.01)
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(waker.wait(), wait)
+            self._idle.append(waker)
+            try:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(waker.wait(), wait)
+            finally:
+                with contextlib.suppress(ValueError):
+                    self._idle.remove(waker)
 
     async def _maybe_purge(self) -> None:
         now = time.monotonic()
