@@ -164,6 +164,8 @@ class NgramIndex:
         self._live = np.zeros(16, dtype=bool)
         self._docs = 0
         self._total = 0.0
+        # Documents removed since the build: while 0, every posting is live.
+        self._removed = 0
 
     @classmethod
     def build(cls, texts: Sequence[str]) -> NgramIndex:
@@ -209,6 +211,7 @@ class NgramIndex:
             self._live[doc] = False
             self._total -= float(self._lengths[doc])
             self._docs -= 1
+            self._removed += 1
 
     def _segments(self) -> list[_Segment]:
         """The base and an up-to-date delta, merging first when the delta is large."""
@@ -254,13 +257,19 @@ class NgramIndex:
             tfs_parts.append(segment.tfs[at])
             key_parts.append(np.repeat(np.arange(len(start)), stop - start))
         docs = np.concatenate(docs_parts)
-        tfs = np.concatenate(tfs_parts).astype(np.float64)
+        tfs = np.concatenate(tfs_parts).astype(np.float32)
         key_of = np.concatenate(key_parts)
-        live = self._live[docs]
-        df = np.bincount(key_of[live], minlength=int(keep.sum()))
-        idf = np.log1p((self._docs - df + 0.5) / (df + 0.5))
-        norm = K1 * (1 - B + B * self._lengths[docs].astype(np.float64) / avg)
-        weights = np.where(live, idf[key_of] * tfs * (K1 + 1) / (tfs + norm), 0.0)
+        norm = np.float32(K1) * (np.float32(1 - B) + np.float32(B / avg) * self._lengths[docs])
+        if self._removed == 0:
+            # No document removed: postings per key are its document frequency.
+            df = found[keep]
+            idf = np.log1p((self._docs - df + 0.5) / (df + 0.5)).astype(np.float32)
+            weights = idf[key_of] * tfs * (K1 + 1) / (tfs + norm)
+        else:
+            live = self._live[docs]
+            df = np.bincount(key_of[live], minlength=int(keep.sum()))
+            idf = np.log1p((self._docs - df + 0.5) / (df + 0.5)).astype(np.float32)
+            weights = np.where(live, idf[key_of] * tfs * (K1 + 1) / (tfs + norm), 0.0)
         scored = np.bincount(docs, weights=weights, minlength=size)
         out[:] = scored[:size]
         return out
