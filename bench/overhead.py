@@ -10,7 +10,8 @@ Latencies are pooled over the rounds; "added" is the target's percentile minus
 the direct one, "ratio" is the target's requests/s over direct's. After each
 memory-on measurement the run waits until that gateway's extraction backlog is
 drained, so it does not run during the next target's measurement.
-`--workers N` adds both gateways again with `server.workers: N`.
+`--workers N` adds both gateways again with `server.workers: N`;
+`--extraction-process` adds memory on with `server.extraction: process`.
 
     python bench/overhead.py                   # everything, ~5 minutes
     python bench/overhead.py --no-litellm --rounds 2 --duration 2
@@ -248,9 +249,9 @@ def main() -> None:
         help="also measure the gateways with this many worker processes (server.workers)",
     )
     parser.add_argument(
-        "--inline",
+        "--extraction-process",
         action="store_true",
-        help="also measure memory on with extraction inside the serving process",
+        help="also measure memory on with server.extraction: process",
     )
     parser.add_argument("--litellm-venv", type=Path, default=LITELLM_VENV)
     parser.add_argument("--litellm-install-timeout", type=float, default=600)
@@ -274,18 +275,19 @@ def main() -> None:
             gw, port = start_gateway("gateway-on", workdir, up_port, data, {"enabled": True})
             procs.append(gw)
             targets[f"gateway, memory on ({args.memories // 1000}k)"] = (port, [])
-            if args.inline:
-                data = seeded_data(args.memories, workdir, "data-on-inline")
+            if args.extraction_process:
+                data = seeded_data(args.memories, workdir, "data-on-extraction")
                 gw, port = start_gateway(
-                    "gateway-on-inline",
+                    "gateway-on-extraction",
                     workdir,
                     up_port,
                     data,
                     {"enabled": True},
-                    server={"extraction": "inline"},
+                    server={"extraction": "process"},
                 )
                 procs.append(gw)
-                targets[f"gateway, memory on ({args.memories // 1000}k), inline"] = (port, [])
+                label = f"gateway, memory on ({args.memories // 1000}k), extraction process"
+                targets[label] = (port, [])
         if args.workers > 1:
             server = {"workers": args.workers}
             gw, port = start_gateway(

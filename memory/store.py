@@ -806,7 +806,11 @@ class MemoryStore:
             return []
         if self._cache is not None:
             embedded, entry = await asyncio.gather(self._embed([text]), self._scope_index(scope))
-            found = await self._score(entry.nearest, embedded[0], k)
+            if len(entry) < _INLINE_ROWS:
+                found = entry.nearest(embedded[0], k)
+            else:
+                # Background work: not on the scoring thread, where requests' searches queue.
+                found = await asyncio.to_thread(entry.nearest, embedded[0], k)
             rows = [row for row, _ in found]
             materialize(rows)
             return [_to_memory(row) for row in rows]
@@ -825,11 +829,14 @@ class MemoryStore:
     # ---------- the scope cache ----------
 
     async def _score(self, fn: Callable[..., T], *args: Any) -> T:
-        """Run scoring (numpy, GIL released) on the store's one scoring thread.
+        """Score a request's search (numpy, GIL released) on the store's one
+        scoring thread.
 
         Concurrent searches queue for it rather than each taking a thread of
         the default pool: on 2 cores, six scans of the same 20 MiB matrix at
         once thrash the caches and each became ~2.5x slower than one alone.
+        Background work (the extractor's `related`) stays off it, so requests
+        never queue behind it.
         """
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._scorer, functools.partial(fn, *args))
