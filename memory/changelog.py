@@ -6,10 +6,13 @@ under it, the other process's write may have touched any user; without this
 log the only safe answer is to drop the whole cache (a 10k-memory user costs
 ~0.3-0.7 s to reload). Writers record `(version, user, ids)` right after
 their commit; a reader that sees versions V0 -> V1 re-reads just those rows
-of the users it has cached (`ids` NULL: the whole user, reloaded). A version
-still unrecorded is waited for briefly (its writer records it milliseconds
-after committing), then the whole cache is dropped: a writer that died in
-between, compaction by maintenance and a pruned log cost speed, never
+of the users it has cached (`ids` NULL: the whole user, reloaded).
+Maintenance records its own versions (compaction, index updates) as changing
+nothing: it runs while no other process can commit (the store's write lock,
+shared by writers, exclusive for maintenance), so every version in its span
+is its own. A version still unrecorded is waited for briefly (its writer
+records it milliseconds after committing), then the whole cache is dropped:
+a writer that died in between, or a pruned log, costs speed, never
 correctness.
 
 SQLite in WAL mode, `synchronous=NORMAL`: a record lost to a power cut is a
@@ -20,7 +23,7 @@ from __future__ import annotations
 
 import sqlite3
 import threading
-from collections.abc import Collection, Mapping
+from collections.abc import Collection, Iterable, Mapping
 from pathlib import Path
 
 import msgspec
@@ -39,6 +42,9 @@ KEEP_VERSIONS = 100_000
 # A write of more rows than this for one user is logged as "the whole user":
 # re-reading that many rows by id costs more than reloading the scope.
 MAX_IDS = 256
+
+# The user of a version logged as changing no memory (user ids are never empty).
+_NOBODY = ""
 
 # user_id -> the ids a version changed, or None for "any of that user's rows".
 Changes = Mapping[str, Collection[str] | None]
@@ -68,6 +74,14 @@ class ChangeLog:
             )
             for user, ids in changes.items()
         ]
+        self._insert(rows)
+
+    def record_unchanged(self, versions: Iterable[int]) -> None:
+        """Versions that changed no memory (compaction, index updates): other
+        processes' caches stay as they are."""
+        self._insert([(version, _NOBODY, "[]") for version in versions])
+
+    def _insert(self, rows: list[tuple[int, str, str | None]]) -> None:
         if not rows:
             return
         with self._lock:
@@ -93,8 +107,11 @@ class ChangeLog:
             ).fetchall()
         out: dict[int, dict[str, frozenset[str] | None]] = {}
         for version, user, ids in rows:
-            changed = None if ids is None else frozenset(msgspec.json.decode(ids, type=list[str]))
-            out.setdefault(version, {})[user] = changed
+            changes = out.setdefault(version, {})
+            if user != _NOBODY:
+                changes[user] = (
+                    None if ids is None else frozenset(msgspec.json.decode(ids, type=list[str]))
+                )
         return out
 
     def prune(self, current: int) -> None:

@@ -15,10 +15,12 @@ from pathlib import Path
 
 
 class FileLock:
-    """An exclusive lock on `path`, held until `release()` (or process exit)."""
+    """A lock on `path`, held until `release()` (or process exit): exclusive,
+    or `shared` with other shared holders."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, *, shared: bool = False) -> None:
         self.path = Path(path)
+        self._mode = fcntl.LOCK_SH if shared else fcntl.LOCK_EX
         self._fd: int | None = None
 
     @property
@@ -30,7 +32,7 @@ class FileLock:
             return True
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX if blocking else fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(fd, self._mode if blocking else self._mode | fcntl.LOCK_NB)
         except BlockingIOError:
             os.close(fd)
             return False
@@ -52,8 +54,8 @@ class FileLock:
 
 
 @contextlib.asynccontextmanager
-async def locked(path: Path) -> AsyncIterator[None]:
-    lock = FileLock(path)
+async def locked(path: Path, *, shared: bool = False) -> AsyncIterator[None]:
+    lock = FileLock(path, shared=shared)
     await lock.acquire()
     try:
         yield

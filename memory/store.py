@@ -44,6 +44,7 @@ from memory.embedding import Embedder, EmbedderError
 from memory.filters import build_filter, scope_filter
 from memory.fusion import boosted_similarity, reciprocal_rank_fusion
 from memory.heap import release_free_memory
+from memory.locks import locked
 from memory.models import Actor, HistoryEntry, Hit, Memory, Operation, Scope
 from memory.schema import (
     HISTORY,
@@ -110,6 +111,10 @@ _WRITE_ATTEMPTS = 6
 _UNLOGGED_GRACE = 1.0
 # Beside the tables: which users each table version changed (memory/changelog.py).
 CHANGES_FILE = "_changes.sqlite3"
+# Held shared by every process while it commits to the memories table and logs
+# the commit, exclusively by maintenance: the versions in an optimize's span
+# are then all its own.
+WRITES_LOCK = "_writes.lock"
 _SPACE = re.compile(r"\s+")
 _TRAILING = ".!?;,\u3002\uff01\uff1f\uff1b\uff0c"  # ASCII and full-width
 
@@ -385,6 +390,7 @@ class MemoryStore:
     ) -> None:
         self._path = path
         self._changes = changes
+        self._writes_lock = path / WRITES_LOCK
         self._db = db
         self._memories = memories
         self._history = history
@@ -543,22 +549,23 @@ class MemoryStore:
         self._own_writes += 1
         try:
             known = self._version
-            try:
-                result = await self._retry(fn)
-            except BaseException:
-                # Written or not, we cannot tell: the cache must not guess.
-                if self._cache is not None:
-                    self._cache.clear()
-                self._version = None
-                raise
-            mine = getattr(result, "version", None)
-            if mine is not None:
+            async with locked(self._writes_lock, shared=True):
                 try:
-                    await asyncio.to_thread(self._changes.record, mine, changes)
-                except Exception as exc:
-                    # The write stands; other processes see an unlogged
-                    # version and drop their whole cache, which is safe.
-                    log.warning("could not log table version %s: %s", mine, exc)
+                    result = await self._retry(fn)
+                except BaseException:
+                    # Written or not, we cannot tell: the cache must not guess.
+                    if self._cache is not None:
+                        self._cache.clear()
+                    self._version = None
+                    raise
+                mine = getattr(result, "version", None)
+                if mine is not None:
+                    try:
+                        await asyncio.to_thread(self._changes.record, mine, changes)
+                    except Exception as exc:
+                        # The write stands; other processes see an unlogged
+                        # version and drop their whole cache, which is safe.
+                        log.warning("could not log table version %s: %s", mine, exc)
             if self._cache is None:
                 return
             after = await self._memories.version()
@@ -1306,12 +1313,10 @@ class MemoryStore:
     async def optimize(self) -> None:
         """Compact fragments, fold new rows into the indices, drop old versions."""
         keep = timedelta(seconds=self._config.maintenance.keep_versions_seconds)
-        async with self._lock:
-            # Compaction and index updates make versions without changing any
-            # row: the cache stays. Writes of other processes are followed by
-            # the change log: those before the optimize as usual, those during
-            # it by the users they logged (a write logged only after the
-            # optimize returned is missed: see docs/gateway.md).
+        # Exclusive: no process commits while this one optimizes, so every
+        # version from here to the end is maintenance's own (compaction, index
+        # updates), logged as changing nothing: other processes' caches stay.
+        async with self._lock, locked(self._writes_lock):
             start = await self._memories.version()
             self._own_writes += 1
             try:
@@ -1326,13 +1331,13 @@ class MemoryStore:
                 await self._reconnect()
             finally:
                 end = await self._memories.version()
+                ours = range(start + 1, end + 1)
+                try:
+                    await asyncio.to_thread(self._changes.record_unchanged, ours)
+                except Exception as exc:
+                    # Others then see unlogged versions and drop their caches: safe.
+                    log.warning("could not log the maintenance versions: %s", exc)
                 if self._cache is not None:
-                    try:
-                        during = await asyncio.to_thread(self._changes.logged, start + 1, end)
-                    except Exception:
-                        self._cache.clear()
-                        during = {}
-                    await self._refresh(during)
                     self._version = end
                 self._own_writes -= 1
             with contextlib.suppress(Exception):

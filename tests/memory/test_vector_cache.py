@@ -14,9 +14,10 @@ from conftest import HashEmbedder
 
 from memory.changelog import MAX_IDS, ChangeLog, merged
 from memory.config import MemoryConfig, SearchConfig
+from memory.locks import FileLock
 from memory.models import Memory, Operation, Scope
 from memory.ngram_index import NgramIndex, ngrams
-from memory.store import MemoryStore
+from memory.store import WRITES_LOCK, MemoryStore
 from memory.vectors import ScopeCache, ScopeIndex
 
 ALICE = Scope(user_id="alice")
@@ -372,6 +373,49 @@ async def test_another_process_writing_to_a_cached_user_updates_it_in_place(tmp_
         await first.close()
 
 
+async def test_maintenance_by_another_process_leaves_the_cache_in_place(tmp_path):
+    """Compaction changes no memory: it is logged as such, and other processes
+    keep their cached users instead of reloading them all."""
+    first = await MemoryStore.open(tmp_path / "m", HashEmbedder(), cached())
+    maintainer = await MemoryStore.open(tmp_path / "m", HashEmbedder(), cached())
+    try:
+        for i in range(5):
+            await maintainer.add(ALICE, f"Fact number {i} about violins")
+        assert len(await texts(first, ALICE, "violins")) == 5
+        assert first._cache is not None
+        entry = first._cache.get(("alice", None))
+        await maintainer.optimize()
+        await maintainer.add(BOB, "Plays the drums")
+        await maintainer.optimize()
+        assert len(await texts(first, ALICE, "violins")) == 5
+        await asyncio.sleep(1.1)  # past the grace an unlogged version would get
+        assert len(await texts(first, ALICE, "violins")) == 5
+        assert first._cache.get(("alice", None)) is entry  # not dropped
+        await maintainer.add(ALICE, "Speaks Korean")
+        assert (await texts(first, ALICE, "Korean"))[0] == "Speaks Korean"
+        assert first._cache.get(("alice", None)) is entry
+    finally:
+        await maintainer.close()
+        await first.close()
+
+
+async def test_maintenance_waits_for_a_commit_in_progress_elsewhere(tmp_path):
+    """Writers hold the store's write lock shared while they commit and log;
+    maintenance takes it exclusively, so no foreign version lands in its span."""
+    store = await MemoryStore.open(tmp_path / "m", HashEmbedder(), cached())
+    try:
+        await store.add(ALICE, "Plays the violin")
+        writer = FileLock(tmp_path / "m" / WRITES_LOCK, shared=True)
+        assert await writer.acquire()
+        optimizing = asyncio.ensure_future(store.optimize())
+        await asyncio.sleep(0.3)
+        assert not optimizing.done()
+        writer.release()
+        await asyncio.wait_for(optimizing, 30)
+    finally:
+        await store.close()
+
+
 def test_the_change_log_names_rows_up_to_a_bound_then_the_whole_user(tmp_path):
     log = ChangeLog(tmp_path / "changes.sqlite3")
     try:
@@ -381,6 +425,8 @@ def test_the_change_log_names_rows_up_to_a_bound_then_the_whole_user(tmp_path):
         assert logged == {7: {"alice": frozenset({"a", "b"}), "bob": None}, 8: {"alice": None}}
         assert merged({7: logged[7]}) == {"alice": {"a", "b"}, "bob": None}
         assert merged(logged) == {"alice": None, "bob": None}
+        log.record_unchanged([9, 10])
+        assert log.logged(9, 10) == {9: {}, 10: {}}
     finally:
         log.close()
 
