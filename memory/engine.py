@@ -303,14 +303,22 @@ class MemoryEngine:
     ) -> AddResult:
         """Add memories: verbatim (`infer=False`) or by extraction through the spool.
 
-        `metadata` applies to verbatim memories only; extracted facts carry none.
+        `metadata` goes on every memory added: the verbatim ones, or the facts
+        extraction adds (a fact that updates an existing memory keeps that
+        memory's metadata).
         """
         if (text is None) == (messages is None):
             raise ValueError("give exactly one of `text` or `messages`")
         if messages is None:
             messages = [{"role": "user", "content": text}]
         if infer:
-            exchange = Exchange(scope=scope, messages=messages, reply=None, at=datetime.now(UTC))
+            exchange = Exchange(
+                scope=scope,
+                messages=messages,
+                reply=None,
+                at=datetime.now(UTC),
+                metadata=metadata or None,
+            )
             return AddResult(job_id=await self.record_exchange(exchange, api_key=api_key))
         texts = user_texts(messages)
         if not texts:
@@ -372,7 +380,13 @@ class MemoryEngine:
             raise LeaseLost(job.id)
         await _uncancellable(
             self.store.apply(
-                scope, ops, source=job.id, actor="extractor", at=exchange.at, fresh=fresh
+                scope,
+                ops,
+                source=job.id,
+                actor="extractor",
+                at=exchange.at,
+                fresh=fresh,
+                metadata=exchange.metadata,
             )
         )
 

@@ -102,6 +102,8 @@ class Exchange(msgspec.Struct, kw_only=True):
     reply: str | None
     at: datetime
     source: str | None = None
+    # Given to the memories its extraction adds (`add(..., infer=True, metadata=...)`).
+    metadata: dict[str, Any] | None = None
 
 
 class SpoolStats(msgspec.Struct, kw_only=True):

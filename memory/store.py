@@ -218,8 +218,10 @@ class _ApplyRequest:
         at: datetime,
         fresh: bool,
         vectors: dict[str, np.ndarray],
+        metadata: str = "{}",
     ) -> None:
         self.scope = scope
+        self.metadata = metadata  # JSON, for the rows its ADDs insert
         self.ops = ops
         self.source = source
         self.actor = actor
@@ -314,7 +316,7 @@ class _Plan:
                 digest = normalized_hash(text)
                 if digest in active_hashes:
                     continue
-                inserts[nid] = new_row(i, text, scope.agent_id, scope.session_id, "{}")
+                inserts[nid] = new_row(i, text, scope.agent_id, scope.session_id, request.metadata)
                 active_hashes[digest] = nid
                 entry(i, nid, "ADD", None, text, scope.agent_id)
             elif op.op == "UPDATE":
@@ -942,6 +944,7 @@ class MemoryStore:
         actor: Actor,
         at: datetime,
         fresh: bool = False,
+        metadata: dict[str, Any] | None = None,
     ) -> list[HistoryEntry]:
         """Apply one extraction job's decisions; replaying the same job is a no-op.
 
@@ -959,7 +962,16 @@ class MemoryStore:
         # Embedded before queueing, outside the lock: the embedder batches
         # concurrent jobs, and the writer never waits on it.
         vectors = dict(zip(texts, await self._embed(texts), strict=True)) if texts else {}
-        request = _ApplyRequest(scope, ops, source, actor, _utc(at), fresh, vectors)
+        request = _ApplyRequest(
+            scope,
+            ops,
+            source,
+            actor,
+            _utc(at),
+            fresh,
+            vectors,
+            msgspec.json.encode(metadata or {}).decode(),
+        )
         self._applies.append(request)
         if self._applier is None or self._applier.done():
             self._applier = asyncio.ensure_future(self._drain_applies())

@@ -369,6 +369,34 @@ async def test_add_verbatim_or_by_inference(open_engine):
         await engine.add(ALICE, infer=False)
 
 
+async def test_metadata_given_to_an_inferred_add_goes_on_the_facts_it_adds(open_engine):
+    llm = ScriptedLLM(
+        [
+            ops({"op": "ADD", "text": "User has two kids"}),
+            lambda call: ops(
+                {"op": "UPDATE", "id": _alias(call, "kids"), "text": "User has three kids"},
+                {"op": "ADD", "text": "User lives in Lyon"},
+            ),
+        ]
+    )
+    engine = await open_engine(llm)
+    first = await engine.add(
+        ALICE, messages=[{"role": "user", "content": "I have two kids"}], metadata={"src": "crm"}
+    )
+    assert (await engine.wait(first.job_id, timeout=30)).state == "done"
+    second = await engine.add(
+        ALICE,
+        messages=[{"role": "user", "content": "Three kids now, and we live in Lyon"}],
+        metadata={"src": "import"},
+    )
+    assert (await engine.wait(second.job_id, timeout=30)).state == "done"
+    # An update keeps the memory's metadata; a new fact gets its add's.
+    assert sorted((m.text, m.metadata) for m in await engine.list(ALICE)) == [
+        ("User has three kids", {"src": "crm"}),
+        ("User lives in Lyon", {"src": "import"}),
+    ]
+
+
 async def test_export_and_import_move_a_users_memories(open_engine):
     engine = await open_engine(ScriptedLLM())
     await engine.add(ALICE, text="User lives in Berlin", infer=False)
