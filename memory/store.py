@@ -23,7 +23,7 @@ import re
 import time
 import unicodedata
 import uuid
-from collections import Counter
+from collections import Counter, OrderedDict
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
@@ -103,6 +103,8 @@ _APPLY_GROUP = 64
 _OR_CHUNK = 64
 # Cached scopes smaller than this are scored on the event loop (a thread hop costs more).
 _INLINE_ROWS = 2048
+# Recent searches' top lists kept for `related` (see there).
+_RECENT_SEARCHES = 1024
 # Scopes this large leave enough freed heap behind to be worth a malloc_trim.
 _TRIM_AFTER_ROWS = 1000
 _WRITE_ATTEMPTS = 6
@@ -229,6 +231,19 @@ class _ApplyRequest:
         self.fresh = fresh
         self.vectors = vectors
         self.future: asyncio.Future[list[HistoryEntry]] = asyncio.get_running_loop().create_future()
+
+
+class _Nearest:
+    """A search's cosine top list, valid while its scope's cache token holds."""
+
+    __slots__ = ("complete", "rows", "token")
+
+    def __init__(
+        self, token: tuple[int, int], rows: list[Mapping[str, Any]], complete: bool
+    ) -> None:
+        self.token = token
+        self.rows = rows  # best first
+        self.complete = complete  # every active row of the scope is in `rows`
 
 
 class _Plan:
@@ -407,6 +422,10 @@ class MemoryStore:
         cache_bytes = config.search.cache_bytes
         self._cache = ScopeCache(cache_bytes) if cache_bytes > 0 else None
         self._loading: dict[Key, asyncio.Future[ScopeIndex]] = {}
+        # What recent searches found nearest by cosine, by (scope, query): the
+        # extraction of a chat exchange asks `related` for the same text the
+        # request searched with, moments later (see `related`).
+        self._recent: OrderedDict[tuple[Key, str], _Nearest] = OrderedDict()
         self._scorer = ThreadPoolExecutor(1, thread_name_prefix="memory-scoring")
         # The table version the cache reflects; None until first checked.
         self._version: int | None = None
@@ -727,12 +746,14 @@ class MemoryStore:
         candidates = max(limit * 3, 20)
         fts_text = query.strip()[:_FTS_QUERY_CHARS] if search.hybrid else ""
         if self._cache is not None and not include_superseded:
+            token = self._cache.token(scope.user_id)
             embedded, entry = await asyncio.gather(self._embed([query]), self._scope_index(scope))
             vector = embedded[0]
             if len(entry) < _INLINE_ROWS:
                 found = entry.candidates(vector, fts_text, candidates)
             else:
                 found = await self._score(entry.candidates, vector, fts_text, candidates)
+            self._remember(scope, query, token, found, complete=len(found.by_vector) == len(entry))
         else:
             vector = (await self._embed([query]))[0]
             where = scope_filter(scope, active_only=not include_superseded)
@@ -809,11 +830,48 @@ class MemoryStore:
             log.exception("full-text search failed; using vector results only")
             return []
 
+    def _remember(
+        self, scope: Scope, query: str, token: tuple[int, int], found: Candidates, complete: bool
+    ) -> None:
+        if self._cache is None or token != self._cache.token(scope.user_id):
+            return  # the scope changed during the search: nothing to vouch for
+        key = ((scope.user_id, scope.agent_id), query)
+        self._recent[key] = _Nearest(token, [row for row, _ in found.by_vector], complete)
+        self._recent.move_to_end(key)
+        while len(self._recent) > _RECENT_SEARCHES:
+            self._recent.popitem(last=False)
+
+    async def _recently_found(self, scope: Scope, text: str, k: int) -> list[Memory] | None:
+        """`related(scope, text, k)` from a recent search with the same text,
+        when the scope has not changed since (same cache token) and it kept
+        at least `k` rows (or all of them)."""
+        assert self._cache is not None
+        recent = self._recent.get(((scope.user_id, scope.agent_id), text))
+        if recent is None:
+            return None
+        await self._check_version()  # follows other processes' writes: bumps the token
+        if recent.token != self._cache.token(scope.user_id):
+            return None
+        if len(recent.rows) < k and not recent.complete:
+            return None
+        rows = recent.rows[:k]
+        materialize(rows)
+        return [_to_memory(row) for row in rows]
+
     async def related(self, scope: Scope, text: str, k: int) -> list[Memory]:
-        """The `k` active memories closest to `text` (the extractor's context)."""
+        """The `k` active memories closest to `text` (the extractor's context).
+
+        The request that produced an exchange searched with its user's turn a
+        moment before its extraction asks for this: the search's cosine top
+        list answers it, with no embedding and no scan, while the scope is
+        unchanged.
+        """
         if k <= 0:
             return []
         if self._cache is not None:
+            known = await self._recently_found(scope, text, k)
+            if known is not None:
+                return known
             embedded, entry = await asyncio.gather(self._embed([text]), self._scope_index(scope))
             if len(entry) < _INLINE_ROWS:
                 found = entry.nearest(embedded[0], k)

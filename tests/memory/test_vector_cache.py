@@ -234,6 +234,41 @@ async def test_every_kind_of_write_keeps_the_cache_exact(pair):
     assert await texts(fast, BOB, "violin") == ["Plays the violin in Shanghai"]
 
 
+async def test_related_after_a_search_with_the_same_text_reuses_what_it_found(tmp_path):
+    """A chat request searches with its user's turn; its extraction then asks
+    for the memories nearest that same turn. While the scope is unchanged the
+    search's top list answers, with no embedding and no scan; after a write it
+    is computed again."""
+    embedder = HashEmbedder()
+    store = await MemoryStore.open(tmp_path / "m", embedder, cached())
+    try:
+        for text in ["Plays the violin", "Lives in Shanghai", "Has a cat", "Likes tea"]:
+            await store.add(ALICE, text)
+        turn = "I played the violin in Shanghai yesterday"
+        await store.search(ALICE, turn)
+        embedded = len(embedder.calls)
+        reused = await store.related(ALICE, turn, 3)
+        assert len(embedder.calls) == embedded  # no embedding: the search's list
+        assert store._cache is not None
+        entry = store._cache.get(("alice", None))
+        assert entry is not None
+        vector = (await embedder.embed([turn]))[0]
+        assert [m.id for m in reused] == [row["id"] for row, _ in entry.nearest(vector, 3)]
+
+        await store.add(ALICE, "Played the violin in Shanghai at a concert")
+        embedded = len(embedder.calls)
+        fresh = await store.related(ALICE, turn, 3)
+        assert len(embedder.calls) == embedded + 1  # the scope changed: computed again
+        assert fresh[0].text == "Played the violin in Shanghai at a concert"
+        # Another scope, or another text, never borrows the list.
+        assert await store.related(BOB, turn, 3) == []
+        embedded = len(embedder.calls)
+        await store.related(ALICE, "Something else entirely", 3)
+        assert len(embedder.calls) == embedded + 1
+    finally:
+        await store.close()
+
+
 async def test_agent_scopes_are_cached_apart(tmp_path):
     store = await MemoryStore.open(tmp_path / "m", HashEmbedder(), cached())
     try:
