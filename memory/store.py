@@ -935,7 +935,7 @@ class MemoryStore:
         table = (
             await self._memories.query()
             .where(scope_filter(scope, active_only=True))
-            .select([*_MEMORY_COLUMNS, "vector"])
+            .select([*_MEMORY_COLUMNS, "hash", "vector"])
             .to_arrow()
         )
         # Not on the scoring thread: a cold load must not hold up other searches.
@@ -1075,10 +1075,14 @@ class MemoryStore:
         id_filters = [
             scope_filter(p.request.scope, ids=p.lookup_ids) for p in plans if p.lookup_ids
         ]
+        # Active rows with the new texts' hashes: from the search cache when
+        # the scope is cached (brought up to other processes' writes first),
+        # else from LanceDB.
+        cached = await self._cached_hashes(plans)
         hash_filters = [
             scope_filter(p.request.scope, hashes=p.hashes, active_only=True)
             for p in plans
-            if p.hashes
+            if p.hashes and id(p) not in cached
         ]
         entry_ids = [e for p in plans if not p.request.fresh for e in p.entry_ids.values()]
         by_id = await self._rows_any(id_filters, vectors=True)
@@ -1093,9 +1097,13 @@ class MemoryStore:
             scope = plan.request.scope
             existing = {r["id"]: r for r in by_id if _in_scope(r, scope)}
             wanted = set(plan.hashes)
-            active = {
-                r["hash"]: r["id"] for r in by_hash if r["hash"] in wanted and _in_scope(r, scope)
-            }
+            active = cached.get(id(plan))
+            if active is None:
+                active = {
+                    r["hash"]: r["id"]
+                    for r in by_hash
+                    if r["hash"] in wanted and _in_scope(r, scope)
+                }
             plan.decide(existing, active, recorded)
             for row in plan.inserts.values():
                 vector = plan.request.vectors.get(row["text"])
@@ -1119,6 +1127,22 @@ class MemoryStore:
         for scope, ids in deletes:
             await self._remove(scope, ids)
         return [[_to_entry(e) for e in job] for job in entries]
+
+    async def _cached_hashes(self, plans: Sequence[_Plan]) -> dict[int, dict[str, str]]:
+        """For each plan (by `id`) whose scope is cached: hash -> id of the
+        scope's active rows with its texts' hashes."""
+        if self._cache is None or not any(p.hashes for p in plans):
+            return {}
+        await self._check_version()
+        out: dict[int, dict[str, str]] = {}
+        for plan in plans:
+            scope = plan.request.scope
+            entry = self._cache.peek((scope.user_id, scope.agent_id))
+            if plan.hashes and entry is not None:
+                found = entry.with_hashes(plan.hashes)
+                if found is not None:
+                    out[id(plan)] = found
+        return out
 
     async def _rows_any(
         self, filters: Sequence[str], *, vectors: bool = False

@@ -87,6 +87,14 @@ class ScopeIndex:
         table = rows if isinstance(rows, pa.Table) else None
         ids = table.column("id").to_pylist() if table is not None else [r["id"] for r in rows]
         texts = table.column("text").to_pylist() if table is not None else [r["text"] for r in rows]
+        if table is not None:
+            hashes = (
+                table.column("hash").to_pylist()
+                if "hash" in table.column_names
+                else [None] * len(ids)
+            )
+        else:
+            hashes = [r.get("hash") for r in rows]
         capacity = max(16, n + n // 8)
         self.lock = threading.Lock()
         self._table = table.combine_chunks() if table is not None else None
@@ -100,6 +108,12 @@ class ScopeIndex:
         self._alive[:n] = True
         self._n = n
         self._text = NgramIndex.build(texts)
+        # Normalized-text hash -> ids of live rows with it: the writer's
+        # duplicate check without a LanceDB read (`with_hashes`).
+        self._by_hash: dict[str, set[str]] = {}
+        self._hash_of: dict[str, str] = {}
+        for memory_id, digest in zip(ids, hashes, strict=True):
+            self._index_hash(memory_id, digest)
 
     @classmethod
     def from_arrow(cls, table: pa.Table, dimensions: int) -> ScopeIndex:
@@ -119,14 +133,29 @@ class ScopeIndex:
     @property
     def nbytes(self) -> int:
         table = self._table.nbytes if self._table is not None else 0
-        # ~1 KiB per row dict written after the load, ~200 B per id in `_pos`.
-        rows = 1024 * len(self._added) + 200 * len(self._pos)
+        # ~1 KiB per row dict written after the load, ~200 B per id in `_pos`,
+        # ~250 B per row in the two hash maps.
+        rows = 1024 * len(self._added) + 450 * len(self._pos)
         return self._matrix.nbytes + self._alive.nbytes + table + rows + self._text.nbytes
+
+    def _index_hash(self, memory_id: str, digest: str | None) -> None:
+        if digest is not None:
+            self._hash_of[memory_id] = digest
+            self._by_hash.setdefault(digest, set()).add(memory_id)
+
+    def with_hashes(self, hashes: Iterable[str]) -> dict[str, str] | None:
+        """An id of a live row for each of `hashes` that has one; None when
+        some rows' hashes are unknown (then ask the store)."""
+        with self.lock:
+            if len(self._hash_of) != len(self._pos):
+                return None
+            return {h: min(self._by_hash[h]) for h in hashes if self._by_hash.get(h)}
 
     def upsert(self, row: dict[str, Any], vector: np.ndarray) -> None:
         """Insert or replace a row by id (idempotent)."""
         with self.lock:
             self._remove(row["id"])
+            self._index_hash(row["id"], row.get("hash"))
             if self._n == len(self._matrix):
                 grown = np.zeros((2 * self._n, self._matrix.shape[1]), dtype=np.float32)
                 grown[: self._n] = self._matrix
@@ -150,6 +179,12 @@ class ScopeIndex:
         i = self._pos.pop(memory_id, None)
         if i is None:
             return
+        digest = self._hash_of.pop(memory_id, None)
+        if digest is not None:
+            same = self._by_hash[digest]
+            same.discard(memory_id)
+            if not same:
+                del self._by_hash[digest]
         self._text.remove(i)
         self._alive[i] = False
         if i >= self._base:
@@ -280,6 +315,10 @@ class ScopeCache:
     def nbytes(self) -> int:
         return sum(e.nbytes for e in self._entries.values())
 
+    def peek(self, key: Key) -> ScopeIndex | None:
+        """The entry, if cached, without counting a hit or touching the LRU."""
+        return self._entries.get(key)
+
     def get(self, key: Key) -> ScopeIndex | None:
         entry = self._entries.get(key)
         if entry is None:
@@ -334,7 +373,7 @@ class ScopeCache:
                 for row in user_rows:
                     visible = key[1] is None or row["agent_id"] == key[1]
                     if visible and row["superseded_by"] is None:
-                        stored = {c: v for c, v in row.items() if c not in ("vector", "hash")}
+                        stored = {c: v for c, v in row.items() if c != "vector"}
                         entry.upsert(stored, np.asarray(row["vector"], dtype=np.float32))
                     else:
                         entry.remove([row["id"]])

@@ -269,6 +269,50 @@ async def test_related_after_a_search_with_the_same_text_reuses_what_it_found(tm
         await store.close()
 
 
+async def test_the_duplicate_check_of_a_cached_scope_needs_no_lancedb_read(tmp_path):
+    """An extracted fact already stored (same normalized text) is not added
+    twice; for a cached scope the writer asks the cache, which follows other
+    processes' writes, instead of LanceDB."""
+    store = await MemoryStore.open(tmp_path / "m", HashEmbedder(), cached())
+    other = await MemoryStore.open(tmp_path / "m", HashEmbedder(), cached())
+    try:
+        await store.add(ALICE, "Plays the violin")
+        await store.search(ALICE, "violin")  # ALICE is cached now
+        await other.add(ALICE, "Speaks Korean")  # known to the cache via the change log
+        asked: list[str] = []
+        read = store._rows_any
+
+        async def spy(filters, **kw):
+            asked.extend(filters)
+            return await read(filters, **kw)
+
+        store._rows_any = spy  # type: ignore[method-assign]
+        now = datetime.now(UTC)
+        for i, text in enumerate(["plays the violin.", "Speaks  korean", "Has a cat"]):
+            ops = [Operation(op="ADD", text=text)]
+            await store.apply(ALICE, ops, source=f"job-{i}", actor="extractor", at=now)
+        assert sorted(m.text for m in await store.list(ALICE)) == [
+            "Has a cat",
+            "Plays the violin",
+            "Speaks Korean",
+        ]
+        assert not any("hash" in f for f in asked)
+        # An uncached scope asks LanceDB, with the same outcome.
+        await other.add(BOB, "Plays the drums")
+        await store.apply(
+            BOB,
+            [Operation(op="ADD", text="plays the drums")],
+            source="job-b",
+            actor="extractor",
+            at=now,
+        )
+        assert [m.text for m in await store.list(BOB)] == ["Plays the drums"]
+        assert any("hash" in f for f in asked)
+    finally:
+        await other.close()
+        await store.close()
+
+
 async def test_agent_scopes_are_cached_apart(tmp_path):
     store = await MemoryStore.open(tmp_path / "m", HashEmbedder(), cached())
     try:
