@@ -943,15 +943,23 @@ class MemoryStore:
         self._cache.put(key, entry, token)
         return entry
 
-    async def _check_version(self) -> None:
-        """Follow the table when it moved without us (another process wrote)."""
+    async def _check_version(self) -> bool:
+        """Follow the table when it moved without us (another process wrote).
+
+        True when the cache now reflects every version of the table as just
+        read; False while a version is still waited for (unlogged) or a write
+        of ours is in flight: good enough for a search, not for a check that
+        must see every row (the writer's duplicate check).
+        """
         assert self._cache is not None
         if self._own_writes:
-            return
+            return False
         known = self._version
         version = await self._memories.version()
-        if self._own_writes or version == known:
-            return
+        if self._own_writes:
+            return False
+        if version == known:
+            return True
         pending = None
         if known is None or version < known:
             self._cache.clear()
@@ -960,6 +968,8 @@ class MemoryStore:
         # A write of ours that started meanwhile sets the version itself.
         if self._version == known and not self._own_writes:
             self._version = version if pending is None else pending - 1
+            return pending is None
+        return False
 
     async def _refresh(self, logged: Mapping[int, Mapping[str, frozenset[str] | None]]) -> None:
         """Re-read into the cache the rows other processes' versions changed.
@@ -1133,7 +1143,8 @@ class MemoryStore:
         scope's active rows with its texts' hashes."""
         if self._cache is None or not any(p.hashes for p in plans):
             return {}
-        await self._check_version()
+        if not await self._check_version():
+            return {}  # not sure the cache has every row: ask LanceDB
         out: dict[int, dict[str, str]] = {}
         for plan in plans:
             scope = plan.request.scope
