@@ -372,6 +372,10 @@ class MemoryEngine:
         fresh = ops is None
         if ops is None:
             ops = await self._decide(job)
+            if not ops:
+                # Nothing to apply (most chat turns): completing the job is the
+                # only record needed. A crash before that asks the model again.
+                return
             if not await self.spool.save_decision(job, ops):
                 raise LeaseLost(job.id)
         if not ops:
