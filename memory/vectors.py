@@ -110,7 +110,7 @@ class ScopeIndex:
         self._text = NgramIndex.build(texts)
         # Normalized-text hash -> ids of live rows with it: the writer's
         # duplicate check without a LanceDB read (`with_hashes`).
-        self._by_hash: dict[str, set[str]] = {}
+        self._by_hash: dict[str, tuple[str, ...]] = {}
         self._hash_of: dict[str, str] = {}
         for memory_id, digest in zip(ids, hashes, strict=True):
             self._index_hash(memory_id, digest)
@@ -134,14 +134,14 @@ class ScopeIndex:
     def nbytes(self) -> int:
         table = self._table.nbytes if self._table is not None else 0
         # ~1 KiB per row dict written after the load, ~200 B per id in `_pos`,
-        # ~250 B per row in the two hash maps.
-        rows = 1024 * len(self._added) + 450 * len(self._pos)
+        # ~300 B per row for its hash (the string and two map entries).
+        rows = 1024 * len(self._added) + 500 * len(self._pos)
         return self._matrix.nbytes + self._alive.nbytes + table + rows + self._text.nbytes
 
     def _index_hash(self, memory_id: str, digest: str | None) -> None:
         if digest is not None:
             self._hash_of[memory_id] = digest
-            self._by_hash.setdefault(digest, set()).add(memory_id)
+            self._by_hash[digest] = (*self._by_hash.get(digest, ()), memory_id)
 
     def with_hashes(self, hashes: Iterable[str]) -> dict[str, str] | None:
         """An id of a live row for each of `hashes` that has one; None when
@@ -181,9 +181,10 @@ class ScopeIndex:
             return
         digest = self._hash_of.pop(memory_id, None)
         if digest is not None:
-            same = self._by_hash[digest]
-            same.discard(memory_id)
-            if not same:
+            same = tuple(i for i in self._by_hash[digest] if i != memory_id)
+            if same:
+                self._by_hash[digest] = same
+            else:
                 del self._by_hash[digest]
         self._text.remove(i)
         self._alive[i] = False
