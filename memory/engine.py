@@ -211,6 +211,7 @@ class MemoryEngine:
         """Start the spool workers and background maintenance (unless another
         process runs them: see `open`)."""
         if self._handoff is None:
+            await asyncio.to_thread(self.extractor.prepare)
             self.workers.start()
             self.maintenance.start()
 

@@ -397,6 +397,15 @@ async def test_metadata_given_to_an_inferred_add_goes_on_the_facts_it_adds(open_
     ]
 
 
+async def test_the_extraction_client_is_built_at_start_not_by_the_first_job(open_engine):
+    """Building it (the SDK's import included) took ~0.7 s of the event loop
+    in the first job, under the next request's feet."""
+    engine = await open_engine(ScriptedLLM([]), start=False)
+    assert engine.extractor._client is None
+    await engine.start()
+    assert engine.extractor._client is not None
+
+
 async def test_export_and_import_move_a_users_memories(open_engine):
     engine = await open_engine(ScriptedLLM())
     await engine.add(ALICE, text="User lives in Berlin", infer=False)
