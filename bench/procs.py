@@ -63,23 +63,6 @@ class Proc:
             fields[name] = value.strip()
         return int(fields["VmRSS"].split()[0]) / 1024, int(fields["VmHWM"].split()[0]) / 1024
 
-    def tree_rss_mib(self) -> float:
-        """Resident memory of the process and all its descendants, in MiB (Linux)."""
-        total = 0.0
-        todo = [self.popen.pid]
-        while todo:
-            pid = todo.pop()
-            try:
-                status = Path(f"/proc/{pid}/status").read_text()
-                kids = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
-            except FileNotFoundError:
-                continue
-            for line in status.splitlines():
-                if line.startswith("VmRSS:"):
-                    total += int(line.split()[1]) / 1024
-            todo += [int(k) for k in kids]
-        return total
-
     def processes_rss_mib(self) -> dict[str, tuple[float, float]]:
         """(current, peak) resident memory in MiB of each process of the tree, by
         its name (`mg-worker-0`, `mg-extraction`, ...; Linux)."""
