@@ -285,8 +285,7 @@ class MemoryEngine:
         if self.config.redaction.enabled:
             exchange = redact_exchange(exchange)
         job_id = await self.spool.enqueue(exchange)
-        if api_key and not self.config.llm.api_key:
-            self._keys[exchange.scope.user_id] = api_key
+        self.provide_key(exchange.scope.user_id, api_key)
         # The key travels with every wake-up: an extraction process that
         # restarted since learns it back from the user's next exchange.
         self._wake(exchange.scope.user_id, api_key)

@@ -606,7 +606,8 @@ class MemoryStore:
         Returns None when every version is followed, or the first version
         nobody has logged yet: the caller must not count the cache as past it.
         One still unlogged after `_UNLOGGED_GRACE` seconds (a writer that died
-        between commit and log, or maintenance's compaction) drops the cache.
+        between commit and log, or a log that could not be written) drops the
+        cache.
         """
         assert self._cache is not None
         if not versions:
@@ -841,10 +842,12 @@ class MemoryStore:
         while len(self._recent) > _RECENT_SEARCHES:
             self._recent.popitem(last=False)
 
-    async def _recently_found(self, scope: Scope, text: str, k: int) -> list[Memory] | None:
-        """`related(scope, text, k)` from a recent search with the same text,
-        when the scope has not changed since (same cache token) and it kept
-        at least `k` rows (or all of them)."""
+    async def _recently_found(
+        self, scope: Scope, text: str, k: int
+    ) -> list[Mapping[str, Any]] | None:
+        """The rows of `related(scope, text, k)` from a recent search with the
+        same text, when the scope has not changed since (same cache token) and
+        it kept at least `k` rows (or all of them)."""
         assert self._cache is not None
         recent = self._recent.get(((scope.user_id, scope.agent_id), text))
         if recent is None:
@@ -854,9 +857,7 @@ class MemoryStore:
             return None
         if len(recent.rows) < k and not recent.complete:
             return None
-        rows = recent.rows[:k]
-        materialize(rows)
-        return [_to_memory(row) for row in rows]
+        return recent.rows[:k]
 
     async def related(self, scope: Scope, text: str, k: int) -> list[Memory]:
         """The `k` active memories closest to `text` (the extractor's context).
@@ -869,16 +870,17 @@ class MemoryStore:
         if k <= 0:
             return []
         if self._cache is not None:
-            known = await self._recently_found(scope, text, k)
-            if known is not None:
-                return known
-            embedded, entry = await asyncio.gather(self._embed([text]), self._scope_index(scope))
-            if len(entry) < _INLINE_ROWS:
-                found = entry.nearest(embedded[0], k)
-            else:
-                # Background work: not on the scoring thread, where requests' searches queue.
-                found = await asyncio.to_thread(entry.nearest, embedded[0], k)
-            rows = [row for row, _ in found]
+            rows = await self._recently_found(scope, text, k)
+            if rows is None:
+                embedded, entry = await asyncio.gather(
+                    self._embed([text]), self._scope_index(scope)
+                )
+                if len(entry) < _INLINE_ROWS:
+                    found = entry.nearest(embedded[0], k)
+                else:
+                    # Background work: not on the scoring thread, where requests' searches queue.
+                    found = await asyncio.to_thread(entry.nearest, embedded[0], k)
+                rows = [row for row, _ in found]
             materialize(rows)
             return [_to_memory(row) for row in rows]
         vector = (await self._embed([text]))[0]
@@ -1422,14 +1424,12 @@ class MemoryStore:
         # version from here to the end is maintenance's own (compaction, index
         # updates), logged as changing nothing: other processes' caches stay.
         async with self._lock, locked(self._writes_lock):
+            # Caught up first; no waiting for a late log in here.
+            if self._cache is not None and not await self._check_version():
+                self._cache.clear()
             start = await self._memories.version()
             self._own_writes += 1
             try:
-                if self._cache is not None:
-                    if self._version is None or start < self._version:
-                        self._cache.clear()
-                    elif await self._follow(set(range(self._version + 1, start + 1))) is not None:
-                        self._cache.clear()  # no waiting for a late log in here
                 await self._retry(lambda: self._memories.optimize(cleanup_older_than=keep))
                 await self._retry(lambda: self._history.optimize(cleanup_older_than=keep))
                 await self._ensure_indices()
@@ -1448,4 +1448,4 @@ class MemoryStore:
             with contextlib.suppress(Exception):
                 await asyncio.to_thread(self._changes.prune, end)
             self._writes = 0
-            self._optimized_version = await self._memories.version()
+            self._optimized_version = end  # nobody commits while we hold the lock
