@@ -15,9 +15,11 @@ from __future__ import annotations
 
 import threading
 from collections import OrderedDict
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from datetime import UTC, datetime, timedelta
 from functools import cache
 from typing import Any
+from zoneinfo import ZoneInfo
 
 import numpy as np
 import pyarrow as pa
@@ -97,7 +99,8 @@ class ScopeIndex:
             hashes = [r.get("hash") for r in rows]
         capacity = max(16, n + n // 8)
         self.lock = threading.Lock()
-        self._table = table.combine_chunks() if table is not None else None
+        self._reader = _RowReader(table) if table is not None else None
+        self._table_bytes = table.nbytes if table is not None else 0
         self._added: list[dict[str, Any]] = [] if table is not None else list(rows)
         self._base = n if table is not None else 0
         self._pos = {memory_id: i for i, memory_id in enumerate(ids)}
@@ -132,11 +135,11 @@ class ScopeIndex:
 
     @property
     def nbytes(self) -> int:
-        table = self._table.nbytes if self._table is not None else 0
         # ~1 KiB per row dict written after the load, ~200 B per id in `_pos`,
         # ~300 B per row for its hash (the string and two map entries).
         rows = 1024 * len(self._added) + 500 * len(self._pos)
-        return self._matrix.nbytes + self._alive.nbytes + table + rows + self._text.nbytes
+        arrays = self._matrix.nbytes + self._alive.nbytes + self._text.nbytes
+        return arrays + self._table_bytes + rows
 
     def _index_hash(self, memory_id: str, digest: str | None) -> None:
         if digest is not None:
@@ -193,42 +196,58 @@ class ScopeIndex:
 
     def nearest(self, vector: np.ndarray, k: int) -> list[tuple[Mapping[str, Any], float]]:
         """The k most cosine-similar rows (vectors are unit length)."""
-        with self.lock:
-            sims = self._similarities(vector)
-            best = _top(sims, min(k, len(self._pos)))
-            return list(zip(self._rows(best), sims[best].tolist(), strict=True))
+        return self.assemble(*self.vector_top(vector, k), None).by_vector
 
     def candidates(self, vector: np.ndarray, text: str | None, k: int) -> Candidates:
-        """Top k by cosine and, when `text` is given, top k by BM25 (score > 0)."""
-        with self.lock:
-            sims = self._similarities(vector)
-            by_vec = _top(sims, min(k, len(self._pos)))
-            by_txt = np.zeros(0, dtype=np.int64)
-            bm25 = None
-            if text:
-                bm25 = self._text.scores(text, self._n)  # dead rows score 0
-                hits = np.flatnonzero(bm25 > 0)
-                if len(hits):
-                    by_txt = hits[_top(bm25[hits], k)]
-            rows = self._rows(np.concatenate([by_vec, by_txt]))
-            by_vector = list(zip(rows[: len(by_vec)], sims[by_vec].tolist(), strict=True))
-            by_text = []
-            if bm25 is not None and len(by_txt):
-                by_text = list(
-                    zip(
-                        rows[len(by_vec) :],
-                        sims[by_txt].tolist(),
-                        bm25[by_txt].tolist(),
-                        strict=True,
-                    )
-                )
-            return Candidates(by_vector, by_text)
+        """Top k by cosine and, when `text` is given, top k by BM25 (score > 0).
 
-    def _similarities(self, vector: np.ndarray) -> np.ndarray:
+        The store runs the two halves, `vector_top` and `text_top`, on two
+        threads at once for large scopes, then `assemble`s them.
+        """
+        return self.assemble(*self.vector_top(vector, k), self.text_top(text, k) if text else None)
+
+    def vector_top(self, vector: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """(cosine similarity of every position so far, the k best positions).
+
+        Takes no lock, so that it can run beside `text_top`: positions are
+        append-only and a row is written before `_n` counts it, so the first
+        `_n` rows of whichever matrix is read are complete. A row removed
+        meanwhile is dropped by `assemble`.
+        """
         _single_threaded_blas()
-        sims = self._matrix[: self._n] @ np.asarray(vector, dtype=np.float32)
-        sims[~self._alive[: self._n]] = -np.inf
-        return sims
+        n = self._n  # before the arrays: a growth copies the first n rows over
+        matrix, alive = self._matrix, self._alive
+        sims = matrix[:n] @ np.asarray(vector, dtype=np.float32)
+        sims[~alive[:n]] = -np.inf
+        return sims, _top(sims, min(k, len(self._pos)))
+
+    def text_top(self, text: str, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """(the k best positions by BM25 with a score > 0, their scores)."""
+        with self.lock:  # the n-gram index is not thread-safe
+            bm25 = self._text.scores(text, self._n)  # dead rows score 0
+        hits = np.flatnonzero(bm25 > 0)
+        best = hits[_top(bm25[hits], k)] if len(hits) else hits
+        return best, bm25[best]
+
+    def assemble(
+        self,
+        sims: np.ndarray,
+        by_vec: np.ndarray,
+        by_text: tuple[np.ndarray, np.ndarray] | None,
+    ) -> Candidates:
+        """The rows of both top lists, without those removed since they were
+        scored (or added after `sims`, which has no similarity for them)."""
+        text_pos, text_scores = by_text if by_text is not None else (by_vec[:0], np.zeros(0))
+        with self.lock:
+            alive = self._alive
+            by_vec = by_vec[alive[by_vec]]
+            keep = text_pos < len(sims)
+            keep[keep] = alive[text_pos[keep]]
+            text_pos, text_scores = text_pos[keep], text_scores[keep]
+            rows = self._rows(np.concatenate([by_vec, text_pos]))
+        by_vector = list(zip(rows[: len(by_vec)], sims[by_vec].tolist(), strict=True))
+        texts = zip(rows[len(by_vec) :], sims[text_pos].tolist(), text_scores.tolist(), strict=True)
+        return Candidates(by_vector, list(texts))
 
     def _rows(self, positions: np.ndarray) -> list[Mapping[str, Any]]:
         """Rows at live positions, in order. Loaded rows stay in Arrow until read:
@@ -238,8 +257,8 @@ class ScopeIndex:
         for i in positions.tolist():
             if i < self._base:
                 # Positions below `_base` exist only when the index was built from a table.
-                assert self._table is not None
-                out.append(_ArrowRow(self._table, i, self._ids[i]))
+                assert self._reader is not None
+                out.append(_ArrowRow(self._reader, i, self._ids[i]))
             else:
                 row = self._added[i - self._base]
                 assert row is not _GONE
@@ -250,17 +269,17 @@ class ScopeIndex:
 class _ArrowRow(Mapping[str, Any]):
     """One row of a loaded table; its id is at hand, the rest converted on first use."""
 
-    __slots__ = ("_id", "_position", "_row", "_table")
+    __slots__ = ("_id", "_position", "_reader", "_row")
 
-    def __init__(self, table: pa.Table, position: int, memory_id: str) -> None:
-        self._table = table
+    def __init__(self, reader: _RowReader, position: int, memory_id: str) -> None:
+        self._reader = reader
         self._position = position
         self._id = memory_id
         self._row: dict[str, Any] | None = None
 
     def _materialized(self) -> dict[str, Any]:
         if self._row is None:
-            self._row = self._table.slice(self._position, 1).to_pylist()[0]
+            self._row = self._reader.row(self._position)
         return self._row
 
     def __getitem__(self, key: str) -> Any:
@@ -276,20 +295,75 @@ class _ArrowRow(Mapping[str, Any]):
 
 
 _GONE: dict[str, Any] = {}
+_TIME_UNITS = {"s": 1_000_000, "ms": 1_000, "us": 1}
 
 
-def materialize(rows: Sequence[Mapping[str, Any]]) -> None:
-    """Convert the Arrow-backed rows among `rows` in one take per table: the
-    handful a search returns, instead of a slice per row."""
-    pending: dict[int, list[_ArrowRow]] = {}
-    for row in rows:
-        if isinstance(row, _ArrowRow) and row._row is None:
-            pending.setdefault(id(row._table), []).append(row)
-    for group in pending.values():
-        table = group[0]._table
-        converted = table.take([r._position for r in group]).to_pylist()
-        for row, values in zip(group, converted, strict=True):
-            row._row = values
+class _RowReader:
+    """Single rows of an Arrow table as dicts, read straight from its buffers.
+
+    pyarrow's `take(...).to_pylist()` costs ~50 us a row here (its per-call
+    overhead, and time-zone-aware timestamps above all): half a millisecond
+    of event loop for the ~10 rows a search returns. Strings and timestamps
+    (every column the store writes) are decoded here in about a microsecond;
+    any other type goes through pyarrow.
+    """
+
+    def __init__(self, table: pa.Table) -> None:
+        self._columns = [
+            (name, _column_reader(_one_array(column)))
+            for name, column in zip(table.column_names, table.columns, strict=True)
+        ]
+
+    def row(self, i: int) -> dict[str, Any]:
+        return {name: read(i) for name, read in self._columns}
+
+
+def _one_array(column: pa.ChunkedArray) -> pa.Array:
+    return column.chunk(0) if column.num_chunks == 1 else column.combine_chunks()
+
+
+def _column_reader(array: pa.Array) -> Callable[[int], Any]:
+    kind = array.type
+    validity = array.buffers()[0]
+    valid = (
+        None
+        if validity is None or array.null_count == 0
+        else np.unpackbits(
+            np.frombuffer(validity, dtype=np.uint8),
+            count=array.offset + len(array),
+            bitorder="little",
+        )[array.offset :].astype(bool)
+    )
+    if pa.types.is_string(kind) or pa.types.is_large_string(kind):
+        offsets_type = np.int64 if pa.types.is_large_string(kind) else np.int32
+        _, offsets_buffer, data_buffer = array.buffers()
+        offsets = np.frombuffer(offsets_buffer, dtype=offsets_type)[
+            array.offset : array.offset + len(array) + 1
+        ]
+        data = memoryview(data_buffer) if data_buffer is not None else memoryview(b"")
+
+        def read_string(i: int) -> str | None:
+            if valid is not None and not valid[i]:
+                return None
+            return str(data[offsets[i] : offsets[i + 1]], "utf-8")
+
+        return read_string
+    if pa.types.is_timestamp(kind) and kind.unit in _TIME_UNITS:
+        scale = _TIME_UNITS[kind.unit]
+        values = np.frombuffer(array.buffers()[1], dtype=np.int64)[
+            array.offset : array.offset + len(array)
+        ]
+        zone = None if kind.tz is None else ZoneInfo(kind.tz)
+        epoch = datetime(1970, 1, 1, tzinfo=None if zone is None else UTC)
+
+        def read_time(i: int) -> datetime | None:
+            if valid is not None and not valid[i]:
+                return None
+            moment = epoch + timedelta(microseconds=int(values[i]) * scale)
+            return moment if zone is None else moment.astimezone(zone)
+
+        return read_time
+    return lambda i: array[i].as_py()
 
 
 class ScopeCache:

@@ -391,6 +391,44 @@ def test_an_index_from_arrow_returns_the_rows_as_dicts():
     assert {r["id"] for r, _, _ in found.by_text} == {"c", "d"}
 
 
+def test_rows_read_from_arrow_buffers_equal_pyarrows_own_conversion():
+    import pyarrow as pa
+
+    at = datetime(2026, 11, 29, 1, 2, 3, 456789, tzinfo=UTC)
+    table = pa.table(
+        {
+            "id": ["x", "a", "b", "c"],
+            "text": ["skip", "plain", "accents: café, 上海, emoji 🎻", ""],
+            "big": pa.array(["s", "one", None, "three"], type=pa.large_string()),
+            "agent_id": ["s", None, "bot", None],
+            "created_at": pa.array([at, at, None, datetime(1969, 12, 31, tzinfo=UTC)]),
+            "naive": pa.array([at.replace(tzinfo=None)] * 4, type=pa.timestamp("ms")),
+            "other": pa.array([1, 2, None, 4]),  # a type the reader leaves to pyarrow
+            "vector": pa.FixedSizeListArray.from_arrays(
+                pa.array(np.stack([unit(i) for i in range(4)]).ravel()), 8
+            ),
+        }
+    ).slice(1)  # buffers with an offset
+    index = ScopeIndex.from_arrow(table, 8)
+    want = table.drop_columns(["vector"]).to_pylist()
+    got = [dict(r) for r, _ in sorted(index.nearest(unit(0), 3), key=lambda p: p[0]["id"])]
+    assert got == want
+    assert [type(v) for v in got[0].values()] == [type(v) for v in want[0].values()]
+
+
+def test_a_row_removed_while_its_search_was_scoring_is_not_returned():
+    index = ScopeIndex(
+        [row("a", "apple pie"), row("b", "apple tart")], np.stack([unit(1), unit(2)])
+    )
+    sims, by_vec = index.vector_top(unit(1), 2)
+    by_text = index.text_top("apple", 2)
+    index.remove(["a"])
+    index.upsert(row("c", "apple juice"), unit(3))  # after the product: no similarity for it
+    found = index.assemble(sims, by_vec, by_text)
+    assert [r["id"] for r, _ in found.by_vector] == ["b"]
+    assert [r["id"] for r, _, _ in found.by_text] == ["b"]
+
+
 async def test_another_process_writing_for_one_user_leaves_the_others_cached(tmp_path):
     """The change log names the users a foreign version touched: only they reload."""
     first = await MemoryStore.open(tmp_path / "m", HashEmbedder(), cached())
