@@ -48,6 +48,40 @@ log = logging.getLogger("memory.spool")
 # (locked, no permission, disk I/O) are not the file's fault and must not move it.
 _CORRUPT = frozenset({sqlite3.SQLITE_CORRUPT, sqlite3.SQLITE_NOTADB})
 
+# How long a statement waits for another process's lock before failing.
+_BUSY_TIMEOUT_MS = 30_000
+# The first and the longest pause between two tries of `BEGIN IMMEDIATE`.
+_BEGIN_FIRST_PAUSE = 50e-6
+_BEGIN_MAX_PAUSE = 2e-3
+
+
+def _begin_immediate(db: sqlite3.Connection) -> None:
+    """`BEGIN IMMEDIATE`, waiting for another process's write in short steps.
+
+    SQLite's own busy handler sleeps 1 ms at the first conflict, then 2, 5,
+    10 ms...; a writer in another process (the extraction process, another
+    worker) holds the lock for a fraction of a millisecond, so most waits
+    lasted several times longer than the lock: an enqueue's p99 went from
+    1.2 to 5 ms with a second process claiming and completing jobs. Here the
+    pause starts at 50 us and doubles up to 2 ms.
+    """
+    db.execute("PRAGMA busy_timeout=0")
+    try:
+        pause = _BEGIN_FIRST_PAUSE
+        deadline = time.monotonic() + _BUSY_TIMEOUT_MS / 1000
+        while True:
+            try:
+                db.execute("BEGIN IMMEDIATE")
+                return
+            except sqlite3.OperationalError as exc:
+                if exc.sqlite_errorcode != sqlite3.SQLITE_BUSY or time.monotonic() >= deadline:
+                    raise
+            time.sleep(pause)
+            pause = min(2 * pause, _BEGIN_MAX_PAUSE)
+    finally:
+        db.execute(f"PRAGMA busy_timeout={_BUSY_TIMEOUT_MS}")
+
+
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (
     seq INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -188,12 +222,17 @@ class Spool:
             self._db = self._open_db()
 
     def _open_db(self) -> sqlite3.Connection:
-        db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=30.0)
+        db = sqlite3.connect(
+            self.path,
+            isolation_level=None,
+            check_same_thread=False,
+            timeout=_BUSY_TIMEOUT_MS / 1000,
+        )
         try:
             db.row_factory = sqlite3.Row
             db.execute("PRAGMA journal_mode=WAL")
             db.execute("PRAGMA synchronous=FULL")
-            db.execute("PRAGMA busy_timeout=30000")
+            db.execute(f"PRAGMA busy_timeout={_BUSY_TIMEOUT_MS}")
             db.executescript(_SCHEMA)
         except BaseException:
             db.close()
@@ -220,7 +259,7 @@ class Spool:
     def _write(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         """Run `fn` in one immediate (write-locked) transaction."""
         db = self._conn()
-        db.execute("BEGIN IMMEDIATE")
+        _begin_immediate(db)
         try:
             result = fn(db)
         except BaseException:
@@ -263,7 +302,7 @@ class Spool:
     ) -> list[tuple[bool, Any]]:
         """One transaction; a failing `fn` is rolled back to its savepoint alone."""
         db = self._conn()
-        db.execute("BEGIN IMMEDIATE")
+        _begin_immediate(db)
         outcomes: list[tuple[bool, Any]] = []
         try:
             for fn in fns:

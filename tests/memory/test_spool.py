@@ -65,6 +65,39 @@ async def test_the_database_is_wal_with_full_sync(tmp_path, spool):
     assert spool._conn().execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL
 
 
+async def test_a_write_waits_for_another_process_holding_the_lock(tmp_path, spool):
+    import sqlite3
+    import threading
+
+    other = sqlite3.connect(
+        tmp_path / "spool.sqlite3", isolation_level=None, check_same_thread=False
+    )
+    other.execute("BEGIN IMMEDIATE")  # another process mid-transaction
+    threading.Timer(0.3, other.rollback).start()
+    await spool.enqueue(exchange("u"))  # waits for it instead of failing
+    other.close()
+    assert (await spool.stats()).pending == 1
+    # The usual busy timeout applies to every other statement again.
+    assert spool._conn().execute("PRAGMA busy_timeout").fetchone()[0] == 30_000
+
+
+async def test_a_write_gives_up_when_the_lock_is_never_released(tmp_path, spool, monkeypatch):
+    import sqlite3
+
+    import memory.spool
+
+    monkeypatch.setattr(memory.spool, "_BUSY_TIMEOUT_MS", 200)
+    other = sqlite3.connect(tmp_path / "spool.sqlite3", isolation_level=None)
+    other.execute("BEGIN IMMEDIATE")
+    try:
+        with pytest.raises(sqlite3.OperationalError, match="locked"):
+            await spool.enqueue(exchange("u"))
+    finally:
+        other.close()
+    await spool.enqueue(exchange("u"))  # and works once it is
+    assert (await spool.stats()).pending == 1
+
+
 async def test_one_user_is_strictly_serial_and_users_run_in_parallel(spool):
     a1 = await spool.enqueue(exchange("alice", "1"))
     a2 = await spool.enqueue(exchange("alice", "2"))
