@@ -34,7 +34,11 @@ def create_app(
     (`memory.enabled: false` makes it a plain proxy). With `handoff`, spooled
     exchanges are extracted by the extraction process at its other end."""
     if hooks is None:
-        hooks = MemoryHooks(config, handoff) if config.memory.enabled else NoHooks()
+        hooks = (
+            MemoryHooks(config, handoff, upstream_client=lambda: proxy.client)
+            if config.memory.enabled
+            else NoHooks()
+        )
     tasks = BackgroundTasks()
     proxy = Proxy(config, hooks, tasks)
 

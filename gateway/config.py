@@ -62,6 +62,8 @@ class HTTPConfig(_Settings):
     pool_timeout: float = 10.0
     max_connections: int = 512
     max_keepalive_connections: int = 128
+    # The connection layer under the httpx client (gateway/transport.py).
+    transport: Literal["aiohttp", "httpx"] = "aiohttp"
 
 
 class UpstreamConfig(_Settings):

@@ -30,6 +30,8 @@ from gateway.supervisor import name_process, watch_parent
 from memory.heap import tune_process_heap
 
 if TYPE_CHECKING:
+    import httpx
+
     from memory.engine import MemoryEngine
 
 logger = logging.getLogger("gateway.extraction")
@@ -51,6 +53,19 @@ def run_extraction(config: Config, handoff: socket.socket, supervisor: int) -> N
 
 async def _extract(config: Config, handoff: socket.socket, supervisor: int) -> int:
     """Run until SIGTERM (or the supervisor is gone); the exit status."""
+    from gateway.transport import upstream_client
+
+    # The extraction model's calls go through the gateway's upstream client.
+    client = upstream_client(config.http)
+    try:
+        return await _extract_with(config, handoff, supervisor, client)
+    finally:
+        await client.aclose()
+
+
+async def _extract_with(
+    config: Config, handoff: socket.socket, supervisor: int, client: httpx.AsyncClient
+) -> int:
     from memory.engine import MemoryEngine
     from memory.handoff import HandoffReceiver
 
@@ -67,7 +82,10 @@ async def _extract(config: Config, handoff: socket.socket, supervisor: int) -> i
 
     async def open_engine() -> MemoryEngine:
         return await MemoryEngine.open(
-            config.memory, config.data_path, default_base_url=config.default_upstream.base_url
+            config.memory,
+            config.data_path,
+            default_base_url=config.default_upstream.base_url,
+            http_client=client,
         )
 
     opening = asyncio.ensure_future(_open(open_engine))

@@ -11,8 +11,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any, Literal, cast
+
+import httpx
 
 from gateway.config import Config
 from gateway.errors import GatewayError
@@ -38,9 +41,17 @@ KEYLESS = "no-key"
 class MemoryHooks:
     """The memory engine behind the chat pipeline's two seams."""
 
-    def __init__(self, config: Config, handoff: HandoffSender | None = None) -> None:
+    def __init__(
+        self,
+        config: Config,
+        handoff: HandoffSender | None = None,
+        *,
+        upstream_client: Callable[[], httpx.AsyncClient] | None = None,
+    ) -> None:
         self.config = config
         self.memory = config.memory
+        # The proxy's client: the extraction model's calls share its pool.
+        self._upstream_client = upstream_client
         # Set when the extraction process runs the spool's jobs (gateway/supervisor.py).
         self._handoff = handoff
         self._engine: MemoryEngine | None = None
@@ -77,6 +88,7 @@ class MemoryHooks:
             self.config.data_path,
             default_base_url=self.config.default_upstream.base_url,
             handoff=self._handoff,
+            http_client=self._upstream_client() if self._upstream_client is not None else None,
         )
         try:
             await engine.start()

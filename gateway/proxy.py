@@ -28,7 +28,7 @@ from gateway.identity import IdentityResolver
 from gateway.routing import Router, Upstream
 from gateway.sse import SSEParser, parse_completion, sse_error_event
 from gateway.tasks import BackgroundTasks
-from memory.cookies import NoCookies
+from gateway.transport import upstream_client
 
 logger = logging.getLogger("gateway")
 
@@ -87,22 +87,7 @@ class Proxy:
         return self._client
 
     async def start(self) -> None:
-        http = self.config.http
-        self._client = httpx.AsyncClient(
-            timeout=httpx.Timeout(
-                connect=http.connect_timeout,
-                read=http.read_timeout,
-                write=http.write_timeout,
-                pool=http.pool_timeout,
-            ),
-            limits=httpx.Limits(
-                max_connections=http.max_connections,
-                max_keepalive_connections=http.max_keepalive_connections,
-            ),
-            follow_redirects=False,
-            # Shared by every user: it must never keep an upstream's cookies.
-            cookies=NoCookies(),
-        )
+        self._client = upstream_client(self.config.http)
 
     async def close(self) -> None:
         if self._client is not None:

@@ -1,0 +1,35 @@
+"""The upstream client's connection layer (gateway/transport.py). Its
+behaviour on the wire (streams, errors, disconnects, cookies) is specified by
+the proxy tests, which all run over it; these pin what they cannot see."""
+
+from __future__ import annotations
+
+import httpx
+
+from gateway.config import HTTPConfig
+from gateway.transport import AiohttpTransport, upstream_client
+
+
+def test_upstreams_go_through_the_proxies_the_environment_names(monkeypatch):
+    monkeypatch.setenv("HTTPS_PROXY", "http://proxy.example:3128")
+    monkeypatch.setenv("NO_PROXY", "internal.example,127.0.0.1")
+    monkeypatch.delenv("HTTP_PROXY", raising=False)
+    monkeypatch.delenv("http_proxy", raising=False)
+    monkeypatch.delenv("https_proxy", raising=False)
+    monkeypatch.delenv("no_proxy", raising=False)
+    transport = AiohttpTransport(limits=httpx.Limits())
+    assert transport._proxy_for(httpx.URL("https://api.openai.com/v1")) == (
+        "http://proxy.example:3128"
+    )
+    assert transport._proxy_for(httpx.URL("https://internal.example/v1")) is None
+    assert transport._proxy_for(httpx.URL("http://127.0.0.1:8000/v1")) is None
+    assert transport._proxy_for(httpx.URL("http://api.example/v1")) is None  # no HTTP_PROXY
+
+
+def test_the_upstream_client_keeps_the_configured_timeouts():
+    client = upstream_client(HTTPConfig(connect_timeout=3, read_timeout=45, pool_timeout=2))
+    assert client.timeout == httpx.Timeout(connect=3, read=45, write=60, pool=2)
+    assert isinstance(client._transport, AiohttpTransport)
+    assert not client.follow_redirects
+    fallback = upstream_client(HTTPConfig(transport="httpx"))
+    assert isinstance(fallback._transport, httpx.AsyncHTTPTransport)
