@@ -35,6 +35,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from procs import start_fake_upstream
 
+from gateway.config import HTTPConfig
+from gateway.transport import upstream_client
 from memory.config import LLMConfig, MemoryConfig, SpoolConfig
 from memory.engine import MemoryEngine
 from memory.models import Exchange, Scope
@@ -64,7 +66,9 @@ async def measure(args: argparse.Namespace, port: int, data: Path) -> dict:
         llm=LLMConfig(base_url=f"http://127.0.0.1:{port}/v1", api_key="sk-bench-fake"),
         spool=SpoolConfig(concurrency=args.workers),
     )
-    engine = await MemoryEngine.open(config, data)
+    # The extraction model is called through the gateway's upstream client, as in `serve`.
+    client = upstream_client(HTTPConfig(transport=args.transport))
+    engine = await MemoryEngine.open(config, data, http_client=client)
     await engine.start()
     try:
         # Pay the embedder's and the table's lazy loading before the clock starts.
@@ -89,6 +93,7 @@ async def measure(args: argparse.Namespace, port: int, data: Path) -> dict:
         counts = await asyncio.to_thread(stats, port)
     finally:
         await engine.close()
+        await client.aclose()
     n = args.exchanges
     return {
         "exchanges": n,
@@ -115,6 +120,9 @@ def main() -> None:
     parser.add_argument("--producers", type=int, default=16, help="concurrent record_exchange")
     parser.add_argument("--no-add", action="store_true", help="the LLM answers no operation")
     parser.add_argument("--timeout", type=float, default=600)
+    parser.add_argument(
+        "--transport", choices=["aiohttp", "httpx"], default="aiohttp", help="http.transport"
+    )
     args = parser.parse_args()
     workdir = Path(tempfile.mkdtemp(prefix="mg-bench-write-"))
     upstream, port = start_fake_upstream(workdir, *([] if args.no_add else ["--add"]))
