@@ -20,6 +20,7 @@ from typing import Any, TypeVar
 
 import httpx
 import msgspec
+import numpy as np
 
 from memory.config import MemoryConfig
 from memory.embedding import Embedder, EmbedderError, create_embedder
@@ -260,20 +261,40 @@ class MemoryEngine:
         elif known is None:
             self.workers.notify()
 
-    def receive(self, user_id: str | None, api_key: str | None) -> None:
+    def receive(
+        self,
+        user_id: str | None,
+        api_key: str | None,
+        text: str | None = None,
+        vector: np.ndarray | None = None,
+    ) -> None:
         """A message from a serving process (memory/handoff.py): a user's key,
-        and jobs that may be claimable now."""
+        the embedding of an exchange's turn, and jobs that may be claimable now."""
         if user_id is not None and api_key:
             self.provide_key(user_id, api_key)
+        if text and vector is not None:
+            self.store.expect_vector(text, vector)
         self.workers.notify()
 
-    def _wake(self, user_id: str | None = None, api_key: str | None = None) -> None:
-        """Jobs may be claimable: wake the workers, here or in the extraction process."""
+    def _wake(
+        self,
+        user_id: str | None = None,
+        api_key: str | None = None,
+        exchange: Exchange | None = None,
+    ) -> None:
+        """Jobs may be claimable: wake the workers, here or in the extraction
+        process. That one also gets the embedding of the exchange's turn when
+        this process's search computed it (for `related`)."""
         if self._handoff is None:
             self.workers.notify()
-        else:
-            needed = api_key if api_key and not self.config.llm.api_key else None
-            self._handoff.send(user_id, needed)
+            return
+        needed = api_key if api_key and not self.config.llm.api_key else None
+        embedded = None
+        if exchange is not None:
+            text = related_query(exchange)
+            vector = self.store.searched_vector(exchange.scope, text) if text else None
+            embedded = (text, vector) if vector is not None else None
+        self._handoff.send(user_id, needed, embedded)
 
     def _claimable_users(self) -> list[str] | None:
         return None if self.config.llm.api_key else list(self._keys)
@@ -288,7 +309,7 @@ class MemoryEngine:
         self.provide_key(exchange.scope.user_id, api_key)
         # The key travels with every wake-up: an extraction process that
         # restarted since learns it back from the user's next exchange.
-        self._wake(exchange.scope.user_id, api_key)
+        self._wake(exchange.scope.user_id, api_key, exchange)
         return job_id
 
     async def add(

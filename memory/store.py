@@ -233,16 +233,22 @@ class _ApplyRequest:
 
 
 class _Nearest:
-    """A search's cosine top list, valid while its scope's cache token holds."""
+    """A search's cosine top list, valid while its scope's cache token holds,
+    and the query's embedding (valid for good)."""
 
-    __slots__ = ("complete", "rows", "token")
+    __slots__ = ("complete", "rows", "token", "vector")
 
     def __init__(
-        self, token: tuple[int, int], rows: list[Mapping[str, Any]], complete: bool
+        self,
+        token: tuple[int, int],
+        rows: list[Mapping[str, Any]],
+        complete: bool,
+        vector: np.ndarray,
     ) -> None:
         self.token = token
         self.rows = rows  # best first
         self.complete = complete  # every active row of the scope is in `rows`
+        self.vector = vector
 
 
 class _Plan:
@@ -425,6 +431,8 @@ class MemoryStore:
         # extraction of a chat exchange asks `related` for the same text the
         # request searched with, moments later (see `related`).
         self._recent: OrderedDict[tuple[Key, str], _Nearest] = OrderedDict()
+        # Embeddings handed over by a serving process for `related` (see `expect_vector`).
+        self._handed: OrderedDict[str, np.ndarray] = OrderedDict()
         self._scorer = ThreadPoolExecutor(1, thread_name_prefix="memory-scoring")
         self._text_scorer = ThreadPoolExecutor(1, thread_name_prefix="memory-text-scoring")
         # The table version the cache reflects; None until first checked.
@@ -749,8 +757,9 @@ class MemoryStore:
         fts_text = query.strip()[:_FTS_QUERY_CHARS] if search.hybrid else ""
         if self._cache is not None and not include_superseded:
             token = self._cache.token(scope.user_id)
-            found, entry = await self._cached_candidates(scope, query, fts_text, candidates)
-            self._remember(scope, query, token, found, complete=len(found.by_vector) == len(entry))
+            found, entry, vector = await self._cached_candidates(scope, query, fts_text, candidates)
+            complete = len(found.by_vector) == len(entry)
+            self._remember(scope, query, token, found, vector, complete=complete)
         else:
             vector = (await self._embed([query]))[0]
             where = scope_filter(scope, active_only=not include_superseded)
@@ -788,7 +797,7 @@ class MemoryStore:
 
     async def _cached_candidates(
         self, scope: Scope, query: str, text: str, k: int
-    ) -> tuple[Candidates, ScopeIndex]:
+    ) -> tuple[Candidates, ScopeIndex, np.ndarray]:
         """Both top lists from the scope cache. For a large scope, BM25 and the
         vector product run on two threads at once (the text side needs no
         embedding, so it also overlaps embedding a new query): on an idle core
@@ -810,8 +819,8 @@ class MemoryStore:
 
         (entry, vector, vector_top), text_top = await asyncio.gather(by_vector(), by_text())
         if vector_top is None:  # small scope: a thread hop costs more than scoring it
-            return entry.candidates(vector, text, k), entry
-        return entry.assemble(*vector_top, text_top), entry
+            return entry.candidates(vector, text, k), entry, vector
+        return entry.assemble(*vector_top, text_top), entry, vector
 
     async def _lance_candidates(
         self, vector: np.ndarray, text: str, where: str, limit: int
@@ -854,12 +863,20 @@ class MemoryStore:
             return []
 
     def _remember(
-        self, scope: Scope, query: str, token: tuple[int, int], found: Candidates, complete: bool
+        self,
+        scope: Scope,
+        query: str,
+        token: tuple[int, int],
+        found: Candidates,
+        vector: np.ndarray,
+        *,
+        complete: bool,
     ) -> None:
         if self._cache is None or token != self._cache.token(scope.user_id):
             return  # the scope changed during the search: nothing to vouch for
         key = ((scope.user_id, scope.agent_id), query)
-        self._recent[key] = _Nearest(token, [row for row, _ in found.by_vector], complete)
+        rows = [row for row, _ in found.by_vector]
+        self._recent[key] = _Nearest(token, rows, complete, vector)
         self._recent.move_to_end(key)
         while len(self._recent) > _RECENT_SEARCHES:
             self._recent.popitem(last=False)
@@ -891,20 +908,21 @@ class MemoryStore:
         """
         if k <= 0:
             return []
+        handed = self._handed.get(text)
         if self._cache is not None:
             rows = await self._recently_found(scope, text, k)
             if rows is None:
                 embedded, entry = await asyncio.gather(
-                    self._embed([text]), self._scope_index(scope)
+                    self._embed_unless(handed, text), self._scope_index(scope)
                 )
                 if len(entry) < _INLINE_ROWS:
-                    found = entry.nearest(embedded[0], k)
+                    found = entry.nearest(embedded, k)
                 else:
                     # Background work: not on the scoring thread, where requests' searches queue.
-                    found = await asyncio.to_thread(entry.nearest, embedded[0], k)
+                    found = await asyncio.to_thread(entry.nearest, embedded, k)
                 rows = [row for row, _ in found]
             return [_to_memory(row) for row in rows]
-        vector = (await self._embed([text]))[0]
+        vector = await self._embed_unless(handed, text)
         rows = (
             await self._memories.query()
             .nearest_to(vector)
@@ -915,6 +933,26 @@ class MemoryStore:
             .to_list()
         )
         return [_to_memory(r) for r in rows]
+
+    def searched_vector(self, scope: Scope, text: str) -> np.ndarray | None:
+        """The embedding of `text`, if a search of `scope` used it lately: the
+        serving process hands it with the exchange to the extraction process,
+        whose `related` then needs no embedding (`expect_vector` there)."""
+        recent = self._recent.get(((scope.user_id, scope.agent_id), text))
+        return None if recent is None else recent.vector
+
+    def expect_vector(self, text: str, vector: np.ndarray) -> None:
+        """`related(..., text, ...)` is coming, and this is the text's embedding
+        (it depends on the text alone, so it is valid for any scope)."""
+        if vector.shape != (self._embedder.dimensions,):
+            return  # another embedder's: not usable here
+        self._handed[text] = vector
+        self._handed.move_to_end(text)
+        while len(self._handed) > _RECENT_SEARCHES:
+            self._handed.popitem(last=False)
+
+    async def _embed_unless(self, vector: np.ndarray | None, text: str) -> np.ndarray:
+        return vector if vector is not None else (await self._embed([text]))[0]
 
     # ---------- the scope cache ----------
 

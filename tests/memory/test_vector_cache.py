@@ -269,6 +269,28 @@ async def test_related_after_a_search_with_the_same_text_reuses_what_it_found(tm
         await store.close()
 
 
+async def test_related_with_an_embedding_handed_over_needs_no_embedder(tmp_path):
+    """The extraction process gets the embedding of an exchange's turn from
+    the serving process whose search computed it (memory/handoff.py)."""
+    embedder = HashEmbedder()
+    store = await MemoryStore.open(tmp_path / "m", embedder, cached())
+    try:
+        for text in ["Plays the violin", "Lives in Shanghai", "Has a cat"]:
+            await store.add(ALICE, text)
+        turn = "I played the violin in Shanghai yesterday"
+        vector = (await embedder.embed([turn]))[0]
+        want = [m.id for m in await store.related(ALICE, turn, 2)]
+        store.expect_vector(turn, vector)
+        store.expect_vector("wrong size", vector[:10])  # another embedder's: ignored
+        embedded = len(embedder.calls)
+        assert [m.id for m in await store.related(ALICE, turn, 2)] == want
+        assert len(embedder.calls) == embedded
+        await store.related(ALICE, "wrong size", 2)
+        assert len(embedder.calls) == embedded + 1
+    finally:
+        await store.close()
+
+
 async def test_the_duplicate_check_of_a_cached_scope_needs_no_lancedb_read(tmp_path):
     """An extracted fact already stored (same normalized text) is not added
     twice; for a cached scope the writer asks the cache, which follows other
