@@ -154,12 +154,6 @@ def _changed(rows: Iterable[Mapping[str, Any]]) -> dict[str, set[str] | None]:
     return out
 
 
-def _build_index(table: pa.Table, dimensions: int) -> ScopeIndex:
-    """A `ScopeIndex` of an Arrow table of memory rows with vectors (CPU-bound)."""
-    index = ScopeIndex.from_arrow(table, dimensions)
-    if len(index) >= _TRIM_AFTER_ROWS:
-        release_free_memory()
-    return index
 
 
 def _to_memory(row: Mapping[str, Any]) -> Memory:
@@ -1000,7 +994,10 @@ class MemoryStore:
             .to_arrow()
         )
         # Not on the scoring thread: a cold load must not hold up other searches.
-        entry = await asyncio.to_thread(_build_index, table, self._embedder.dimensions)
+        entry = await asyncio.to_thread(ScopeIndex.from_arrow, table, self._embedder.dimensions)
+        del table  # its vectors are copied into the index: freed before the trim
+        if len(entry) >= _TRIM_AFTER_ROWS:
+            await asyncio.to_thread(release_free_memory)
         self._cache.put(key, entry, token)
         return entry
 
