@@ -5,8 +5,11 @@ The spool decides what may run (per-user order, leases); the pool runs up to
 capped exponential backoff, and parks a job as failed after `max_attempts`.
 Enqueues in this process wake an idle worker at once (one: a worker that got
 a job wakes the next, so a burst fans out and a lone job does not make every
-worker query the spool); a slow poll covers jobs written by other processes
-and backoffs coming due.
+worker query the spool). A slow poll covers jobs written by other processes:
+one timer wakes one idle worker every `poll_interval`, rather than every idle
+worker's own timeout, which expired together and made all of them query the
+spool at once (a burst of 15-40 ms latencies every 2 s at c=1). A worker that
+was told when a job comes due (a backoff) waits for that on its own.
 """
 
 from __future__ import annotations
@@ -60,6 +63,7 @@ class WorkerPool:
         # Which users' jobs may be claimed now (None: everyone).
         self._users = users
         self._tasks: list[asyncio.Task[None]] = []
+        self._poller: asyncio.Task[None] | None = None
         self._wakers: list[asyncio.Event] = []
         # Workers waiting for work, the longest idle first.
         self._idle: collections.deque[asyncio.Event] = collections.deque()
@@ -85,6 +89,12 @@ class WorkerPool:
             waker = asyncio.Event()
             self._wakers.append(waker)
             self._tasks.append(asyncio.create_task(self._work(waker), name=f"spool-worker-{n}"))
+        self._poller = asyncio.create_task(self._poll(), name="spool-poll")
+
+    async def _poll(self) -> None:
+        while not self._stopping:
+            await asyncio.sleep(self._config.poll_interval)
+            self.notify()
 
     def notify(self) -> None:
         """Something may have become claimable: wake one idle worker."""
@@ -112,6 +122,9 @@ class WorkerPool:
     async def stop(self) -> None:
         """Stop claiming; interrupt running jobs and give their leases back."""
         self._stopping = True
+        if self._poller is not None:
+            self._poller.cancel()
+            self._poller = None
         self._notify_all()
         for _, task in list(self._inflight.values()):
             task.cancel()
@@ -146,13 +159,16 @@ class WorkerPool:
             if self._missed:
                 self._missed = False
                 continue
-            wait = self._config.poll_interval
-            if claim is not None and claim.wait is not None:
-                wait = min(wait, claim.wait + 0.01)
+            # Woken by an enqueue, a finished job or the poll; or when a
+            # backed-off job it was told of comes due.
+            due = None if claim is None or claim.wait is None else claim.wait + 0.01
             self._idle.append(waker)
             try:
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(waker.wait(), wait)
+                if due is None:
+                    await waker.wait()
+                else:
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(waker.wait(), min(due, self._config.poll_interval))
             finally:
                 with contextlib.suppress(ValueError):
                     self._idle.remove(waker)
