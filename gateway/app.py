@@ -20,6 +20,7 @@ from gateway.proxy import Proxy
 from gateway.routes import handlers
 from gateway.tasks import BackgroundTasks
 from memory.handoff import HandoffSender
+from memory.heap import freeze_startup_objects
 
 logger = logging.getLogger("gateway")
 
@@ -48,6 +49,7 @@ def create_app(
         app.state.client = proxy.client
         try:
             await hooks.startup()
+            freeze_startup_objects()
             try:
                 yield
             finally:

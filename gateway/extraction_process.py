@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING
 from gateway.config import Config
 from gateway.logs import setup_logging
 from gateway.supervisor import name_process, watch_parent
-from memory.heap import tune_process_heap
+from memory.heap import freeze_startup_objects, tune_process_heap
 
 if TYPE_CHECKING:
     import httpx
@@ -101,6 +101,7 @@ async def _extract_with(
     try:
         receiver.start(engine.receive)
         await engine.start()
+        freeze_startup_objects()
         logger.info("extraction process ready")
         await stopping.wait()
     finally:

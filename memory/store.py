@@ -154,8 +154,6 @@ def _changed(rows: Iterable[Mapping[str, Any]]) -> dict[str, set[str] | None]:
     return out
 
 
-
-
 def _to_memory(row: Mapping[str, Any]) -> Memory:
     return Memory(
         id=row["id"],

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from memory.heap import _libc, release_free_memory
+from memory.heap import _libc, freeze_startup_objects, release_free_memory
 
 pytestmark = pytest.mark.skipif(
     not sys.platform.startswith("linux") or _libc() is None, reason="glibc only"
@@ -34,3 +34,18 @@ def test_freed_heap_memory_goes_back_to_the_os_after_a_release():
     after = rss_mib()
     assert before - after > 60, (before, after)
     assert len(pin) == 64 * 1024
+
+
+def test_objects_alive_after_start_up_are_left_out_of_later_collections():
+    import gc
+
+    startup = [[n] for n in range(1000)]  # lists: objects the collector tracks
+    try:
+        freeze_startup_objects()
+        assert gc.get_freeze_count() >= len(startup)
+        walked = {id(o) for o in gc.get_objects()}  # what a collection would walk
+        assert not any(id(o) in walked for o in startup)
+        later = [0]
+        assert id(later) in {id(o) for o in gc.get_objects()}
+    finally:
+        gc.unfreeze()
