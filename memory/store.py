@@ -154,6 +154,13 @@ def _changed(rows: Iterable[Mapping[str, Any]]) -> dict[str, set[str] | None]:
     return out
 
 
+def _retrieve(future: asyncio.Future[Any]) -> None:
+    """Mark a shared future's error as seen: every waiter may have been
+    cancelled (a search's deadline), which must not log it as lost."""
+    if not future.cancelled():
+        future.exception()
+
+
 def _to_memory(row: Mapping[str, Any]) -> Memory:
     return Memory(
         id=row["id"],
@@ -428,6 +435,8 @@ class MemoryStore:
         self._scorer = ThreadPoolExecutor(1, thread_name_prefix="memory-scoring")
         self._text_scorer = ThreadPoolExecutor(1, thread_name_prefix="memory-text-scoring")
         # The table version the cache reflects; None until first checked.
+        # A version check in flight, for searches to share (`_check_version`).
+        self._checking: asyncio.Future[bool] | None = None
         self._version: int | None = None
         # Since when a table version nobody logged has been seen (see `_follow`).
         self._unlogged_since: float | None = None
@@ -883,7 +892,7 @@ class MemoryStore:
         recent = self._recent.get(((scope.user_id, scope.agent_id), text))
         if recent is None:
             return None
-        await self._check_version()  # follows other processes' writes: bumps the token
+        await self._check_version(shared=True)  # follows other processes' writes: bumps the token
         if recent.token != self._cache.token(scope.user_id):
             return None
         if len(recent.rows) < k and not recent.complete:
@@ -965,7 +974,7 @@ class MemoryStore:
         """The scope's cached active memories, loaded on first use (one load
         per scope at a time; concurrent searches wait for the same one)."""
         assert self._cache is not None
-        await self._check_version()
+        await self._check_version(shared=True)
         key: Key = (scope.user_id, scope.agent_id)
         entry = self._cache.get(key)
         if entry is not None:
@@ -999,14 +1008,32 @@ class MemoryStore:
         self._cache.put(key, entry, token)
         return entry
 
-    async def _check_version(self) -> bool:
+    async def _check_version(self, *, shared: bool = False) -> bool:
         """Follow the table when it moved without us (another process wrote).
 
         True when the cache now reflects every version of the table as just
         read; False while a version is still waited for (unlogged) or a write
         of ours is in flight: good enough for a search, not for a check that
         must see every row (the writer's duplicate check).
+
+        `shared`: a search may join a check already in flight rather than
+        start its own (16 concurrent searches made 16 LanceDB calls for one
+        answer); it then sees other processes' writes as of that check's
+        start, a moment earlier. Checks that must see every version so far
+        (the duplicate check, maintenance) read afresh.
         """
+        assert self._cache is not None
+        if self._own_writes:
+            return False
+        if not shared:
+            return await self._read_version()
+        checking = self._checking
+        if checking is None or checking.done():
+            checking = self._checking = asyncio.ensure_future(self._read_version())
+            checking.add_done_callback(_retrieve)
+        return await asyncio.shield(checking)
+
+    async def _read_version(self) -> bool:
         assert self._cache is not None
         if self._own_writes:
             return False

@@ -291,6 +291,28 @@ async def test_related_with_an_embedding_handed_over_needs_no_embedder(tmp_path)
         await store.close()
 
 
+async def test_concurrent_searches_share_one_table_version_check(pair):
+    """Each search first checks the table's version (another process may have
+    written); searches running together share one check in flight."""
+    fast, _ = pair
+    await fast.search(ALICE, "violin")  # cached, and the version known
+    reads = 0
+    version = fast._memories.version
+
+    async def counted():
+        nonlocal reads
+        reads += 1
+        await asyncio.sleep(0.02)  # a check still in flight when the others start
+        return await version()
+
+    fast._memories.version = counted
+    await asyncio.gather(*(fast.search(ALICE, q) for q in QUERIES))
+    assert reads == 1
+    await fast.search(ALICE, "violin")
+    await fast.search(ALICE, "cello")
+    assert reads == 3  # one after another: each reads afresh
+
+
 async def test_the_duplicate_check_of_a_cached_scope_needs_no_lancedb_read(tmp_path):
     """An extracted fact already stored (same normalized text) is not added
     twice; for a cached scope the writer asks the cache, which follows other
