@@ -2,9 +2,9 @@
 
 The gateway speaks httpx everywhere (one `AsyncClient`, its requests,
 responses, timeouts and exceptions); only the layer that moves bytes is
-replaced. httpx's own (httpcore, pure Python over anyio streams) cost ~1.3 ms
-of CPU per proxied request on the benchmark machine, and ~1.9 ms for a
-17-chunk stream; aiohttp's C parser and pool do the same in ~0.7 ms
+replaced. httpx's own (httpcore, pure Python over anyio streams) cost
+0.74-0.86 ms of CPU per call on the benchmark machine, and 1.0-1.05 ms for a
+17-chunk stream; over aiohttp's C parser and pool, 0.47-0.54 and 0.39-0.42
 (docs/benchmarks.md, "Upstream client"). Every chat request makes one such
 call, and every recorded exchange a second one (the extraction model).
 
@@ -136,8 +136,8 @@ class AiohttpTransport(httpx.AsyncBaseTransport):
                         sock_connect=connect,
                         sock_read=timeout.get("read"),
                     ),
-                    # httpx has no write timeout to hand over here: bodies are bounded
-                    # (server.max_body_bytes) and sent whole.
+                    # aiohttp has no write timeout: bodies are bounded
+                    # (server.max_body_bytes), and a stalled upload ends at sock_read.
                 )
         except httpx.TransportError:
             if isinstance(body, _RequestBody) and body.error is not None:
