@@ -228,6 +228,17 @@ def test_slow_retrieval_degrades_to_no_memories_and_the_answer_still_arrives(
     assert response.status_code == 200
 
 
+def test_the_extraction_model_is_called_through_the_proxys_upstream_client(
+    memory_gateway: GatewayServer, admin: httpx.Client
+) -> None:
+    """One pool of upstream connections (and one connection layer) for chat
+    requests and the extraction calls they cause."""
+    state = memory_gateway.app.state
+    assert state.hooks.engine.extractor._http_client is state.proxy.client
+    ask(memory_gateway.client(), "I'm allergic to peanuts.", ALICE, stream=False)
+    wait_for(lambda: len(memories_of(admin, "alice")) == 2)
+
+
 def test_a_broken_store_degrades_instead_of_failing_the_chat(
     memory_gateway: GatewayServer,
 ) -> None:
