@@ -107,10 +107,12 @@ CREATE INDEX IF NOT EXISTS jobs_state ON jobs (state, updated_at);
 
 # The head of each user's queue: the oldest job not yet done or failed.
 _HEADS = """
-SELECT j.* FROM jobs AS j
+SELECT j.seq, j.id, j.user_id, j.state, j.attempts, j.next_attempt_at, j.lease_until
+FROM jobs AS j
 JOIN (SELECT MIN(seq) AS seq FROM jobs WHERE state IN ('pending', 'running') GROUP BY user_id)
     AS h ON h.seq = j.seq
 """
+# Heads are compared without their payloads; only the claimed one's is read.
 
 _encoder = msgspec.json.Encoder()
 _exchange_decoder = msgspec.json.Decoder(Exchange)
@@ -378,12 +380,14 @@ class Spool:
                 " lease_until = ?, updated_at = ? WHERE seq = ?",
                 (attempts, lease, now + self.lease_seconds, now, best["seq"]),
             )
-            decision = best["decision"]
+            payload, decision = db.execute(
+                "SELECT payload, decision FROM jobs WHERE seq = ?", (best["seq"],)
+            ).fetchone()
             return Claim(
                 job=Job(
                     id=best["id"],
                     user_id=best["user_id"],
-                    exchange=_exchange_decoder.decode(best["payload"]),
+                    exchange=_exchange_decoder.decode(payload),
                     attempts=attempts,
                     lease=lease,
                     decision=None if decision is None else _ops_decoder.decode(decision),
