@@ -17,6 +17,7 @@ the gateway maps to 502 and 504.
 
 from __future__ import annotations
 
+import logging
 import urllib.request
 from collections.abc import AsyncIterable, AsyncIterator, Iterator
 from contextlib import contextmanager
@@ -27,6 +28,8 @@ import yarl
 
 from gateway.config import HTTPConfig
 from memory.cookies import NoCookies
+
+logger = logging.getLogger("gateway")
 
 # Header lines as long as h11 (httpcore's parser) accepts; aiohttp's default is 8 KiB.
 _MAX_HEADER_BYTES = 64 * 1024
@@ -74,9 +77,17 @@ class AiohttpTransport(httpx.AsyncBaseTransport):
         `trust_env` (upstreams are few: one lookup each)."""
         key = (url.scheme, url.host)
         if key not in self._proxies:
-            proxy = self._env_proxies.get(url.scheme)
+            proxy = self._env_proxies.get(url.scheme) or self._env_proxies.get("all")
             bypass = urllib.request.proxy_bypass_environment  # type: ignore[attr-defined]
             if proxy and bypass(url.host, self._env_proxies):
+                proxy = None
+            if proxy and not proxy.startswith(("http://", "https://")):
+                # aiohttp speaks HTTP proxies only (httpx needed an extra for SOCKS).
+                logger.warning(
+                    "proxy %s for %s ignored: only http(s) proxies are supported",
+                    proxy.split("://", 1)[0] + "://...",
+                    url.host,
+                )
                 proxy = None
             self._proxies[key] = proxy or None
         return self._proxies[key]

@@ -17,6 +17,8 @@ def test_upstreams_go_through_the_proxies_the_environment_names(monkeypatch):
     monkeypatch.delenv("http_proxy", raising=False)
     monkeypatch.delenv("https_proxy", raising=False)
     monkeypatch.delenv("no_proxy", raising=False)
+    monkeypatch.delenv("ALL_PROXY", raising=False)
+    monkeypatch.delenv("all_proxy", raising=False)
     transport = AiohttpTransport(limits=httpx.Limits())
     assert transport._proxy_for(httpx.URL("https://api.openai.com/v1")) == (
         "http://proxy.example:3128"
@@ -24,6 +26,19 @@ def test_upstreams_go_through_the_proxies_the_environment_names(monkeypatch):
     assert transport._proxy_for(httpx.URL("https://internal.example/v1")) is None
     assert transport._proxy_for(httpx.URL("http://127.0.0.1:8000/v1")) is None
     assert transport._proxy_for(httpx.URL("http://api.example/v1")) is None  # no HTTP_PROXY
+
+
+def test_all_proxy_covers_every_scheme_and_only_http_proxies_are_used(monkeypatch):
+    for name in ("HTTP_PROXY", "HTTPS_PROXY", "NO_PROXY", "all_proxy"):
+        monkeypatch.delenv(name, raising=False)
+        monkeypatch.delenv(name.lower(), raising=False)
+    monkeypatch.setenv("ALL_PROXY", "http://proxy.example:3128")
+    transport = AiohttpTransport(limits=httpx.Limits())
+    assert transport._proxy_for(httpx.URL("https://api.openai.com/v1")) == (
+        "http://proxy.example:3128"
+    )
+    monkeypatch.setenv("ALL_PROXY", "socks5://proxy.example:1080")
+    assert AiohttpTransport(limits=httpx.Limits())._proxy_for(httpx.URL("https://a.b/v1")) is None
 
 
 def test_the_upstream_client_keeps_the_configured_timeouts():
