@@ -29,11 +29,18 @@ DRAIN_SECONDS = 10.0
 
 
 def create_app(
-    config: Config, *, hooks: ChatHooks | None = None, handoff: HandoffSender | None = None
+    config: Config,
+    *,
+    hooks: ChatHooks | None = None,
+    handoff: HandoffSender | None = None,
+    owns_process: bool = False,
 ) -> Litestar:
     """The gateway; by default with the memory engine behind the chat seams
     (`memory.enabled: false` makes it a plain proxy). With `handoff`, spooled
-    exchanges are extracted by the extraction process at its other end."""
+    exchanges are extracted by the extraction process at its other end.
+    `owns_process` (`memory-gateway serve`): once started, the process's
+    objects are frozen out of garbage collection (`freeze_startup_objects`),
+    which an app embedded in another program must not impose on it."""
     if hooks is None:
         hooks = (
             MemoryHooks(config, handoff, upstream_client=lambda: proxy.client)
@@ -49,7 +56,8 @@ def create_app(
         app.state.client = proxy.client
         try:
             await hooks.startup()
-            freeze_startup_objects()
+            if owns_process:
+                freeze_startup_objects()
             try:
                 yield
             finally:

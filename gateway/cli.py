@@ -106,7 +106,7 @@ def run_worker(
     name_process(f"mg-worker-{index}")
     setup_logging(config)
     sender = HandoffSender(handoff) if handoff is not None else None
-    app = create_app(config, handoff=sender)
+    app = create_app(config, handoff=sender, owns_process=True)
     server = uvicorn.Server(uvicorn.Config(app, **_uvicorn_config(config)))
     watch_parent(supervisor, stop=lambda: setattr(server, "should_exit", True))
     server.run(sockets=[sock])
@@ -132,7 +132,7 @@ def serve(config: Config) -> int:
 
     setup_logging(config)
     uvicorn.run(
-        create_app(config),
+        create_app(config, owns_process=True),
         host=config.server.host,
         port=config.server.port,
         **_uvicorn_config(config),

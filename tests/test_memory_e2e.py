@@ -239,6 +239,16 @@ def test_the_extraction_model_is_called_through_the_proxys_upstream_client(
     wait_for(lambda: len(memories_of(admin, "alice")) == 2)
 
 
+def test_an_app_embedded_in_another_program_leaves_its_garbage_collector_alone(
+    memory_gateway: GatewayServer,
+) -> None:
+    """Only `memory-gateway serve` freezes its start-up objects (gc.freeze):
+    in a host program (here pytest) they are the host's to collect."""
+    import gc
+
+    assert gc.get_freeze_count() == 0
+
+
 def test_a_broken_store_degrades_instead_of_failing_the_chat(
     memory_gateway: GatewayServer,
 ) -> None:
