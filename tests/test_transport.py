@@ -8,6 +8,8 @@ import httpx
 
 from gateway.config import HTTPConfig
 from gateway.transport import AiohttpTransport, upstream_client
+from tests.conftest import gateway_config_for
+from tests.upstream import ServerThread
 
 
 def test_upstreams_go_through_the_proxies_the_environment_names(monkeypatch):
@@ -48,3 +50,62 @@ def test_the_upstream_client_keeps_the_configured_timeouts():
     assert not client.follow_redirects
     fallback = upstream_client(HTTPConfig(transport="httpx"))
     assert isinstance(fallback._transport, httpx.AsyncHTTPTransport)
+
+
+class ForwardProxy:
+    """A minimal HTTP forward proxy (ASGI): records each request's target and
+    fetches it."""
+
+    def __init__(self) -> None:
+        self.seen: list[tuple[str, str]] = []
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] == "lifespan":
+            while (message := await receive())["type"] != "lifespan.shutdown":
+                await send({"type": "lifespan.startup.complete"})
+            await send({"type": "lifespan.shutdown.complete"})
+            return
+        headers = [(k.decode(), v.decode()) for k, v in scope["headers"]]
+        body, more = b"", True
+        while more:
+            message = await receive()
+            body += message.get("body", b"")
+            more = message.get("more_body", False)
+        host = dict(headers)["host"]
+        target = f"http://{host}{scope['raw_path'].decode()}"
+        self.seen.append((scope["method"], target))
+        forwarded = [(k, v) for k, v in headers if k not in ("host", "content-length")]
+        async with httpx.AsyncClient(trust_env=False) as client:
+            answer = await client.request(scope["method"], target, content=body, headers=forwarded)
+        dropped = ("content-length", "transfer-encoding", "content-encoding")
+        await send(
+            {
+                "type": "http.response.start",
+                "status": answer.status_code,
+                "headers": [
+                    (k.encode(), v.encode()) for k, v in answer.headers.items() if k not in dropped
+                ],
+            }
+        )
+        await send({"type": "http.response.body", "body": answer.content})
+
+
+def test_upstream_requests_go_through_the_proxy_the_environment_names(
+    monkeypatch, upstream, start_gateway, tmp_path
+):
+    proxy = ForwardProxy()
+    server = ServerThread(proxy).start()
+    try:
+        for name in ("HTTP_PROXY", "HTTPS_PROXY", "NO_PROXY", "ALL_PROXY"):
+            monkeypatch.delenv(name, raising=False)
+            monkeypatch.delenv(name.lower(), raising=False)
+        monkeypatch.setenv("HTTP_PROXY", server.url)
+        gateway = start_gateway(gateway_config_for(upstream.url, tmp_path / "data"))
+        reply = gateway.client().chat.completions.create(
+            model="m", messages=[{"role": "user", "content": "hi"}]
+        )
+    finally:
+        server.stop()
+    assert reply.choices[0].message.content == "echo: hi"
+    # (The test's own client honours HTTP_PROXY too: its call to the gateway is there as well.)
+    assert ("POST", upstream.url + "/chat/completions") in proxy.seen
