@@ -48,7 +48,7 @@ def normalize(vectors: np.ndarray) -> np.ndarray:
     return vectors / norms
 
 
-class _QueryCache:
+class QueryCache:
     """A small LRU of single-text embeddings: the same question is asked often."""
 
     def __init__(self, size: int, max_chars: int = 512) -> None:
@@ -149,7 +149,7 @@ class LocalEmbedder:
         self._threads = threads
         self._model: Any = None
         self._batcher = _Batcher(lambda texts: self._encode(texts), batch_size, "embedder")
-        self._cache = _QueryCache(cache_size)
+        self._cache = QueryCache(cache_size)
 
     def _load(self) -> Any:
         if self._model is None:
@@ -218,7 +218,7 @@ class OpenAIEmbedder:
             transport=transport,
             cookies=NoCookies(),
         )
-        self._cache = _QueryCache(cache_size)
+        self._cache = QueryCache(cache_size)
 
     async def warm(self) -> None:
         if not self.dimensions:
@@ -285,7 +285,7 @@ class OpenAIEmbedder:
 
 
 async def _embed_cached(
-    cache: _QueryCache, batcher: _Batcher, texts: Sequence[str], dimensions: int
+    cache: QueryCache, batcher: _Batcher, texts: Sequence[str], dimensions: int
 ) -> np.ndarray:
     if not texts:
         return np.empty((0, dimensions), dtype=np.float32)

@@ -40,7 +40,7 @@ from lancedb.query import ColumnOrdering
 
 from memory.changelog import ChangeLog, Changes, merged
 from memory.config import MemoryConfig
-from memory.embedding import Embedder, EmbedderError
+from memory.embedding import Embedder, EmbedderError, QueryCache
 from memory.filters import build_filter, scope_filter
 from memory.fusion import boosted_similarity, reciprocal_rank_fusion
 from memory.heap import release_free_memory
@@ -104,6 +104,8 @@ _OR_CHUNK = 64
 _INLINE_ROWS = 2048
 # Recent searches' top lists kept for `related` (see there).
 _RECENT_SEARCHES = 1024
+# Longer than any text `related` is asked about (memory/engine.py, 1 000 characters).
+_HANDED_MAX_CHARS = 4096
 # Scopes this large leave enough freed heap behind to be worth a malloc_trim.
 _TRIM_AFTER_ROWS = 1000
 _WRITE_ATTEMPTS = 6
@@ -152,6 +154,10 @@ def _changed(rows: Iterable[Mapping[str, Any]]) -> dict[str, set[str] | None]:
         assert ids is not None
         ids.add(row["id"])
     return out
+
+
+def _recent_key(scope: Scope, text: str) -> tuple[Key, str]:
+    return (scope.user_id, scope.agent_id), text
 
 
 def _retrieve(future: asyncio.Future[Any]) -> None:
@@ -431,7 +437,7 @@ class MemoryStore:
         # request searched with, moments later (see `related`).
         self._recent: OrderedDict[tuple[Key, str], _Nearest] = OrderedDict()
         # Embeddings handed over by a serving process for `related` (see `expect_vector`).
-        self._handed: OrderedDict[str, np.ndarray] = OrderedDict()
+        self._handed = QueryCache(_RECENT_SEARCHES, max_chars=_HANDED_MAX_CHARS)
         self._scorer = ThreadPoolExecutor(1, thread_name_prefix="memory-scoring")
         self._text_scorer = ThreadPoolExecutor(1, thread_name_prefix="memory-text-scoring")
         # The table version the cache reflects; None until first checked.
@@ -875,7 +881,7 @@ class MemoryStore:
     ) -> None:
         if self._cache is None or token != self._cache.token(scope.user_id):
             return  # the scope changed during the search: nothing to vouch for
-        key = ((scope.user_id, scope.agent_id), query)
+        key = _recent_key(scope, query)
         rows = [row for row, _ in found.by_vector]
         self._recent[key] = _Nearest(token, rows, complete, vector)
         self._recent.move_to_end(key)
@@ -889,7 +895,7 @@ class MemoryStore:
         same text, when the scope has not changed since (same cache token) and
         it kept at least `k` rows (or all of them)."""
         assert self._cache is not None
-        recent = self._recent.get(((scope.user_id, scope.agent_id), text))
+        recent = self._recent.get(_recent_key(scope, text))
         if recent is None:
             return None
         await self._check_version(shared=True)  # follows other processes' writes: bumps the token
@@ -939,7 +945,7 @@ class MemoryStore:
         """The embedding of `text`, if a search of `scope` used it lately: the
         serving process hands it with the exchange to the extraction process,
         whose `related` then needs no embedding (`expect_vector` there)."""
-        recent = self._recent.get(((scope.user_id, scope.agent_id), text))
+        recent = self._recent.get(_recent_key(scope, text))
         return None if recent is None else recent.vector
 
     def expect_vector(self, text: str, vector: np.ndarray) -> None:
@@ -947,10 +953,7 @@ class MemoryStore:
         (it depends on the text alone, so it is valid for any scope)."""
         if vector.shape != (self._embedder.dimensions,):
             return  # another embedder's: not usable here
-        self._handed[text] = vector
-        self._handed.move_to_end(text)
-        while len(self._handed) > _RECENT_SEARCHES:
-            self._handed.popitem(last=False)
+        self._handed.put(text, vector)
 
     async def _embed_unless(self, vector: np.ndarray | None, text: str) -> np.ndarray:
         return vector if vector is not None else (await self._embed([text]))[0]
@@ -1035,8 +1038,6 @@ class MemoryStore:
 
     async def _read_version(self) -> bool:
         assert self._cache is not None
-        if self._own_writes:
-            return False
         known = self._version
         version = await self._memories.version()
         if self._own_writes:
