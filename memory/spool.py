@@ -105,14 +105,14 @@ CREATE INDEX IF NOT EXISTS jobs_unfinished ON jobs (user_id, seq)
 CREATE INDEX IF NOT EXISTS jobs_state ON jobs (state, updated_at);
 """
 
-# The head of each user's queue: the oldest job not yet done or failed.
+# The head of each user's queue: the oldest job not yet done or failed. Heads
+# are compared without their payloads; only the claimed one's is read.
 _HEADS = """
 SELECT j.seq, j.id, j.user_id, j.state, j.attempts, j.next_attempt_at, j.lease_until
 FROM jobs AS j
 JOIN (SELECT MIN(seq) AS seq FROM jobs WHERE state IN ('pending', 'running') GROUP BY user_id)
     AS h ON h.seq = j.seq
 """
-# Heads are compared without their payloads; only the claimed one's is read.
 
 _encoder = msgspec.json.Encoder()
 _exchange_decoder = msgspec.json.Decoder(Exchange)

@@ -184,7 +184,7 @@ class ScopeIndex:
             return
         digest = self._hash_of.pop(memory_id, None)
         if digest is not None:
-            same = tuple(i for i in self._by_hash[digest] if i != memory_id)
+            same = tuple(other for other in self._by_hash[digest] if other != memory_id)
             if same:
                 self._by_hash[digest] = same
             else:
