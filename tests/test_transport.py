@@ -5,6 +5,7 @@ the proxy tests, which all run over it; these pin what they cannot see."""
 from __future__ import annotations
 
 import httpx
+import pytest
 
 from gateway.config import HTTPConfig
 from gateway.transport import AiohttpTransport, upstream_client
@@ -12,15 +13,18 @@ from tests.conftest import gateway_config_for
 from tests.upstream import ServerThread
 
 
-def test_upstreams_go_through_the_proxies_the_environment_names(monkeypatch):
-    monkeypatch.setenv("HTTPS_PROXY", "http://proxy.example:3128")
-    monkeypatch.setenv("NO_PROXY", "internal.example,127.0.0.1")
-    monkeypatch.delenv("HTTP_PROXY", raising=False)
-    monkeypatch.delenv("http_proxy", raising=False)
-    monkeypatch.delenv("https_proxy", raising=False)
-    monkeypatch.delenv("no_proxy", raising=False)
-    monkeypatch.delenv("ALL_PROXY", raising=False)
-    monkeypatch.delenv("all_proxy", raising=False)
+@pytest.fixture
+def proxy_env(monkeypatch):
+    """No proxy variable from the machine running the tests; set them on it."""
+    for name in ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "NO_PROXY"):
+        monkeypatch.delenv(name, raising=False)
+        monkeypatch.delenv(name.lower(), raising=False)
+    return monkeypatch
+
+
+def test_upstreams_go_through_the_proxies_the_environment_names(proxy_env):
+    proxy_env.setenv("HTTPS_PROXY", "http://proxy.example:3128")
+    proxy_env.setenv("NO_PROXY", "internal.example,127.0.0.1")
     transport = AiohttpTransport(limits=httpx.Limits())
     assert transport._proxy_for(httpx.URL("https://api.openai.com/v1")) == (
         "http://proxy.example:3128"
@@ -30,16 +34,13 @@ def test_upstreams_go_through_the_proxies_the_environment_names(monkeypatch):
     assert transport._proxy_for(httpx.URL("http://api.example/v1")) is None  # no HTTP_PROXY
 
 
-def test_all_proxy_covers_every_scheme_and_only_http_proxies_are_used(monkeypatch):
-    for name in ("HTTP_PROXY", "HTTPS_PROXY", "NO_PROXY", "all_proxy"):
-        monkeypatch.delenv(name, raising=False)
-        monkeypatch.delenv(name.lower(), raising=False)
-    monkeypatch.setenv("ALL_PROXY", "http://proxy.example:3128")
+def test_all_proxy_covers_every_scheme_and_only_http_proxies_are_used(proxy_env):
+    proxy_env.setenv("ALL_PROXY", "http://proxy.example:3128")
     transport = AiohttpTransport(limits=httpx.Limits())
     assert transport._proxy_for(httpx.URL("https://api.openai.com/v1")) == (
         "http://proxy.example:3128"
     )
-    monkeypatch.setenv("ALL_PROXY", "socks5://proxy.example:1080")
+    proxy_env.setenv("ALL_PROXY", "socks5://proxy.example:1080")
     assert AiohttpTransport(limits=httpx.Limits())._proxy_for(httpx.URL("https://a.b/v1")) is None
 
 
@@ -91,15 +92,12 @@ class ForwardProxy:
 
 
 def test_upstream_requests_go_through_the_proxy_the_environment_names(
-    monkeypatch, upstream, start_gateway, tmp_path
+    proxy_env, upstream, start_gateway, tmp_path
 ):
     proxy = ForwardProxy()
     server = ServerThread(proxy).start()
     try:
-        for name in ("HTTP_PROXY", "HTTPS_PROXY", "NO_PROXY", "ALL_PROXY"):
-            monkeypatch.delenv(name, raising=False)
-            monkeypatch.delenv(name.lower(), raising=False)
-        monkeypatch.setenv("HTTP_PROXY", server.url)
+        proxy_env.setenv("HTTP_PROXY", server.url)
         gateway = start_gateway(gateway_config_for(upstream.url, tmp_path / "data"))
         reply = gateway.client().chat.completions.create(
             model="m", messages=[{"role": "user", "content": "hi"}]
