@@ -7,6 +7,7 @@ import hashlib
 import itertools
 import re
 from collections.abc import AsyncIterator, Sequence
+from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +15,7 @@ import pytest
 
 from memory.config import MemoryConfig
 from memory.embedding import LocalEmbedder, normalize
+from memory.models import Exchange, Scope
 from memory.store import MemoryStore
 
 
@@ -44,6 +46,16 @@ class HashEmbedder:
 
     async def close(self) -> None:
         self.closed = True
+
+
+def exchange(user: str, text: str = "hello", agent: str | None = None) -> Exchange:
+    """A one-turn exchange of `user`, as the spool stores it."""
+    return Exchange(
+        scope=Scope(user_id=user, agent_id=agent),
+        messages=[{"role": "user", "content": text}],
+        reply="ok",
+        at=datetime(2026, 3, 13, tzinfo=UTC),
+    )
 
 
 @pytest.fixture

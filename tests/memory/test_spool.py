@@ -5,11 +5,11 @@ import json
 import subprocess
 import sys
 import textwrap
-from datetime import UTC, datetime
 
 import pytest
+from conftest import exchange
 
-from memory.models import Exchange, Operation, Scope
+from memory.models import Operation
 from memory.spool import Spool
 
 
@@ -19,15 +19,6 @@ class Clock:
 
     def __call__(self) -> float:
         return self.now
-
-
-def exchange(user: str, text: str = "hello", agent: str | None = None) -> Exchange:
-    return Exchange(
-        scope=Scope(user_id=user, agent_id=agent),
-        messages=[{"role": "user", "content": text}],
-        reply="ok",
-        at=datetime(2026, 3, 13, tzinfo=UTC),
-    )
 
 
 @pytest.fixture

@@ -3,21 +3,12 @@
 from __future__ import annotations
 
 import asyncio
-from datetime import UTC, datetime
+
+from conftest import exchange
 
 from memory.config import SpoolConfig
-from memory.models import Exchange, Scope
 from memory.spool import Spool
 from memory.workers import WorkerPool
-
-
-def exchange(user: str) -> Exchange:
-    return Exchange(
-        scope=Scope(user_id=user),
-        messages=[{"role": "user", "content": "hello"}],
-        reply="hi",
-        at=datetime.now(UTC),
-    )
 
 
 async def test_an_idle_pool_polls_once_per_interval_and_finds_other_processes_jobs(tmp_path):
