@@ -9,7 +9,10 @@ turn, round after round, so that a noisy neighbour hurts every target alike.
 Latencies are pooled over the rounds; "added" is the target's percentile minus
 the direct one, "ratio" is the target's requests/s over direct's. After each
 memory-on measurement the run waits until that gateway's extraction backlog is
-drained, so it does not run during the next target's measurement.
+drained, so it does not run during the next target's measurement; "drain s"
+is how long that took: extraction work the measurement left behind (with
+`server.extraction: process` it yields the CPU to requests, see
+docs/benchmarks.md).
 `--workers N` adds both gateways again with `server.workers: N`;
 `--extraction-process` adds memory on with `server.extraction: process`.
 
@@ -164,16 +167,18 @@ def start_litellm(
     return proc, port
 
 
-def drain(port: int, timeout: float = 120.0) -> None:
+def drain(port: int, timeout: float = 120.0) -> float:
     """Wait until a memory-on gateway has no extraction job left: its backlog
-    would otherwise run during the next target's measurement and steal its CPU."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
+    would otherwise run during the next target's measurement and steal its CPU.
+    Returns the seconds waited: extraction left behind by the measurement."""
+    start = time.monotonic()
+    while time.monotonic() < start + timeout:
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/v1/memories/stats", timeout=30) as r:
             spool = json.loads(r.read())["spool"]
         if spool["pending"] + spool["running"] == 0:
-            return
-        time.sleep(0.2)
+            return time.monotonic() - start
+        time.sleep(0.05)
+    raise RuntimeError(f"the gateway on port {port} still has extraction jobs after {timeout} s")
 
 
 def load(port: int, concurrency: int, stream: bool, duration: float, extra: list[str]) -> dict:
@@ -205,7 +210,9 @@ def pooled(runs: list[dict]) -> dict[str, Any]:
     requests = sum(r["requests"] for r in runs)
     # Requests/s over the rounds: the mean of each round's rate.
     rps = sum(r["rps"] for r in runs) / len(runs)
+    drains = [r["drain_s"] for r in runs if "drain_s" in r]
     return {
+        "drain_s": sum(drains) / len(drains) if drains else None,
         "requests": requests,
         "errors": sum(r["errors"] for r in runs),
         "rps": rps,
@@ -219,8 +226,8 @@ def pooled(runs: list[dict]) -> dict[str, Any]:
 def table(results: dict[str, dict[str, dict]]) -> str:
     rows = [
         "| case | target | req/s | x direct | p50 ms | +p50 | p99 ms | +p99 "
-        "| TTFB p50 | TTFB p99 | errors |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| TTFB p50 | TTFB p99 | errors | drain s |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for case, targets in results.items():
         d = targets["direct"]
@@ -229,7 +236,8 @@ def table(results: dict[str, dict[str, dict]]) -> str:
                 f"| {case} | {name} | {r['rps']:.0f} | {r['rps'] / d['rps']:.2f} "
                 f"| {r['p50_ms']:.2f} | {r['p50_ms'] - d['p50_ms']:+.2f} "
                 f"| {r['p99_ms']:.2f} | {r['p99_ms'] - d['p99_ms']:+.2f} "
-                f"| {r['ttfb_p50_ms']:.2f} | {r['ttfb_p99_ms']:.2f} | {r['errors']} |"
+                f"| {r['ttfb_p50_ms']:.2f} | {r['ttfb_p99_ms']:.2f} | {r['errors']} "
+                f"| {'-' if r['drain_s'] is None else format(r['drain_s'], '.1f')} |"
             )
     return "\n".join(rows)
 
@@ -328,7 +336,7 @@ def main() -> None:
                 for name, (port, extra) in targets.items():
                     r = load(port, c, stream, args.duration, extra)
                     if "memory on" in name:
-                        drain(port)
+                        r["drain_s"] = drain(port)
                     raw.setdefault(case, {}).setdefault(name, []).append(r)
                     print(
                         f"round {rnd + 1} {case:>18} {name:>26}: {r['rps']:7.0f} req/s "

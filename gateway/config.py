@@ -45,6 +45,11 @@ class ServerConfig(_Settings):
     # requests for their event loop (docs/benchmarks.md: ~1.5-2 ms less p50 at
     # low load, ~20% fewer requests/s at saturation, twice the memory).
     extraction: Literal["inline", "process"] = "inline"
+    # The extraction process uses only the CPU that serving leaves idle (Linux
+    # SCHED_IDLE; gateway/priority.py). Once its oldest waiting job is older
+    # than this (sustained full load), it runs at normal priority until it has
+    # caught up. 0: always normal priority.
+    extraction_max_lag_seconds: float = 10.0
 
     @property
     def python_log_level(self) -> str:
@@ -137,6 +142,11 @@ class Config(_Settings):
             raise ValueError("port must be between 1 and 65535 - at `$.server.port`")
         if not 1 <= self.server.workers <= 64:
             raise ValueError("workers must be between 1 and 64 - at `$.server.workers`")
+        if not self.server.extraction_max_lag_seconds >= 0:
+            raise ValueError(
+                "extraction_max_lag_seconds must be 0 or more"
+                " - at `$.server.extraction_max_lag_seconds`"
+            )
 
     @property
     def extraction_process(self) -> bool:

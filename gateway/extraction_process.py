@@ -98,17 +98,35 @@ async def _extract_with(
     engine = opening.result()
     if engine is None:
         return 3  # not something waiting fixes: the supervisor gives up after 3
+    guard: asyncio.Task[None] | None = None
     try:
         receiver.start(engine.receive)
         await engine.start()
         freeze_startup_objects()
+        guard = _guard_priority(config, engine)
         logger.info("extraction process ready")
         await stopping.wait()
     finally:
         receiver.close()
+        if guard is not None:
+            guard.cancel()
         # Running jobs go back to the spool; another start takes them up.
         await engine.close()
     return 0
+
+
+def _guard_priority(config: Config, engine: MemoryEngine) -> asyncio.Task[None] | None:
+    """Background CPU priority from here on (gateway/priority.py): start-up,
+    which nothing waits behind, ran at normal priority to be ready sooner."""
+    from gateway.priority import PriorityGuard, background_supported
+
+    max_lag = config.server.extraction_max_lag_seconds
+    if max_lag <= 0:
+        return None
+    if not background_supported():
+        logger.info("no idle CPU priority on this system: extraction runs at normal priority")
+        return None
+    return asyncio.ensure_future(PriorityGuard(engine.spool.lag, max_lag).run())
 
 
 async def _open(open_engine: Callable[[], Awaitable[MemoryEngine]]) -> MemoryEngine | None:

@@ -111,6 +111,8 @@ class SpoolStats(msgspec.Struct, kw_only=True):
     running: int
     failed: int
     done: int
+    # How long the longest-waiting due job has waited: how far memory is behind.
+    lag_seconds: float = 0.0
 
 
 class Stats(msgspec.Struct, kw_only=True):

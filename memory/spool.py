@@ -152,6 +152,14 @@ class Claim(msgspec.Struct, kw_only=True):
     wait: float | None = None
 
 
+def _lag(db: sqlite3.Connection, now: float) -> float:
+    (due,) = db.execute(
+        "SELECT MIN(next_attempt_at) FROM jobs WHERE state = 'pending' AND next_attempt_at <= ?",
+        (now,),
+    ).fetchone()
+    return 0.0 if due is None else max(0.0, now - due)
+
+
 def _info(row: sqlite3.Row) -> JobInfo:
     return JobInfo(
         id=row["id"],
@@ -576,9 +584,14 @@ class Spool:
             counts = dict.fromkeys(("pending", "running", "failed", "done"), 0)
             for state, n in db.execute("SELECT state, COUNT(*) FROM jobs GROUP BY state"):
                 counts[state] = n
-            return SpoolStats(**counts)
+            return SpoolStats(**counts, lag_seconds=round(_lag(db, self._clock()), 3))
 
         return await self._run(count, self._conn())
+
+    async def lag(self) -> float:
+        """How long the longest-waiting due job has waited (seconds; 0 when
+        none waits): how far memory is behind the conversations."""
+        return await self._run(_lag, self._conn(), self._clock())
 
     async def unfinished(self) -> int:
         """Pending plus running jobs."""

@@ -214,6 +214,15 @@ def started_pid(gateway: GatewayProcess, name: str) -> int:
     return int(found[-1])
 
 
+def policies(pid: int) -> set[int]:
+    """The scheduling policies of a process's threads."""
+    found = set()
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        with contextlib.suppress(ProcessLookupError):
+            found.add(os.sched_getscheduler(int(tid)))
+    return found
+
+
 @pytest.fixture
 def with_extraction_process(upstream: ScriptedUpstream, tmp_path: Path):
     """Two serving workers and the extraction process; no configured extraction
@@ -239,12 +248,19 @@ def test_the_extraction_process_extracts_every_exchange_once_in_order_with_its_u
     with_extraction_process, upstream
 ):
     gateway = with_extraction_process
+    # Extraction is background work: every thread of its process is at idle
+    # CPU priority, the serving processes at normal priority.
+    extraction = started_pid(gateway, "extraction process")
+    wait_for(lambda: policies(extraction) == {os.SCHED_IDLE}, timeout=30)
+    serving = set(children(gateway.process.pid)) - {extraction}
+    assert len(serving) == 2
+    assert all(policies(pid) == {os.SCHED_OTHER} for pid in serving)
+
     sent = chat_concurrently(gateway.url, PER_USER // 2, own_keys=True)
     check_extracted(gateway, upstream, sent, own_keys=True)
 
     # The serving processes only spool: with the extraction process stopped,
     # an exchange waits for it.
-    extraction = started_pid(gateway, "extraction process")
     os.kill(extraction, signal.SIGSTOP)
     try:
         token = new_token()

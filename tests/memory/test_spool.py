@@ -207,6 +207,26 @@ async def test_stats_count_each_state(spool):
     stats = await spool.stats()
     assert (stats.pending, stats.running, stats.failed, stats.done) == (1, 1, 1, 1)
     assert await spool.unfinished() == 2
+    assert stats.lag_seconds == 0  # the test clock stands still
+
+
+async def test_lag_is_how_long_the_oldest_due_job_has_waited(spool, clock):
+    assert await spool.lag() == 0
+    first = await spool.enqueue(exchange("alice", "1"))
+    clock.now += 3
+    await spool.enqueue(exchange("bob", "1"))
+    clock.now += 4
+    assert await spool.lag() == pytest.approx(7)
+    # A running job no longer waits; a job in backoff waits only once it is due again.
+    job = (await spool.claim()).job
+    assert job.id == first
+    assert await spool.lag() == pytest.approx(4)
+    await spool.fail(job, "model down", retry_in=10)
+    assert await spool.lag() == pytest.approx(4)
+    await spool.complete((await spool.claim()).job)
+    assert await spool.lag() == 0
+    clock.now += 12
+    assert await spool.lag() == pytest.approx(2)
 
 
 CLAIMER = textwrap.dedent(
