@@ -41,9 +41,10 @@ class ServerConfig(_Settings):
     workers: int = 1
     # Where extraction jobs run (memory on): `inline`, inside each serving
     # process (one process in all); `process`, one extraction process beside
-    # the serving ones, so extraction and maintenance never compete with
-    # requests for their event loop (docs/benchmarks.md: ~1.5-2 ms less p50 at
-    # low load, ~20% fewer requests/s at saturation, twice the memory).
+    # the serving ones, at idle CPU priority, so extraction and maintenance
+    # never compete with requests for their event loop or a core
+    # (docs/benchmarks.md, session 11: ~3.5 ms less p50 at c=1, ~15% more
+    # requests/s at c=16, twice the memory).
     extraction: Literal["inline", "process"] = "inline"
     # The extraction process uses only the CPU that serving leaves idle (Linux
     # SCHED_IDLE; gateway/priority.py). Once its oldest waiting job is older

@@ -74,6 +74,7 @@ def test_command_line_overrides_win(tmp_path):
         ("server:\n  port: eighty\n", "server.port"),
         ("server:\n  prot: 80\n", "server"),
         ("server:\n  log_level: loud\n", "server.log_level"),
+        ("server:\n  extraction_max_lag_seconds: -1\n", "server.extraction_max_lag_seconds"),
         ("http:\n  read_timeout: soon\n", "http.read_timeout"),
         ("upstreams:\n  - name: a\n    base_url: ftp://x\n", "upstreams"),
         ("auth:\n  keys:\n    - key: k\n", "auth.keys[0]"),
