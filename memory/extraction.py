@@ -8,6 +8,7 @@ delete or overwrite a fact by accident.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 from collections.abc import Sequence
@@ -186,6 +187,9 @@ class Extractor:
         self._client: openai.AsyncOpenAI | None = None
         # The first mode that the upstream accepted, per (base_url, model).
         self._modes: dict[tuple[str, str], Mode] = {}
+        # Calls in flight: the spool runs more jobs than the model should see
+        # at once (`llm.max_concurrent_calls`).
+        self._calls = asyncio.Semaphore(max(1, config.llm.max_concurrent_calls))
 
     @property
     def base_url(self) -> str:
@@ -248,7 +252,8 @@ class Extractor:
         last: openai.APIStatusError | None = None
         for mode in modes:
             try:
-                content = await self._complete(client, messages, mode)
+                async with self._calls:
+                    content = await self._complete(client, messages, mode)
             except openai.APIStatusError as exc:
                 if mode != "text" and _rejects_format(exc):
                     last = exc

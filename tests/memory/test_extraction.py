@@ -1,5 +1,6 @@
 """One extraction call per exchange: what the model sees and what we accept back."""
 
+import asyncio
 from datetime import UTC, datetime
 
 import httpx
@@ -106,6 +107,24 @@ async def test_the_request_key_is_used_when_given_else_the_configured_one(make):
     await extractor.decide(exchange("a"), [], api_key="sk-user-key")
     await extractor.decide(exchange("b"), [], api_key=None)
     assert [c.authorization for c in llm.calls] == ["Bearer sk-user-key", "Bearer sk-config-key"]
+
+
+async def test_no_more_model_calls_are_in_flight_than_allowed(make):
+    llm = ScriptedLLM(responder=lambda call: ops())
+    extractor = make(llm, max_concurrent_calls=2)
+    llm.hold()
+    decisions = [
+        asyncio.ensure_future(extractor.decide(exchange(f"turn {i}"), [], api_key=None))
+        for i in range(5)
+    ]
+    await llm.entered.wait()
+    for _ in range(20):
+        await asyncio.sleep(0.01)
+    # The model saw two; the other three wait in the gateway, no timeout running.
+    assert len(llm.calls) == 2
+    llm.release()
+    assert await asyncio.gather(*decisions) == [[]] * 5
+    assert len(llm.calls) == 5
 
 
 async def test_strict_json_schema_is_tried_first_and_remembered(make):
