@@ -126,7 +126,7 @@ def _guard_priority(config: Config, engine: MemoryEngine) -> asyncio.Task[None] 
     if not background_supported():
         logger.info("no idle CPU priority on this system: extraction runs at normal priority")
         return None
-    return asyncio.ensure_future(PriorityGuard(engine.spool.lag, max_lag).run())
+    return asyncio.ensure_future(PriorityGuard(engine.extraction_lag, max_lag).run())
 
 
 async def _open(open_engine: Callable[[], Awaitable[MemoryEngine]]) -> MemoryEngine | None:

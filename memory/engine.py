@@ -299,6 +299,12 @@ class MemoryEngine:
     def _claimable_users(self) -> list[str] | None:
         return None if self.config.llm.api_key else list(self._keys)
 
+    async def extraction_lag(self) -> float:
+        """How long the oldest job this engine could run now has waited
+        (seconds): a job waiting for its user's key is not behind, it is
+        blocked until that user's next request."""
+        return await self.spool.lag(users=self._claimable_users())
+
     # -- writing through the spool -------------------------------------------
 
     async def record_exchange(self, exchange: Exchange, *, api_key: str | None = None) -> str:

@@ -152,11 +152,13 @@ class Claim(msgspec.Struct, kw_only=True):
     wait: float | None = None
 
 
-def _lag(db: sqlite3.Connection, now: float) -> float:
-    (due,) = db.execute(
-        "SELECT MIN(next_attempt_at) FROM jobs WHERE state = 'pending' AND next_attempt_at <= ?",
-        (now,),
-    ).fetchone()
+def _lag(db: sqlite3.Connection, now: float, allowed: str | None = None) -> float:
+    sql = "SELECT MIN(next_attempt_at) FROM jobs WHERE state = 'pending' AND next_attempt_at <= ?"
+    params: list[Any] = [now]
+    if allowed is not None:
+        sql += " AND user_id IN (SELECT value FROM json_each(?))"
+        params.append(allowed)
+    (due,) = db.execute(sql, params).fetchone()
     return 0.0 if due is None else max(0.0, now - due)
 
 
@@ -588,10 +590,12 @@ class Spool:
 
         return await self._run(count, self._conn())
 
-    async def lag(self) -> float:
+    async def lag(self, *, users: Iterable[str] | None = None) -> float:
         """How long the longest-waiting due job has waited (seconds; 0 when
-        none waits): how far memory is behind the conversations."""
-        return await self._run(_lag, self._conn(), self._clock())
+        none waits): how far memory is behind the conversations. `users`
+        limits it to those users' jobs, as for `claim`."""
+        allowed = None if users is None else json.dumps(sorted(set(users)))
+        return await self._run(_lag, self._conn(), self._clock(), allowed)
 
     async def unfinished(self) -> int:
         """Pending plus running jobs."""

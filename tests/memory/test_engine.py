@@ -268,6 +268,9 @@ async def test_byok_jobs_wait_for_a_key_then_use_it_and_never_store_it(open_engi
     assert not await engine.drain(timeout=0.5)
     info = await engine.spool.get(job_id)
     assert (info.state, info.attempts, len(llm.calls)) == ("pending", 0, 0)
+    # Blocked on a key is not behind: the extraction process's priority ignores it.
+    assert await engine.spool.lag() >= 0.4
+    assert await engine.extraction_lag() == 0
     # Her next request brings a key: both jobs run with it.
     second = await engine.record_exchange(exchange(ALICE, "Jazz again"), api_key=user_key)
     assert (await engine.wait(second, timeout=30)).state == "done"

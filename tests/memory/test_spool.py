@@ -217,6 +217,8 @@ async def test_lag_is_how_long_the_oldest_due_job_has_waited(spool, clock):
     await spool.enqueue(exchange("bob", "1"))
     clock.now += 4
     assert await spool.lag() == pytest.approx(7)
+    assert await spool.lag(users=["bob", "carol"]) == pytest.approx(4)
+    assert await spool.lag(users=[]) == 0
     # A running job no longer waits; a job in backoff waits only once it is due again.
     job = (await spool.claim()).job
     assert job.id == first
