@@ -50,6 +50,8 @@ _CORRUPT = frozenset({sqlite3.SQLITE_CORRUPT, sqlite3.SQLITE_NOTADB})
 
 # How long a statement waits for another process's lock before failing.
 _BUSY_TIMEOUT_MS = 30_000
+# The spool's one thread (its name's prefix), which runs every transaction.
+THREAD_NAME = "spool"
 # The first and the longest pause between two tries of `BEGIN IMMEDIATE`.
 _BEGIN_FIRST_PAUSE = 50e-6
 _BEGIN_MAX_PAUSE = 2e-3
@@ -184,7 +186,7 @@ class Spool:
         self.path = path
         self.lease_seconds = lease_seconds
         self._clock = clock
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="spool")
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=THREAD_NAME)
         self._db: sqlite3.Connection | None = None
         # Writes waiting for the next group commit, and the task committing them.
         self._pending: list[tuple[Callable[[sqlite3.Connection], Any], asyncio.Future[Any]]] = []
