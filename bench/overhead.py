@@ -14,7 +14,8 @@ is how long that took: extraction work the measurement left behind (with
 `server.extraction: process` it yields the CPU to requests, see
 docs/benchmarks.md).
 `--workers N` adds both gateways again with `server.workers: N`;
-`--extraction-process` adds memory on with `server.extraction: process`.
+`--extraction-process` adds memory on with `server.extraction: process`
+(with `--workers N` too, also N workers and the extraction process).
 
     python bench/overhead.py                   # everything, ~5 minutes
     python bench/overhead.py --no-litellm --rounds 2 --duration 2
@@ -316,6 +317,18 @@ def main() -> None:
                 procs.append(gw)
                 label = f"gateway, memory on ({args.memories // 1000}k), {args.workers} workers"
                 targets[label] = (port, [])
+                if args.extraction_process:
+                    data = seeded_data(args.memories, workdir, "data-on-workers-extraction")
+                    gw, port = start_gateway(
+                        "gateway-on-workers-extraction",
+                        workdir,
+                        up_port,
+                        data,
+                        {"enabled": True},
+                        server={**server, "extraction": "process"},
+                    )
+                    procs.append(gw)
+                    targets[f"{label}, extraction process"] = (port, [])
         if not args.no_litellm:
             try:
                 key = "sk-" + secrets.token_hex(24)
