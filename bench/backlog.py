@@ -41,15 +41,6 @@ def spool(port: int) -> dict:
         return dict(json.loads(r.read())["spool"])
 
 
-def extraction_pid() -> int | None:
-    for pid in os.listdir("/proc"):
-        if pid.isdigit():
-            with contextlib.suppress(OSError):
-                if Path(f"/proc/{pid}/comm").read_text().strip() == "mg-extraction":
-                    return int(pid)
-    return None
-
-
 def priority(pid: int | None) -> str:
     if pid is None:
         return "-"
@@ -77,7 +68,7 @@ def main() -> None:
         gateway, port = start_gateway(
             "gateway", workdir, up_port, data, {"enabled": True}, server=server
         )
-        pid = extraction_pid() if args.extraction == "process" else None
+        pid = gateway.processes().get("mg-extraction")
         print(
             f"date: {datetime.now(UTC):%Y-%m-%d %H:%M} UTC; c={args.concurrency}, "
             f"extraction {args.extraction}, max lag {args.max_lag:g} s"

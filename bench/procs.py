@@ -63,25 +63,37 @@ class Proc:
             fields[name] = value.strip()
         return int(fields["VmRSS"].split()[0]) / 1024, int(fields["VmHWM"].split()[0]) / 1024
 
-    def processes_rss_mib(self) -> dict[str, tuple[float, float]]:
-        """(current, peak) resident memory in MiB of each process of the tree, by
-        its name (`mg-worker-0`, `mg-extraction`, ...; Linux)."""
-        out: dict[str, tuple[float, float]] = {}
+    def processes(self) -> dict[str, int]:
+        """The pid of each process of the tree, by its name (`mg-worker-0`,
+        `mg-extraction`, ...; Linux). The root, and a name seen before, get
+        their pid appended: `python[123]`."""
+        out: dict[str, int] = {}
         todo = [self.popen.pid]
         while todo:
             pid = todo.pop()
             try:
-                status = Path(f"/proc/{pid}/status").read_text()
+                name = Path(f"/proc/{pid}/comm").read_text().strip()
                 kids = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
             except FileNotFoundError:
                 continue
-            fields = dict(line.partition(":")[::2] for line in status.splitlines())
-            name = fields["Name"].strip()
             if name in out or pid == self.popen.pid:
                 name = f"{name}[{pid}]"
+            out[name] = pid
+            todo += [int(k) for k in kids]
+        return out
+
+    def processes_rss_mib(self) -> dict[str, tuple[float, float]]:
+        """(current, peak) resident memory in MiB of each process of the tree,
+        by its name (see `processes`)."""
+        out: dict[str, tuple[float, float]] = {}
+        for name, pid in self.processes().items():
+            try:
+                status = Path(f"/proc/{pid}/status").read_text()
+            except FileNotFoundError:
+                continue
+            fields = dict(line.partition(":")[::2] for line in status.splitlines())
             rss = int(fields["VmRSS"].split()[0]) / 1024
             out[name] = (rss, int(fields["VmHWM"].split()[0]) / 1024)
-            todo += [int(k) for k in kids]
         return out
 
     def tail(self, n: int = 2000) -> str:
