@@ -274,61 +274,52 @@ def main() -> None:
         upstream, up_port = start_fake_upstream(workdir)
         procs.append(upstream)
         targets: dict[str, tuple[int, list[str]]] = {"direct": (up_port, [])}
-        gw, port = start_gateway(
-            "gateway-off", workdir, up_port, workdir / "data-off", {"enabled": False}
-        )
-        procs.append(gw)
-        targets["gateway, memory off"] = (port, [])
-        if not args.no_memory:
-            data = seeded_data(args.memories, workdir)
-            gw, port = start_gateway("gateway-on", workdir, up_port, data, {"enabled": True})
-            procs.append(gw)
-            targets[f"gateway, memory on ({args.memories // 1000}k)"] = (port, [])
-            if args.extraction_process:
-                data = seeded_data(args.memories, workdir, "data-on-extraction")
-                gw, port = start_gateway(
-                    "gateway-on-extraction",
-                    workdir,
-                    up_port,
-                    data,
-                    {"enabled": True},
-                    server={"extraction": "process"},
-                )
-                procs.append(gw)
-                label = f"gateway, memory on ({args.memories // 1000}k), extraction process"
-                targets[label] = (port, [])
-        if args.workers > 1:
-            server = {"workers": args.workers}
+
+        def gateway(label: str, name: str, data: Path, memory: bool, **server: Any) -> None:
             gw, port = start_gateway(
-                "gateway-off-workers",
-                workdir,
-                up_port,
-                workdir / "data-off-w",
-                {"enabled": False},
-                server=server,
+                name, workdir, up_port, data, {"enabled": memory}, server=server
             )
             procs.append(gw)
-            targets[f"gateway, memory off, {args.workers} workers"] = (port, [])
+            targets[label] = (port, [])
+
+        on = f"gateway, memory on ({args.memories // 1000}k)"
+        gateway("gateway, memory off", "gateway-off", workdir / "data-off", False)
+        if not args.no_memory:
+            gateway(on, "gateway-on", seeded_data(args.memories, workdir), True)
+            if args.extraction_process:
+                data = seeded_data(args.memories, workdir, "data-on-extraction")
+                gateway(
+                    f"{on}, extraction process",
+                    "gateway-on-extraction",
+                    data,
+                    True,
+                    extraction="process",
+                )
+        if args.workers > 1:
+            workers = args.workers
+            data = workdir / "data-off-w"
+            gateway(
+                f"gateway, memory off, {workers} workers",
+                "gateway-off-workers",
+                data,
+                False,
+                workers=workers,
+            )
             if not args.no_memory:
                 data = seeded_data(args.memories, workdir, "data-on-workers")
-                gw, port = start_gateway(
-                    "gateway-on-workers", workdir, up_port, data, {"enabled": True}, server=server
+                gateway(
+                    f"{on}, {workers} workers", "gateway-on-workers", data, True, workers=workers
                 )
-                procs.append(gw)
-                label = f"gateway, memory on ({args.memories // 1000}k), {args.workers} workers"
-                targets[label] = (port, [])
                 if args.extraction_process:
                     data = seeded_data(args.memories, workdir, "data-on-workers-extraction")
-                    gw, port = start_gateway(
+                    gateway(
+                        f"{on}, {workers} workers, extraction process",
                         "gateway-on-workers-extraction",
-                        workdir,
-                        up_port,
                         data,
-                        {"enabled": True},
-                        server={**server, "extraction": "process"},
+                        True,
+                        workers=workers,
+                        extraction="process",
                     )
-                    procs.append(gw)
-                    targets[f"{label}, extraction process"] = (port, [])
         if not args.no_litellm:
             try:
                 key = "sk-" + secrets.token_hex(24)
