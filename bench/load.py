@@ -8,6 +8,10 @@ errors, requests/s, latency and time-to-first-byte percentiles in milliseconds.
 
 TTFB is the time to the first body byte: for a stream, the first SSE chunk.
 
+By default 64 distinct bodies are cycled, so with memory on most questions
+were asked before and their embeddings come from the gateway's query cache;
+`--fresh` makes every measured question new, as a real user's would be.
+
 Example:
     python bench/load.py --port 8080 --concurrency 16 --duration 5 --stream
 """
@@ -16,6 +20,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
+import random
 import time
 from typing import Any
 
@@ -25,28 +31,29 @@ CITIES = ["Paris", "Lisbon", "Kyoto", "Oslo", "Lima", "Cairo", "Austin", "Hanoi"
 TOPICS = ["trip", "dentist", "sister", "garden", "bike", "thesis", "diet", "band", "move", "job"]
 
 
+def body(model: str, stream: bool, i: int) -> bytes:
+    """A realistic chat body (a system prompt, a turn of history, a question);
+    its question is the i-th."""
+    city, topic = CITIES[i % len(CITIES)], TOPICS[(i // len(CITIES)) % len(TOPICS)]
+    payload: dict[str, Any] = {
+        "model": model,
+        "messages": [
+            {"role": "system", "content": "You are a helpful assistant."},
+            {"role": "user", "content": "Hi, I need some help planning."},
+            {"role": "assistant", "content": "Of course, what would you like to plan?"},
+            {"role": "user", "content": f"What do you remember about my {topic} and {city}? ({i})"},
+        ],
+        "temperature": 0,
+    }
+    if stream:
+        payload["stream"] = True
+    return msgspec.json.encode(payload)
+
+
 def bodies(model: str, stream: bool, n: int = 64) -> list[bytes]:
-    """Distinct realistic chat bodies (a system prompt, a turn of history, a question)."""
-    out = []
-    for i in range(n):
-        city, topic = CITIES[i % len(CITIES)], TOPICS[(i // len(CITIES)) % len(TOPICS)]
-        body: dict[str, Any] = {
-            "model": model,
-            "messages": [
-                {"role": "system", "content": "You are a helpful assistant."},
-                {"role": "user", "content": "Hi, I need some help planning."},
-                {"role": "assistant", "content": "Of course, what would you like to plan?"},
-                {
-                    "role": "user",
-                    "content": f"What do you remember about my {topic} and {city}? ({i})",
-                },
-            ],
-            "temperature": 0,
-        }
-        if stream:
-            body["stream"] = True
-        out.append(msgspec.json.encode(body))
-    return out
+    """Distinct bodies, cycled: after the first n requests every question has
+    been asked before (and its embedding is in the gateway's query cache)."""
+    return [body(model, stream, i) for i in range(n)]
 
 
 def request_bytes(host: str, port: int, path: str, body: bytes, headers: dict[str, str]) -> bytes:
@@ -118,6 +125,9 @@ async def run(args: argparse.Namespace) -> Result:
         request_bytes(args.host, args.port, args.path, b, headers)
         for b in bodies(args.model, args.stream)
     ]
+    # --fresh: question numbers from a random start, so that no question of
+    # this run was asked in an earlier one either.
+    fresh = itertools.count(random.randrange(10**6, 10**9))
     result = Result()
     start = asyncio.Event()
     deadline = [0.0]
@@ -136,7 +146,11 @@ async def run(args: argparse.Namespace) -> Result:
             warmed[0] += 1
             await start.wait()
             while time.perf_counter() < deadline[0]:
-                req = reqs[i % len(reqs)]
+                if args.fresh:
+                    new = body(args.model, args.stream, next(fresh))
+                    req = request_bytes(args.host, args.port, args.path, new, headers)
+                else:
+                    req = reqs[i % len(reqs)]
                 i += 1
                 try:
                     status, lat, ttfb, ok, keep = await one(reader, writer, req, args.stream)
@@ -207,6 +221,11 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=3, help="requests per connection")
     parser.add_argument("--stream", action="store_true")
     parser.add_argument("--raw", action="store_true", help="also print every latency")
+    parser.add_argument(
+        "--fresh",
+        action="store_true",
+        help="every measured request asks a question never asked before (no cached embedding)",
+    )
     args = parser.parse_args()
     try:
         import uvloop

@@ -20,6 +20,7 @@ docs/benchmarks.md).
     python bench/overhead.py                   # everything, ~5 minutes
     python bench/overhead.py --no-litellm --rounds 2 --duration 2
     python bench/overhead.py --workers 2       # also with two processes each
+    python bench/overhead.py --fresh           # every question new: no cached embedding
 """
 
 from __future__ import annotations
@@ -262,6 +263,12 @@ def main() -> None:
         action="store_true",
         help="also measure memory on with server.extraction: process",
     )
+    parser.add_argument(
+        "--fresh",
+        action="store_true",
+        help="every request asks a new question (bench/load.py --fresh): with memory on,"
+        " each one pays its query embedding instead of hitting the query cache",
+    )
     parser.add_argument("--litellm-venv", type=Path, default=LITELLM_VENV)
     parser.add_argument("--litellm-install-timeout", type=float, default=600)
     parser.add_argument("--out", type=Path, help="write the pooled results as JSON here")
@@ -338,7 +345,8 @@ def main() -> None:
             for c, stream in cases:
                 case = f"c={c} {'stream' if stream else 'non-stream'}"
                 for name, (port, extra) in targets.items():
-                    r = load(port, c, stream, args.duration, extra)
+                    fresh = ["--fresh"] if args.fresh else []
+                    r = load(port, c, stream, args.duration, [*extra, *fresh])
                     if "memory on" in name:
                         r["drain_s"] = drain(port)
                     raw.setdefault(case, {}).setdefault(name, []).append(r)
