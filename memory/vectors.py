@@ -267,31 +267,30 @@ class ScopeIndex:
 
 
 class _ArrowRow(Mapping[str, Any]):
-    """One row of a loaded table; its id is at hand, the rest converted on first use."""
+    """One row of a loaded table, read column by column when asked.
 
-    __slots__ = ("_id", "_position", "_reader", "_row")
+    It keeps nothing converted: the store remembers recent searches' rows
+    (for the extraction of the same turn), and a thousand of them holding
+    their converted text and timestamps cost ~20 MiB (docs/benchmarks.md).
+    """
+
+    __slots__ = ("_id", "_position", "_reader")
 
     def __init__(self, reader: _RowReader, position: int, memory_id: str) -> None:
         self._reader = reader
         self._position = position
         self._id = memory_id
-        self._row: dict[str, Any] | None = None
-
-    def _materialized(self) -> dict[str, Any]:
-        if self._row is None:
-            self._row = self._reader.row(self._position)
-        return self._row
 
     def __getitem__(self, key: str) -> Any:
         if key == "id":
             return self._id
-        return self._materialized()[key]
+        return self._reader.value(self._position, key)
 
     def __iter__(self) -> Iterator[str]:
-        return iter(self._materialized())
+        return iter(self._reader.names)
 
     def __len__(self) -> int:
-        return len(self._materialized())
+        return len(self._reader.names)
 
 
 _GONE: dict[str, Any] = {}
@@ -299,7 +298,7 @@ _TIME_UNITS = {"s": 1_000_000, "ms": 1_000, "us": 1}
 
 
 class _RowReader:
-    """Single rows of an Arrow table as dicts, read straight from its buffers.
+    """Values of single rows of an Arrow table, read straight from its buffers.
 
     pyarrow's `take(...).to_pylist()` costs ~50 us a row here (its per-call
     overhead, and time-zone-aware timestamps above all): half a millisecond
@@ -309,13 +308,14 @@ class _RowReader:
     """
 
     def __init__(self, table: pa.Table) -> None:
-        self._columns = [
-            (name, _column_reader(_one_array(column)))
+        self.names = tuple(table.column_names)
+        self._readers = {
+            name: _column_reader(_one_array(column))
             for name, column in zip(table.column_names, table.columns, strict=True)
-        ]
+        }
 
-    def row(self, i: int) -> dict[str, Any]:
-        return {name: read(i) for name, read in self._columns}
+    def value(self, i: int, name: str) -> Any:
+        return self._readers[name](i)
 
 
 def _one_array(column: pa.ChunkedArray) -> pa.Array:
