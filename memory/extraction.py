@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 import re
+from collections import OrderedDict
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -31,6 +32,8 @@ Mode = Literal["json_schema", "json_object", "text"]
 # The shared client's own key when it is built before any user's key is known;
 # every call then passes its key (`with_options`).
 _UNTIL_A_KEY = "no-key-yet"
+# Users' own keys whose client copies are kept (an LRU).
+_CLIENTS_BY_KEY = 256
 _MODES: tuple[Mode, ...] = ("json_schema", "json_object", "text")
 _OPS = ("ADD", "UPDATE", "DELETE", "NONE")
 # A fact is one short sentence; a page of text is a model going off the rails.
@@ -185,6 +188,10 @@ class Extractor:
         self._base_url = (config.llm.base_url or default_base_url or "").rstrip("/")
         self._http_client = http_client
         self._client: openai.AsyncOpenAI | None = None
+        # Copies of `_client` for users' own keys, most recent last. A copy per
+        # call cost ~0.2 ms of the event loop (the SDK also looks its platform
+        # up again, in a thread, for every new client).
+        self._by_key: OrderedDict[str, openai.AsyncOpenAI] = OrderedDict()
         # The first mode that the upstream accepted, per (base_url, model).
         self._modes: dict[tuple[str, str], Mode] = {}
         # Calls in flight: the spool runs more jobs than the model should see
@@ -222,7 +229,14 @@ class Extractor:
             )
         if key == self._client.api_key:
             return self._client
-        return self._client.with_options(api_key=key)
+        client = self._by_key.get(key)
+        if client is None:
+            client = self._by_key[key] = self._client.with_options(api_key=key)
+            if len(self._by_key) > _CLIENTS_BY_KEY:
+                self._by_key.popitem(last=False)
+        else:
+            self._by_key.move_to_end(key)
+        return client
 
     def prepare(self) -> None:
         """Import the SDK and build the shared client now, at start-up: done by
@@ -237,6 +251,7 @@ class Extractor:
         if self._client is not None and self._http_client is None:
             await self._client.close()
         self._client = None
+        self._by_key.clear()
 
     async def decide(
         self, exchange: Exchange, existing: list[Memory], *, api_key: str | None

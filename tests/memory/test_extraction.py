@@ -109,6 +109,33 @@ async def test_the_request_key_is_used_when_given_else_the_configured_one(make):
     assert [c.authorization for c in llm.calls] == ["Bearer sk-user-key", "Bearer sk-config-key"]
 
 
+async def test_each_users_key_gets_one_client_and_every_call_its_own_key(make, monkeypatch):
+    import openai
+
+    import memory.extraction
+
+    monkeypatch.setattr(memory.extraction, "_CLIENTS_BY_KEY", 2)
+    copies: list[str] = []
+    with_options = openai.AsyncOpenAI.with_options
+
+    def counted(self, **kwargs):
+        copies.append(kwargs["api_key"])
+        return with_options(self, **kwargs)
+
+    monkeypatch.setattr(openai.AsyncOpenAI, "with_options", counted)
+    keys = [None, "sk-a", "sk-b", "sk-a", "sk-c", "sk-b", None, "sk-a"]
+    llm = ScriptedLLM([ops()] * len(keys))
+    extractor = make(llm)
+    for i, key in enumerate(keys):
+        await extractor.decide(exchange(f"turn {i}"), [], api_key=key)
+    assert [c.authorization for c in llm.calls] == [
+        f"Bearer {key or 'sk-config-key'}" for key in keys
+    ]
+    # The configured key's client is the shared one; users' keys get copies,
+    # reused while among the two most recently used.
+    assert copies == ["sk-a", "sk-b", "sk-c", "sk-b", "sk-a"]
+
+
 async def test_no_more_model_calls_are_in_flight_than_allowed(make):
     llm = ScriptedLLM(responder=lambda call: ops())
     extractor = make(llm, max_concurrent_calls=2)
