@@ -271,7 +271,7 @@ class _ArrowRow(Mapping[str, Any]):
 
     It keeps nothing converted: the store remembers recent searches' rows
     (for the extraction of the same turn), and a thousand of them holding
-    their converted text and timestamps cost ~20 MiB (docs/benchmarks.md).
+    their converted text and timestamps cost ~15 MiB (docs/benchmarks.md).
     """
 
     __slots__ = ("_id", "_position", "_reader")
