@@ -157,7 +157,9 @@ class MemoryEngine:
         self._owns_embedder = owns_embedder
         # BYOK: user_id -> the key of their latest request. Process memory only.
         self._keys: dict[str, str] = {}
-        self.workers = WorkerPool(spool, self._process, config.spool, users=self._claimable_users)
+        self.workers = WorkerPool(
+            spool, self._process, config.spool, users=self._claimable_users, erased=self._undo
+        )
         self.maintenance = Maintenance(store, config.maintenance, maintenance_lock)
         self._closed = False
 
@@ -420,6 +422,10 @@ class MemoryEngine:
                 metadata=exchange.metadata,
             )
         )
+
+    async def _undo(self, job: Job) -> None:
+        """Remove what an erased user's job wrote (`WorkerPool` tells when)."""
+        await _uncancellable(self.store.forget_source(job.exchange.scope, job.id))
 
     async def _decide(self, job: Job) -> list[Operation]:
         key = self.config.llm.api_key or self._keys.get(job.user_id)

@@ -43,13 +43,15 @@ def build_filter(
     memory_ids: Sequence[str] | None = None,
     hashes: Sequence[str] | None = None,
     superseded_by: Sequence[str] | None = None,
+    source: str | None = None,
     active_only: bool = False,
 ) -> str:
     """Join the given conditions with AND; `None` means "no condition".
 
     `ids` matches the `id` column, `memory_ids` the history table's
-    `memory_id`, `superseded_by` the rows replaced by those ids. An empty
-    sequence matches nothing. `active_only` keeps rows no later fact replaced.
+    `memory_id`, `superseded_by` the rows replaced by those ids, `source` the
+    rows (and history entries) one job or call wrote. An empty sequence
+    matches nothing. `active_only` keeps rows no later fact replaced.
     """
     parts: list[str] = []
     if user_id is not None:
@@ -64,6 +66,8 @@ def build_filter(
         parts.append(_in_list("hash", hashes))
     if superseded_by is not None:
         parts.append(_in_list("superseded_by", superseded_by))
+    if source is not None:
+        parts.append(f"source = {literal(source)}")
     if active_only:
         parts.append("superseded_by IS NULL")
     if not parts:
@@ -78,6 +82,7 @@ def scope_filter(
     memory_ids: Sequence[str] | None = None,
     hashes: Sequence[str] | None = None,
     superseded_by: Sequence[str] | None = None,
+    source: str | None = None,
     active_only: bool = False,
 ) -> str:
     """The filter of everything `scope` may see: its user, narrowed to its agent
@@ -90,5 +95,6 @@ def scope_filter(
         memory_ids=memory_ids,
         hashes=hashes,
         superseded_by=superseded_by,
+        source=source,
         active_only=active_only,
     )

@@ -1389,6 +1389,17 @@ class MemoryStore:
             self._wrote()
         return count
 
+    async def forget_source(self, scope: Scope, source: str) -> None:
+        """Erase what one job wrote (its rows and history entries): its user was
+        erased while it was writing, perhaps by another process, whose erase
+        may have run before this write landed."""
+        async with self._lock:
+            rows = await self._rows(scope_filter(scope, source=source))
+            if rows:
+                await self._remove(scope, [r["id"] for r in rows])
+            await self._retry(lambda: self._history.delete(scope_filter(scope, source=source)))
+            self._wrote()
+
     async def history(self, scope: Scope, memory_id: str) -> builtins.list[HistoryEntry]:
         """Oldest first, following the chain of rows this one replaced and the
         rows that replaced it."""

@@ -56,9 +56,12 @@ class WorkerPool:
         config: SpoolConfig,
         *,
         users: Callable[[], Iterable[str] | None] = lambda: None,
+        erased: Handler | None = None,
     ) -> None:
         self._spool = spool
         self._handler = handler
+        # Undoes what a finished job wrote when its user was erased meanwhile.
+        self._erased = erased
         self._config = config
         # Which users' jobs may be claimed now (None: everyone).
         self._users = users
@@ -213,7 +216,14 @@ class WorkerPool:
             exc = task.exception()
             if exc is None:
                 self._outage_streak = 0
-                await self._spool.complete(job)
+                completed = await self._spool.complete(job)
+                erased = not completed and await self._spool.get(job.id) is None
+                if erased and self._erased is not None:
+                    # Its user was erased after the job's last ownership check,
+                    # perhaps by another process, whose erase may have run
+                    # before the job's write landed: undo it. (An erase after
+                    # this completion finds the rows and removes them itself.)
+                    await self._erased(job)
                 self.notify()  # the user's next job is claimable now
                 return
             if isinstance(exc, Deferred):

@@ -342,6 +342,39 @@ async def test_delete_all_during_a_running_extraction_leaves_nothing_behind(open
     assert await engine.jobs() == []
 
 
+async def test_an_erase_in_another_process_during_a_jobs_write_leaves_nothing_behind(
+    open_engine, monkeypatch
+):
+    """The job checked it still held its claim, then its user was erased
+    elsewhere (another worker, or the serving process beside the extraction
+    process) before its write landed."""
+    llm = ScriptedLLM(responder=lambda call: ops({"op": "ADD", "text": "User likes jazz"}))
+    worker = await open_engine(llm)
+    serving = await open_engine(ScriptedLLM([]), start=False)  # the same data directory
+    at_write, go = asyncio.Event(), asyncio.Event()
+    apply = worker.store.apply
+    written = []
+
+    async def write_later(*args, **kwargs):
+        at_write.set()
+        await go.wait()
+        entries = await apply(*args, **kwargs)
+        written.extend(entries)
+        return entries
+
+    monkeypatch.setattr(worker.store, "apply", write_later)
+    await serving.record_exchange(exchange(ALICE, "I like jazz"))
+    await asyncio.wait_for(at_write.wait(), 30)
+    await serving.delete_all(ALICE)
+    finished = asyncio.ensure_future(worker.workers.changed(30))
+    go.set()
+    await finished
+    assert [e.new_text for e in written] == ["User likes jazz"]  # it did land
+    assert await serving.list(ALICE) == [] and await worker.list(ALICE) == []
+    assert await serving.history(ALICE, written[0].memory_id) == []
+    assert await serving.jobs() == []
+
+
 async def test_closing_gives_a_running_job_back_and_a_restart_finishes_it(open_engine):
     slow = ScriptedLLM(responder=lambda call: ops({"op": "ADD", "text": "User likes jazz"}))
     slow.hold()
