@@ -33,6 +33,7 @@ log = logging.getLogger(__name__)
 MAX_MESSAGE = 36 * 1024
 # Room for a few hundred messages while the extraction process is busy.
 _BUFFER = 1024 * 1024
+_REPORT_AT = frozenset(10**n for n in range(12))
 
 # (user_id, key, text, the text's float32 embedding); all None only wakes.
 Message = tuple[str | None, str | None, str | None, bytes | None]
@@ -76,10 +77,21 @@ class HandoffSender:
             self._sock.send(data)
         except (BlockingIOError, InterruptedError):
             # The extraction process is behind; its poll finds the job anyway.
-            self.dropped += 1
+            self._drop()
         except OSError as exc:
-            self.dropped += 1
+            self._drop()
             log.warning("cannot reach the extraction process: %s", exc.strerror or exc)
+
+    def _drop(self) -> None:
+        self.dropped += 1
+        # The 1st, 10th, 100th... drop: visible, never a flood.
+        if self.dropped in _REPORT_AT:
+            log.warning(
+                "%d message(s) to the extraction process dropped so far (it is behind"
+                " or restarting): its poll still finds the jobs, a bring-your-own-key"
+                " user's key comes again with their next request",
+                self.dropped,
+            )
 
     def close(self) -> None:
         self._sock.close()

@@ -48,6 +48,23 @@ async def test_a_message_carries_a_key_and_an_embedding_or_only_wakes():
     assert long == ("bob", None, None, None)
 
 
+def test_messages_a_stalled_receiver_cannot_take_are_dropped_and_reported(caplog):
+    sender_end, receiver_end = channel()  # nobody reads receiver_end
+    sender = HandoffSender(sender_end)
+    vector = np.zeros(512, dtype=np.float32)
+    with caplog.at_level("WARNING", logger="memory.handoff"):
+        for _ in range(5000):
+            sender.send("alice", None, ("I moved to Lisbon", vector))
+            if sender.dropped >= 12:
+                break
+    sender.close()
+    receiver_end.close()
+    assert sender.dropped >= 12  # sending never blocked
+    reports = [r.getMessage() for r in caplog.records]
+    assert len(reports) == 2  # the 1st and the 10th drop, not every one
+    assert reports[0].startswith("1 message(s)") and reports[1].startswith("10 message(s)")
+
+
 async def test_an_exchange_hands_over_the_embedding_its_search_computed(tmp_path, embedder):
     sender_end, receiver_end = channel()
     engine = await MemoryEngine.open(
