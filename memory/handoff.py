@@ -76,21 +76,21 @@ class HandoffSender:
         try:
             self._sock.send(data)
         except (BlockingIOError, InterruptedError):
-            # The extraction process is behind; its poll finds the job anyway.
-            self._drop()
+            self._drop("it is behind")
         except OSError as exc:
-            self._drop()
-            log.warning("cannot reach the extraction process: %s", exc.strerror or exc)
+            self._drop(f"cannot reach it: {exc.strerror or exc}")
 
-    def _drop(self) -> None:
+    def _drop(self, why: str) -> None:
         self.dropped += 1
-        # The 1st, 10th, 100th... drop: visible, never a flood.
+        # The 1st, 10th, 100th... drop: visible, never a flood (a restarting
+        # extraction process would otherwise cost a line per request).
         if self.dropped in _REPORT_AT:
             log.warning(
-                "%d message(s) to the extraction process dropped so far (it is behind"
-                " or restarting): its poll still finds the jobs, a bring-your-own-key"
-                " user's key comes again with their next request",
+                "%d message(s) to the extraction process dropped so far (last: %s);"
+                " its poll still finds the jobs, and a bring-your-own-key user's key"
+                " comes again with their next request",
                 self.dropped,
+                why,
             )
 
     def close(self) -> None:
