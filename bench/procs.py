@@ -57,11 +57,7 @@ class Proc:
 
     def rss_mib(self) -> tuple[float, float]:
         """(current, peak) resident memory of the process, in MiB (Linux)."""
-        fields = {}
-        for line in Path(f"/proc/{self.popen.pid}/status").read_text().splitlines():
-            name, _, value = line.partition(":")
-            fields[name] = value.strip()
-        return int(fields["VmRSS"].split()[0]) / 1024, int(fields["VmHWM"].split()[0]) / 1024
+        return _rss_mib(self.popen.pid)
 
     def processes(self) -> dict[str, int]:
         """The pid of each process of the tree, by its name (`mg-worker-0`,
@@ -88,16 +84,20 @@ class Proc:
         out: dict[str, tuple[float, float]] = {}
         for name, pid in self.processes().items():
             try:
-                status = Path(f"/proc/{pid}/status").read_text()
+                out[name] = _rss_mib(pid)
             except FileNotFoundError:
                 continue
-            fields = dict(line.partition(":")[::2] for line in status.splitlines())
-            rss = int(fields["VmRSS"].split()[0]) / 1024
-            out[name] = (rss, int(fields["VmHWM"].split()[0]) / 1024)
         return out
 
     def tail(self, n: int = 2000) -> str:
         return self.log.read_bytes()[-n:].decode(errors="replace")
+
+
+def _rss_mib(pid: int) -> tuple[float, float]:
+    """(VmRSS, VmHWM) of a process, in MiB (Linux)."""
+    status = Path(f"/proc/{pid}/status").read_text()
+    fields = dict(line.partition(":")[::2] for line in status.splitlines())
+    return int(fields["VmRSS"].split()[0]) / 1024, int(fields["VmHWM"].split()[0]) / 1024
 
 
 def wait_http(
