@@ -32,8 +32,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from overhead import USER, drain, seeded_data
-from procs import PYTHON, ROOT, start_fake_upstream, start_gateway
+from overhead import drain, load_command, seeded_data
+from procs import start_fake_upstream, start_gateway
 
 
 def spool(port: int) -> dict:
@@ -74,20 +74,7 @@ def main() -> None:
             f"extraction {args.extraction}, max lag {args.max_lag:g} s"
         )
         load = subprocess.Popen(
-            [
-                PYTHON,
-                str(ROOT / "bench" / "load.py"),
-                "--port",
-                str(port),
-                "--concurrency",
-                str(args.concurrency),
-                "--duration",
-                str(args.seconds),
-                "--user",
-                USER,
-            ],
-            stdout=subprocess.PIPE,
-            text=True,
+            load_command(port, args.concurrency, args.seconds), stdout=subprocess.PIPE, text=True
         )
         print("| t s | spool pending | lag s | extraction priority |")
         print("|---:|---:|---:|---|")

@@ -183,8 +183,9 @@ def drain(port: int, timeout: float = 120.0) -> float:
     raise RuntimeError(f"the gateway on port {port} still has extraction jobs after {timeout} s")
 
 
-def load(port: int, concurrency: int, stream: bool, duration: float, extra: list[str]) -> dict:
-    argv = [
+def load_command(port: int, concurrency: int, duration: float, *extra: str) -> list[str]:
+    """bench/load.py against `port`, as the bench user."""
+    return [
         PYTHON,
         str(ROOT / "bench" / "load.py"),
         "--port",
@@ -195,9 +196,12 @@ def load(port: int, concurrency: int, stream: bool, duration: float, extra: list
         str(duration),
         "--user",
         USER,
-        "--raw",
         *extra,
     ]
+
+
+def load(port: int, concurrency: int, stream: bool, duration: float, extra: list[str]) -> dict:
+    argv = load_command(port, concurrency, duration, "--raw", *extra)
     if stream:
         argv.append("--stream")
     out = subprocess.run(argv, capture_output=True, text=True, timeout=duration + 120)
@@ -290,43 +294,33 @@ def main() -> None:
             targets[label] = (port, [])
 
         on = f"gateway, memory on ({args.memories // 1000}k)"
-        gateway("gateway, memory off", "gateway-off", workdir / "data-off", False)
-        if not args.no_memory:
-            gateway(on, "gateway-on", seeded_data(args.memories, workdir), True)
+
+        def gateways(workers: int) -> None:
+            """Memory off, memory on, and memory on with the extraction
+            process (`--extraction-process`), with `workers` serving processes."""
+            label = "" if workers == 1 else f", {workers} workers"
+            tag = "" if workers == 1 else "-workers"
+            server: dict[str, Any] = {} if workers == 1 else {"workers": workers}
+            off = workdir / f"data-off{tag}"
+            gateway(f"gateway, memory off{label}", f"gateway-off{tag}", off, False, **server)
+            if args.no_memory:
+                return
+            data = seeded_data(args.memories, workdir, f"data-on{tag}")
+            gateway(f"{on}{label}", f"gateway-on{tag}", data, True, **server)
             if args.extraction_process:
-                data = seeded_data(args.memories, workdir, "data-on-extraction")
+                data = seeded_data(args.memories, workdir, f"data-on{tag}-extraction")
                 gateway(
-                    f"{on}, extraction process",
-                    "gateway-on-extraction",
+                    f"{on}{label}, extraction process",
+                    f"gateway-on{tag}-extraction",
                     data,
                     True,
                     extraction="process",
+                    **server,
                 )
+
+        gateways(1)
         if args.workers > 1:
-            workers = args.workers
-            data = workdir / "data-off-w"
-            gateway(
-                f"gateway, memory off, {workers} workers",
-                "gateway-off-workers",
-                data,
-                False,
-                workers=workers,
-            )
-            if not args.no_memory:
-                data = seeded_data(args.memories, workdir, "data-on-workers")
-                gateway(
-                    f"{on}, {workers} workers", "gateway-on-workers", data, True, workers=workers
-                )
-                if args.extraction_process:
-                    data = seeded_data(args.memories, workdir, "data-on-workers-extraction")
-                    gateway(
-                        f"{on}, {workers} workers, extraction process",
-                        "gateway-on-workers-extraction",
-                        data,
-                        True,
-                        workers=workers,
-                        extraction="process",
-                    )
+            gateways(args.workers)
         if not args.no_litellm:
             try:
                 key = "sk-" + secrets.token_hex(24)
