@@ -9,10 +9,10 @@ delete or overwrite a fact by accident.
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import re
-from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, Literal
 
 import httpx
@@ -188,10 +188,8 @@ class Extractor:
         self._base_url = (config.llm.base_url or default_base_url or "").rstrip("/")
         self._http_client = http_client
         self._client: openai.AsyncOpenAI | None = None
-        # Copies of `_client` for users' own keys, most recent last. A copy per
-        # call cost ~0.2 ms of the event loop (the SDK also looks its platform
-        # up again, in a thread, for every new client).
-        self._by_key: OrderedDict[str, openai.AsyncOpenAI] = OrderedDict()
+        # Copies of `_client` for users' own keys, kept for the most recent ones.
+        self._with_key: Callable[[str], openai.AsyncOpenAI] | None = None
         # The first mode that the upstream accepted, per (base_url, model).
         self._modes: dict[tuple[str, str], Mode] = {}
         # Calls in flight: the spool runs more jobs than the model should see
@@ -217,7 +215,7 @@ class Extractor:
         if self._client is None:
             # One client (and connection pool) for every key: per-call keys are
             # cheap copies sharing it. Retries are the spool's job, not the SDK's.
-            self._client = openai.AsyncOpenAI(
+            shared = self._client = openai.AsyncOpenAI(
                 api_key=key,
                 base_url=self._base_url,
                 max_retries=0,
@@ -227,16 +225,15 @@ class Extractor:
                 http_client=self._http_client  # type: ignore[arg-type]
                 or openai.DefaultAsyncHttpxClient(cookies=NoCookies()),
             )
+            # A copy per call cost ~0.2 ms of the event loop (the SDK also
+            # looks its platform up again, in a thread, for every new client).
+            self._with_key = functools.lru_cache(maxsize=_CLIENTS_BY_KEY)(
+                lambda key: shared.with_options(api_key=key)
+            )
         if key == self._client.api_key:
             return self._client
-        client = self._by_key.get(key)
-        if client is None:
-            client = self._by_key[key] = self._client.with_options(api_key=key)
-            if len(self._by_key) > _CLIENTS_BY_KEY:
-                self._by_key.popitem(last=False)
-        else:
-            self._by_key.move_to_end(key)
-        return client
+        assert self._with_key is not None
+        return self._with_key(key)
 
     def prepare(self) -> None:
         """Import the SDK and build the shared client now, at start-up: done by
@@ -251,7 +248,7 @@ class Extractor:
         if self._client is not None and self._http_client is None:
             await self._client.close()
         self._client = None
-        self._by_key.clear()
+        self._with_key = None
 
     async def decide(
         self, exchange: Exchange, existing: list[Memory], *, api_key: str | None
