@@ -12,6 +12,7 @@ import os
 import re
 from collections.abc import Mapping
 from pathlib import Path
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import msgspec
@@ -109,6 +110,20 @@ class IdentityConfig(_Settings):
     body_user_field: bool = True
 
 
+@dataclass(frozen=True, slots=True)
+class ExtractionEndpoint:
+    """Where the extraction model is called, and which key may go there."""
+
+    # Without a trailing slash.
+    base_url: str
+    # The configured upstream at that base_url, when chat requests go there too.
+    upstream: str | None
+    # The key configured for this endpoint (never a user's key; never in a repr).
+    api_key: str | None = field(repr=False)
+    # Where the key comes from, for the start-up summary and stats (no secret).
+    key_source: str
+
+
 class Config(_Settings):
     server: ServerConfig = msgspec.field(default_factory=ServerConfig)
     http: HTTPConfig = msgspec.field(default_factory=HTTPConfig)
@@ -171,6 +186,31 @@ class Config(_Settings):
             if u.default:
                 return u
         return self.upstreams[0]
+
+    @property
+    def extraction(self) -> ExtractionEndpoint:
+        """The extraction endpoint: `memory.llm.base_url`, else the default
+        upstream. A key is only ever sent to the endpoint it was configured
+        or sent for: `memory.llm.api_key`, else the key configured on the
+        upstream at that address; without either, a user's own key, and
+        only from a request of theirs to that same upstream."""
+        llm = self.memory.llm
+        base_url = (llm.base_url or self.default_upstream.base_url).rstrip("/")
+        upstream = next((u for u in self.upstreams if u.base_url.rstrip("/") == base_url), None)
+        name = upstream.name if upstream is not None else None
+        if llm.api_key:
+            return ExtractionEndpoint(base_url, name, llm.api_key, "memory.llm.api_key")
+        if upstream is not None and upstream.api_key:
+            return ExtractionEndpoint(
+                base_url, name, upstream.api_key, f"the api_key of upstream {name!r}"
+            )
+        if upstream is not None:
+            return ExtractionEndpoint(
+                base_url, name, None, f"each user's own key on their requests to upstream {name!r}"
+            )
+        return ExtractionEndpoint(
+            base_url, None, None, "none (memory.llm.api_key is not set): only a keyless endpoint works"
+        )
 
     @property
     def data_path(self) -> Path:

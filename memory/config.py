@@ -36,21 +36,39 @@ class LLMConfig(_Settings):
     """The model that extracts and updates facts (one call per exchange).
 
     `base_url` defaults to the gateway's default upstream. With no `api_key`,
-    the key of the request that produced the exchange is used (kept in process
-    memory only).
+    the key configured for that endpoint's upstream is used, else the key a
+    user's request sent to that same endpoint (kept in process memory only):
+    a key never goes to an endpoint it was not configured or sent for.
     """
 
     base_url: str | None = None
-    model: str = "gpt-4o-mini"
+    # Unset: `gpt-4o-mini`, unless the endpoint's `GET /models` lists exactly
+    # one other model (a local server), which is then used; checked at start.
+    model: str | None = None
     api_key: str | None = None
     timeout: float = 60.0
     temperature: float = 0.0
-    max_tokens: int = 1024
+    # Real answers are ~50 tokens; a confused model must not run for minutes.
+    max_tokens: int = 384
+    # The model's context window (tokens). The prompt is clipped to fit it
+    # with `max_tokens` to spare, estimating tokens per script (a Chinese
+    # character costs ~2 on small models, an English word ~1.3).
+    context_tokens: int = 8192
     # Extraction calls in flight at once, at most (per process). A local model
     # server that answers one request at a time (Ollama, llama.cpp) queues the
     # others, and a call's `timeout` runs while it waits there; jobs beyond
     # this wait in the gateway instead, where no timeout runs.
     max_concurrent_calls: int = 16
+    # When the extraction endpoint is also a chat upstream, extraction calls
+    # wait while chat requests to it are in flight, so a one-slot server never
+    # interrupts or delays a user's answer for the gateway's own call. `auto`:
+    # on when the endpoint is on this machine or a private network.
+    yield_to_chat: bool | Literal["auto"] = "auto"
+    # ...but never longer than this (seconds) under continuous chat traffic.
+    yield_max_seconds: float = 60.0
+    # Extraction is reported as failing (`X-Memory-Status: ok; extraction=failing`,
+    # `/ready`, stats) when every attempt in this window (seconds) failed.
+    failing_window_seconds: float = 300.0
 
 
 class SearchConfig(_Settings):

@@ -35,6 +35,8 @@ _UNTIL_A_KEY = "no-key-yet"
 # Users' own keys whose client copies are kept (an LRU).
 _CLIENTS_BY_KEY = 256
 _MODES: tuple[Mode, ...] = ("json_schema", "json_object", "text")
+# The model asked for when `memory.llm.model` is unset.
+DEFAULT_MODEL = "gpt-4o-mini"
 _OPS = ("ADD", "UPDATE", "DELETE", "NONE")
 # A fact is one short sentence; a page of text is a model going off the rails.
 MAX_FACT_CHARS = 1000
@@ -202,7 +204,7 @@ class Extractor:
 
     def mode(self) -> Mode | None:
         """The structured-output mode learned for the configured model, if any yet."""
-        return self._modes.get((self._base_url, self._config.llm.model))
+        return self._modes.get((self._base_url, self._config.llm.model or DEFAULT_MODEL))
 
     def _client_for(self, api_key: str | None) -> openai.AsyncOpenAI:
         import openai
@@ -258,7 +260,7 @@ class Extractor:
 
         client = self._client_for(api_key)
         messages = build_messages(exchange, existing, self._config.prompts)
-        key = (self._base_url, self._config.llm.model)
+        key = (self._base_url, self._config.llm.model or DEFAULT_MODEL)
         learned = self._modes.get(key)
         modes = _MODES[_MODES.index(learned) :] if learned else _MODES
         last: openai.APIStatusError | None = None
@@ -285,7 +287,7 @@ class Extractor:
 
         llm = self._config.llm
         body: dict[str, Any] = {
-            "model": llm.model,
+            "model": llm.model or DEFAULT_MODEL,
             "messages": messages,
             "temperature": llm.temperature,
             "max_tokens": llm.max_tokens,
