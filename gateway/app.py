@@ -5,10 +5,8 @@ from __future__ import annotations
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from importlib.metadata import version
 
 from litestar import Litestar
-from litestar.openapi import OpenAPIConfig
 
 from gateway.config import Config
 from gateway.errors import exception_handlers
@@ -16,6 +14,7 @@ from gateway.hooks import ChatHooks, NoHooks
 from gateway.logs import logging_config
 from gateway.memories_api import Access, MemoriesController
 from gateway.memory_hooks import MemoryHooks
+from gateway.openapi import openapi_config, swagger_ui_assets
 from gateway.proxy import Proxy
 from gateway.routes import handlers
 from gateway.tasks import BackgroundTasks
@@ -67,16 +66,12 @@ def create_app(
             await proxy.close()
 
     app = Litestar(
-        route_handlers=[*handlers, MemoriesController],
+        route_handlers=[*handlers, MemoriesController, swagger_ui_assets()],
         lifespan=[lifespan],
         exception_handlers=exception_handlers,
         request_max_body_size=config.server.max_body_bytes,
         # Documents the management API; the proxied OpenAI paths are OpenAI's to document.
-        openapi_config=OpenAPIConfig(
-            title="memory-gateway",
-            version=version("memory-gateway"),
-            description="Management API of memory-gateway's long-term memory.",
-        ),
+        openapi_config=openapi_config(),
         debug=False,
         logging_config=logging_config(config),
     )

@@ -1,21 +1,44 @@
-"""`memory-gateway serve`: load the configuration, then run the app under uvicorn
-(in one process, or in `server.workers` processes under a supervisor)."""
+"""`memory-gateway serve`: load the configuration, bind the port, then run the
+app under uvicorn (in one process, or in `server.workers` processes under a
+supervisor). `memory-gateway health`: ask a running gateway's /health, with
+the port found the way `serve` finds it.
+
+Exit statuses: 0 stopped cleanly (or healthy), 1 cannot listen (or not
+healthy), 2 the configuration cannot be used, 3 the app failed to start."""
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import http.client
 import os
 import socket
 import sys
+import urllib.error
+import urllib.request
 import uuid
 from pathlib import Path
 from typing import Any
 
 from gateway.config import Config, ConfigError, load_config
 from gateway.logs import setup_logging
+from gateway.startup import address, cannot_listen, log_startup
 from memory.heap import tune_process_heap
 
 DEFAULT_CONFIG = Path("gateway.yaml")
+HEALTH_TIMEOUT = 4.0
+
+
+# Flags that override a configuration key: argparse dest -> dotted key.
+OVERRIDES = {
+    "host": "server.host",
+    "port": "server.port",
+    "upstream": "upstream",
+    "data": "data_dir",
+    "workers": "server.workers",
+    "extraction_model": "memory.llm.model",
+    "extraction_url": "memory.llm.base_url",
+}
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -25,11 +48,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     commands = parser.add_subparsers(dest="command", required=True)
     serve = commands.add_parser("serve", help="run the gateway")
-    serve.add_argument(
-        "--config", type=Path, help="configuration file (default: ./gateway.yaml if present)"
-    )
-    serve.add_argument("--host", help="address to listen on (server.host)")
-    serve.add_argument("--port", type=int, help="port to listen on (server.port)")
+    _config_flags(serve)
     serve.add_argument(
         "--upstream", help="base URL of the default upstream, e.g. http://127.0.0.1:11434/v1"
     )
@@ -37,23 +56,44 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--workers", type=int, help="gateway processes sharing the port (server.workers)"
     )
+    serve.add_argument(
+        "--extraction-model", help="the model that extracts memories (memory.llm.model)"
+    )
+    serve.add_argument(
+        "--extraction-url",
+        help="base URL of the extraction model's endpoint (memory.llm.base_url)",
+    )
+    health = commands.add_parser(
+        "health",
+        help="exit 0 if the gateway that `serve` with this configuration runs is healthy",
+    )
+    _config_flags(health)
     return parser
 
 
-def config_from_args(args: argparse.Namespace) -> Config:
-    path = args.config
-    if path is None and DEFAULT_CONFIG.is_file():
-        path = DEFAULT_CONFIG
-    return load_config(
-        path,
-        overrides={
-            "server.host": args.host,
-            "server.port": args.port,
-            "upstream": args.upstream,
-            "data_dir": args.data,
-            "server.workers": args.workers,
-        },
+def _config_flags(command: argparse.ArgumentParser) -> None:
+    command.add_argument(
+        "--config", type=Path, help="configuration file (default: ./gateway.yaml if present)"
     )
+    command.add_argument("--host", help="address to listen on (server.host)")
+    command.add_argument("--port", type=int, help="port to listen on (server.port)")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    return _parser().parse_args(argv)
+
+
+def config_path(args: argparse.Namespace) -> Path | None:
+    """The file to read: --config, else ./gateway.yaml if present; None means
+    the built-in defaults."""
+    if args.config is not None:
+        return Path(args.config)
+    return DEFAULT_CONFIG if DEFAULT_CONFIG.is_file() else None
+
+
+def config_from_args(args: argparse.Namespace) -> Config:
+    overrides = {key: getattr(args, dest, None) for dest, key in OVERRIDES.items()}
+    return load_config(config_path(args), overrides=overrides)
 
 
 def check_data_dir(path: Path) -> None:
@@ -62,9 +102,19 @@ def check_data_dir(path: Path) -> None:
     Without this the memory engine fails inside the ASGI lifespan, which prints
     a wall of traceback and exits 3; an operator needs one line naming the path.
     """
-    probe = path / f".write-test-{uuid.uuid4().hex}"
     try:
         path.mkdir(parents=True, exist_ok=True)
+    except FileExistsError:
+        raise ConfigError(f"data_dir: {str(path)!r} is a file, not a directory") from None
+    except NotADirectoryError:
+        raise ConfigError(
+            f"data_dir: {str(path)!r} cannot be created: a parent of it is a file"
+        ) from None
+    except OSError as exc:
+        reason = exc.strerror or type(exc).__name__
+        raise ConfigError(f"data_dir: {str(path)!r} cannot be created: {reason}") from None
+    probe = path / f".write-test-{uuid.uuid4().hex}"
+    try:
         fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         try:
             os.write(fd, b"ok")
@@ -78,6 +128,9 @@ def check_data_dir(path: Path) -> None:
 
 def _uvicorn_config(config: Config) -> dict[str, Any]:
     return {
+        # The socket is bound already; host and port name it in uvicorn's log.
+        "host": config.server.host,
+        "port": config.server.port,
         "loop": "uvloop" if sys.platform != "win32" else "asyncio",
         "http": "httptools",
         "lifespan": "on",
@@ -115,33 +168,91 @@ def run_worker(
         sys.exit(3)
 
 
-def serve(config: Config) -> int:
+def listen(config: Config) -> socket.socket:
+    """The listening socket, bound before anything slow starts, so that a port
+    in use is one line at once rather than a traceback after the app's start-up."""
+    from gateway.supervisor import bind
+
+    return bind(config.server.host, config.server.port)
+
+
+def serve(config: Config, sock: socket.socket, source: Path | None = None) -> int:
+    """Run the gateway on `sock` until SIGTERM/SIGINT; the exit status."""
+    setup_logging(config)
+    log_startup(config, source)
     if config.processes > 1:
         from gateway.extraction_process import run_extraction
         from gateway.supervisor import Supervisor
 
-        setup_logging(config)
         extraction = run_extraction if config.extraction_process else None
-        return Supervisor(config, run_worker, extraction).run()
+        return Supervisor(config, run_worker, extraction).run(sock)
+    return _serve_here(config, sock)
 
-    # One process serves: tune its heap before any thread starts.
+
+def _serve_here(config: Config, sock: socket.socket) -> int:
+    """One process serves (no supervisor)."""
+    # Tune the heap before any thread starts.
     tune_process_heap()
     import uvicorn
 
     from gateway.app import create_app
 
-    setup_logging(config)
-    uvicorn.run(
-        create_app(config, owns_process=True),
-        host=config.server.host,
-        port=config.server.port,
-        **_uvicorn_config(config),
+    server = uvicorn.Server(
+        uvicorn.Config(create_app(config, owns_process=True), **_uvicorn_config(config))
     )
+    # uvicorn re-raises the SIGINT it handled once it has shut down.
+    with contextlib.suppress(KeyboardInterrupt):
+        server.run(sockets=[sock])
+    # Not started: the lifespan failed (store, embedder...), as a worker reports it.
+    return 0 if server.started else 3
+
+
+def health(args: argparse.Namespace) -> int:
+    """GET /health of the gateway this configuration describes: 0 when it
+    answers 200, else 1 (a Docker HEALTHCHECK reserves 2), with one line."""
+    try:
+        config = config_from_args(args)
+    except ConfigError as exc:
+        print(f"memory-gateway: configuration error: {exc}", file=sys.stderr)
+        return 1
+    url = f"http://{address(_probe_host(config.server.host), config.server.port)}/health"
+    problem = _get_problem(url)
+    if problem is not None:
+        print(f"memory-gateway: not healthy: {url}: {problem}", file=sys.stderr)
+        return 1
+    print(f"memory-gateway: healthy: {url}")
     return 0
 
 
+def _probe_host(host: str) -> str:
+    """Where to reach a gateway bound to `host` from this machine."""
+    if host in ("", "0.0.0.0"):
+        return "127.0.0.1"
+    # Bound to "::" the socket is IPv6-only (socket.create_server).
+    return "::1" if host == "::" else host
+
+
+def _get_problem(url: str) -> str | None:
+    """None when `url` answers 200, else what went wrong."""
+    try:
+        # The URL is built above: http, to the configured port.
+        with urllib.request.urlopen(url, timeout=HEALTH_TIMEOUT) as response:  # noqa: S310
+            status = response.status
+    except urllib.error.HTTPError as exc:
+        status = exc.code
+    except urllib.error.URLError as exc:
+        reason = exc.reason
+        return str(getattr(reason, "strerror", None) or reason).lower()
+    except (OSError, http.client.HTTPException) as exc:
+        return (str(getattr(exc, "strerror", None) or exc) or type(exc).__name__).lower()
+    return None if status == 200 else f"answered {status}"
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    args = parse_args(argv)
+    if args.command == "health":
+        return health(args)
+    source = config_path(args)
     try:
         config = config_from_args(args)
         if config.memory.enabled:
@@ -149,7 +260,15 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"memory-gateway: configuration error: {exc}", file=sys.stderr)
         return 2
-    return serve(config)
+    try:
+        sock = listen(config)
+    except OSError as exc:
+        print(
+            f"memory-gateway: {cannot_listen(config.server.host, config.server.port, exc)}",
+            file=sys.stderr,
+        )
+        return 1
+    return serve(config, sock, source)
 
 
 if __name__ == "__main__":

@@ -1,9 +1,11 @@
 """One typed configuration, loaded once at start-up and passed down.
 
-`gateway.yaml` is read, `${VAR}` / `${VAR:-default}` are filled in from the
-environment, and the result is validated into `Config`. Anything wrong is a
-`ConfigError` whose message names the key, e.g.
-"server.port: Expected `int`, got `str`".
+`gateway.yaml` (or, without one, the same file packaged as
+`gateway/defaults.yaml`) is read, `${VAR}` / `${VAR:-default}` are filled in
+from the environment, and the result is validated into `Config`. Anything
+wrong is a `ConfigError` whose message names the key, and the environment
+variable when the value came from one, e.g.
+"server.port: Expected `int`, got `str` (from environment variable GATEWAY_PORT)".
 """
 
 from __future__ import annotations
@@ -11,14 +13,15 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Mapping
-from pathlib import Path
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from importlib import resources
+from pathlib import Path
+from typing import Annotated, Any, Literal
 
 import msgspec
 import yaml
 
-from memory.config import MemoryConfig
+from memory.config import AtLeastOne, MemoryConfig, NonNegative, NonNegativeInt, Positive
 
 
 class ConfigError(Exception):
@@ -31,15 +34,15 @@ class _Settings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
 
 class ServerConfig(_Settings):
     host: str = "127.0.0.1"
-    port: int = 8080
+    port: Annotated[int, msgspec.Meta(ge=1, le=65535)] = 8080
     # Requests with base64 images are large; above this the gateway answers 413.
-    max_body_bytes: int = 32 * 1024 * 1024
+    max_body_bytes: AtLeastOne = 32 * 1024 * 1024
     log_level: Literal["critical", "error", "warning", "info", "debug", "trace"] = "info"
     # One log line per request (uvicorn's access log); off by default, it costs latency.
     access_log: bool = False
     # Gateway processes sharing the listening socket. Python runs one core per
     # process; more than one uses more cores (and memory: each loads the embedder).
-    workers: int = 1
+    workers: Annotated[int, msgspec.Meta(ge=1, le=64)] = 1
     # Where extraction jobs run (memory on): `inline`, inside each serving
     # process (one process in all); `process`, one extraction process beside
     # the serving ones, at idle CPU priority, so extraction and maintenance
@@ -51,7 +54,7 @@ class ServerConfig(_Settings):
     # SCHED_IDLE; gateway/priority.py). Once its oldest waiting job is older
     # than this (sustained full load), it runs at normal priority until it has
     # caught up. 0: always normal priority.
-    extraction_max_lag_seconds: float = 10.0
+    extraction_max_lag_seconds: NonNegative = 10.0
 
     @property
     def python_log_level(self) -> str:
@@ -63,12 +66,12 @@ class HTTPConfig(_Settings):
     """The shared upstream client. `read_timeout` is the gap allowed between
     two chunks of a stream (and until the first token), not a whole-request limit."""
 
-    connect_timeout: float = 10.0
-    read_timeout: float = 600.0
-    write_timeout: float = 60.0
-    pool_timeout: float = 10.0
-    max_connections: int = 512
-    max_keepalive_connections: int = 128
+    connect_timeout: Positive = 10.0
+    read_timeout: Positive = 600.0
+    write_timeout: Positive = 60.0
+    pool_timeout: Positive = 10.0
+    max_connections: AtLeastOne = 512
+    max_keepalive_connections: NonNegativeInt = 128
     # The connection layer under the httpx client (gateway/transport.py).
     transport: Literal["aiohttp", "httpx"] = "aiohttp"
 
@@ -146,23 +149,14 @@ class Config(_Settings):
         names = [u.name for u in self.upstreams]
         if len(set(names)) != len(names):
             raise ValueError("upstream names must be unique - at `$.upstreams`")
-        for u in self.upstreams:
+        for i, u in enumerate(self.upstreams):
             if not u.base_url.startswith(("http://", "https://")):
                 raise ValueError(
                     f"base_url of upstream {u.name!r} must start with http:// or https://"
-                    " - at `$.upstreams`"
+                    f" - at `$.upstreams[{i}].base_url`"
                 )
         if len({k.key for k in self.auth.keys}) != len(self.auth.keys):
             raise ValueError("gateway keys must be unique - at `$.auth.keys`")
-        if not 0 < self.server.port < 65536:
-            raise ValueError("port must be between 1 and 65535 - at `$.server.port`")
-        if not 1 <= self.server.workers <= 64:
-            raise ValueError("workers must be between 1 and 64 - at `$.server.workers`")
-        if not self.server.extraction_max_lag_seconds >= 0:
-            raise ValueError(
-                "extraction_max_lag_seconds must be 0 or more"
-                " - at `$.server.extraction_max_lag_seconds`"
-            )
 
     @property
     def extraction_process(self) -> bool:
@@ -209,7 +203,10 @@ class Config(_Settings):
                 base_url, name, None, f"each user's own key on their requests to upstream {name!r}"
             )
         return ExtractionEndpoint(
-            base_url, None, None, "none (memory.llm.api_key is not set): only a keyless endpoint works"
+            base_url,
+            None,
+            None,
+            "none (memory.llm.api_key is not set): only a keyless endpoint works",
         )
 
     @property
@@ -219,38 +216,61 @@ class Config(_Settings):
 
 _VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 
+# The environment variables that filled each value, by key ("server.port").
+Sources = dict[str, list[str]]
 
-def interpolate(value: Any, env: Mapping[str, str], path: str = "$") -> Any:
-    """Fill `${VAR}` and `${VAR:-default}` in every string of a parsed YAML tree."""
+
+def interpolate(
+    value: Any, env: Mapping[str, str], path: str = "$", *, sources: Sources | None = None
+) -> Any:
+    """Fill `${VAR}` and `${VAR:-default}` in every string of a parsed YAML tree.
+
+    `sources` learns which variables filled which key, so that a value the
+    configuration rejects can be traced to the variable that set it."""
     if isinstance(value, dict):
-        return {k: interpolate(v, env, f"{path}.{k}") for k, v in value.items()}
+        return {k: interpolate(v, env, f"{path}.{k}", sources=sources) for k, v in value.items()}
     if isinstance(value, list):
-        return [interpolate(v, env, f"{path}[{i}]") for i, v in enumerate(value)]
+        return [interpolate(v, env, f"{path}[{i}]", sources=sources) for i, v in enumerate(value)]
     if not isinstance(value, str):
         return value
+    key = path[2:] or path
+    used: list[str] = []
 
     def replace(m: re.Match[str]) -> str:
         name, default = m.group(1), m.group(2)
         if name in env and (env[name] != "" or default is None):
+            used.append(name)
             return env[name]
         if default is not None:
             return default
-        raise ConfigError(f"{path[2:] or path}: environment variable {name} is not set")
+        raise ConfigError(f"{key}: environment variable {name} is not set")
 
     whole = _VAR.fullmatch(value)
     result = _VAR.sub(replace, value)
+    if used and sources is not None:
+        sources[key] = used
     # A value that was only `${VAR:-}` and came out empty means "unset".
     if whole and result == "":
         return None
     return result
 
 
-def _key_path(message: str) -> str:
-    """Turn msgspec's "... - at `$.server.port`" into "server.port: ..."."""
+def _describe(message: str, sources: Sources) -> str:
+    """Turn msgspec's "... - at `$.server.port`" into "server.port: ...", and
+    name the environment variable the value came from, if any.
+
+    A struct's own cross-field check names its field as "field: ..." (msgspec
+    only knows the struct's path), which joins that path."""
     m = re.search(r"^(.*) - at `\$\.?(.*)`$", message)
-    if not m:
-        return message
-    text, where = m.groups()
+    text, where = m.groups() if m else (message, "")
+    own = re.fullmatch(r"([a-z_]+): (.*)", text)
+    if m and own:
+        where = f"{where}.{own[1]}" if where else own[1]
+        text = own[2]
+    names = sources.get(where)
+    if names:
+        plural = "s" if len(names) > 1 else ""
+        text += f" (from environment variable{plural} {', '.join(names)})"
     return f"{where}: {text}" if where else text
 
 
@@ -262,47 +282,60 @@ def load_config(
 ) -> Config:
     """Read, interpolate and validate the configuration.
 
-    `overrides` are dotted keys from the command line (`server.port`, `data_dir`,
-    `upstream`), applied after the file.
+    Without `path`, the built-in defaults: `gateway.yaml` as packaged
+    (`gateway/defaults.yaml`), so its `${VAR}`s read the environment as the
+    repository's file does. `overrides` are dotted keys from the command line
+    (`server.port`, `data_dir`, `upstream`), applied after the file.
     """
     env = os.environ if env is None else env
-    raw: dict[str, Any] = {}
-    if path is not None:
-        try:
-            text = Path(path).read_text(encoding="utf-8")
-        except OSError as exc:
-            raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from None
-        try:
-            loaded = yaml.safe_load(text)
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"{path} is not valid YAML: {exc}") from None
-        if loaded is None:
-            loaded = {}
-        if not isinstance(loaded, dict):
-            raise ConfigError(f"{path} must contain a mapping at the top level")
-        raw = interpolate(loaded, env)
-    raw = _apply_overrides(raw, overrides or {})
+    loaded = _read(path) if path is not None else _read_defaults()
+    sources: Sources = {}
+    raw = interpolate(loaded, env, sources=sources)
+    raw, replaced = _apply_overrides(raw, overrides or {})
+    for key in replaced:
+        sources.pop(key, None)
     try:
         return msgspec.convert(raw, Config, strict=False)
     except (msgspec.ValidationError, ValueError) as exc:
-        raise ConfigError(_key_path(str(exc))) from None
+        raise ConfigError(_describe(str(exc), sources)) from None
 
 
-def _apply_overrides(raw: dict[str, Any], overrides: Mapping[str, Any]) -> dict[str, Any]:
+def _read(path: str | Path) -> dict[str, Any]:
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from None
+    return _parse(text, str(path))
+
+
+def _read_defaults() -> dict[str, Any]:
+    text = resources.files("gateway").joinpath("defaults.yaml").read_text(encoding="utf-8")
+    return _parse(text, "the built-in defaults")
+
+
+def _parse(text: str, name: str) -> dict[str, Any]:
+    try:
+        loaded = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{name} is not valid YAML: {exc}") from None
+    if loaded is None:
+        return {}
+    if not isinstance(loaded, dict):
+        raise ConfigError(f"{name} must contain a mapping at the top level")
+    return loaded
+
+
+def _apply_overrides(
+    raw: dict[str, Any], overrides: Mapping[str, Any]
+) -> tuple[dict[str, Any], list[str]]:
+    """`raw` with the command line's values in, and the keys they replaced."""
     raw = dict(raw)
+    replaced: list[str] = []
     for key, value in overrides.items():
         if value is None:
             continue
         if key == "upstream":
-            upstreams = [dict(u) for u in raw.get("upstreams") or []]
-            target = next((u for u in upstreams if u.get("default")), None)
-            if target is None and upstreams:
-                target = upstreams[0]
-            if target is None:
-                upstreams.append({"name": "default", "base_url": value, "default": True})
-            else:
-                target["base_url"] = value
-            raw["upstreams"] = upstreams
+            replaced.append(_override_default_upstream(raw, value))
             continue
         node = raw
         *parents, leaf = key.split(".")
@@ -310,4 +343,18 @@ def _apply_overrides(raw: dict[str, Any], overrides: Mapping[str, Any]) -> dict[
             node[part] = dict(node.get(part) or {})
             node = node[part]
         node[leaf] = value
-    return raw
+        replaced.append(key)
+    return raw, replaced
+
+
+def _override_default_upstream(raw: dict[str, Any], base_url: str) -> str:
+    """`--upstream`: the default upstream's base_url (one is made if none is
+    configured); the key it replaced."""
+    upstreams = [dict(u) for u in raw.get("upstreams") or []]
+    raw["upstreams"] = upstreams
+    index = next((i for i, u in enumerate(upstreams) if u.get("default")), 0)
+    if not upstreams:
+        upstreams.append({"name": "default", "base_url": base_url, "default": True})
+    else:
+        upstreams[index]["base_url"] = base_url
+    return f"upstreams[{index}].base_url"

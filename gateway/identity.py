@@ -78,6 +78,15 @@ def _checked(kind: str, value: str | None) -> str | None:
         ) from None
 
 
+def _json_type(value: object) -> str:
+    """The JSON name of a decoded value's type, for error messages."""
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, int | float):
+        return "a number"
+    return "an array" if isinstance(value, list) else "an object"
+
+
 class IdentityResolver:
     def __init__(self, auth: AuthConfig, identity: IdentityConfig) -> None:
         self.require_key = auth.require_key
@@ -113,9 +122,22 @@ class IdentityResolver:
         return ident
 
     def from_body(self, ident: Identity, body: Mapping[str, object]) -> None:
-        """Fall back to the chat body's `user` field when nothing else named the user."""
+        """Fall back to the chat body's `user` field when nothing else named the user.
+
+        A `user` that is not a string is a 400: taken as "no user", the
+        request would silently go without memory. JSON null means unset.
+        """
         if ident.user_id is not None or not self.body_user_field:
             return
         user = body.get("user")
-        if isinstance(user, str):
-            ident.user_id, ident.via = _checked("user", user), "body"
+        if user is None:
+            return
+        if not isinstance(user, str):
+            raise GatewayError(
+                400,
+                f"Invalid type for 'user': expected a string, got {_json_type(user)}.",
+                param="user",
+                code="invalid_type",
+                retryable=False,
+            )
+        ident.user_id, ident.via = _checked("user", user), "body"

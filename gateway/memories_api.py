@@ -25,7 +25,7 @@ from gateway.errors import GatewayError
 from gateway.identity import KeyRing, bearer_token
 from gateway.memory_hooks import MemoryHooks
 from memory.engine import InvalidImport, MemoryEngine
-from memory.models import HistoryEntry, InvalidScope, Memory, Scope, Stats
+from memory.models import HistoryEntry, ImportResult, InvalidScope, Memory, Scope, Stats
 from memory.spool import JobInfo
 
 
@@ -102,10 +102,6 @@ class JobsResponse(msgspec.Struct, kw_only=True):
 
 class Deleted(msgspec.Struct, kw_only=True):
     deleted: int
-
-
-class Imported(msgspec.Struct, kw_only=True):
-    imported: int
 
 
 class Retried(msgspec.Struct, kw_only=True):
@@ -306,15 +302,15 @@ class MemoriesController(Controller):
         principal: Caller,
         user_id: UserId = None,
         agent_id: AgentId = None,
-    ) -> Imported:
+    ) -> ImportResult:
         scope = _scope(principal, user_id, agent_id)
         raw = await request.body()
         lines = [line for line in raw.splitlines() if line.strip()]
         try:
-            n = await engine.import_lines(scope, lines)
+            result = await engine.import_lines(scope, lines)
         except InvalidImport as exc:
             raise GatewayError(400, str(exc), code="invalid_import") from None
-        return Imported(imported=n)
+        return result
 
     @get("/users", summary="Users with their memory counts (admin)")
     async def users(self, engine: Engine, principal: Caller) -> UsersResponse:

@@ -31,6 +31,7 @@ from types import FrameType
 from typing import Any
 
 from gateway.config import Config
+from gateway.startup import cannot_listen
 from memory.handoff import channel
 
 logger = logging.getLogger("gateway.supervisor")
@@ -85,14 +86,16 @@ class Supervisor:
     def _on_signal(self, signum: int, frame: FrameType | None) -> None:
         self._stop.set()
 
-    def run(self) -> int:
-        """Serve until SIGTERM/SIGINT; the exit status of the whole gateway."""
-        server = self.config.server
-        try:
-            sock = bind(server.host, server.port)
-        except OSError as exc:
-            logger.error("cannot listen on %s:%s: %s", server.host, server.port, exc.strerror)
-            return 1
+    def run(self, sock: socket.socket | None = None) -> int:
+        """Serve on `sock` (bound here when None; closed at the end) until
+        SIGTERM/SIGINT; the exit status of the whole gateway."""
+        if sock is None:
+            server = self.config.server
+            try:
+                sock = bind(server.host, server.port)
+            except OSError as exc:
+                logger.error("%s", cannot_listen(server.host, server.port, exc))
+                return 1
         previous = {
             sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGTERM, signal.SIGINT)
         }

@@ -7,13 +7,21 @@ configuration (`memory:` in gateway.yaml).
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
 import msgspec
 
 
 class _Settings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     pass
+
+
+# The ranges outside which a setting cannot work. A value outside one is a
+# validation error naming its key ("memory.spool.concurrency: Expected `int` >= 1").
+AtLeastOne = Annotated[int, msgspec.Meta(ge=1)]
+NonNegativeInt = Annotated[int, msgspec.Meta(ge=0)]
+NonNegative = Annotated[float, msgspec.Meta(ge=0)]
+Positive = Annotated[float, msgspec.Meta(gt=0)]
 
 
 class EmbedderConfig(_Settings):
@@ -27,9 +35,9 @@ class EmbedderConfig(_Settings):
     model: str = "use-multilingual-v3"
     base_url: str | None = None
     api_key: str | None = None
-    dimensions: int | None = None
-    batch_size: int = 32
-    timeout: float = 30.0
+    dimensions: AtLeastOne | None = None
+    batch_size: AtLeastOne = 32
+    timeout: Positive = 30.0
 
 
 class LLMConfig(_Settings):
@@ -46,47 +54,55 @@ class LLMConfig(_Settings):
     # one other model (a local server), which is then used; checked at start.
     model: str | None = None
     api_key: str | None = None
-    timeout: float = 60.0
-    temperature: float = 0.0
+    timeout: Positive = 60.0
+    temperature: NonNegative = 0.0
     # Real answers are ~50 tokens; a confused model must not run for minutes.
-    max_tokens: int = 384
+    max_tokens: Annotated[int, msgspec.Meta(ge=16)] = 384
     # The model's context window (tokens). The prompt is clipped to fit it
     # with `max_tokens` to spare, estimating tokens per script (a Chinese
     # character costs ~2 on small models, an English word ~1.3).
-    context_tokens: int = 8192
+    context_tokens: Annotated[int, msgspec.Meta(ge=256)] = 8192
     # Extraction calls in flight at once, at most (per process). A local model
     # server that answers one request at a time (Ollama, llama.cpp) queues the
     # others, and a call's `timeout` runs while it waits there; jobs beyond
     # this wait in the gateway instead, where no timeout runs.
-    max_concurrent_calls: int = 16
+    max_concurrent_calls: AtLeastOne = 16
     # When the extraction endpoint is also a chat upstream, extraction calls
     # wait while chat requests to it are in flight, so a one-slot server never
     # interrupts or delays a user's answer for the gateway's own call. `auto`:
     # on when the endpoint is on this machine or a private network.
     yield_to_chat: bool | Literal["auto"] = "auto"
     # ...but never longer than this (seconds) under continuous chat traffic.
-    yield_max_seconds: float = 60.0
+    yield_max_seconds: NonNegative = 60.0
     # Extraction is reported as failing (`X-Memory-Status: ok; extraction=failing`,
     # `/ready`, stats) when every attempt in this window (seconds) failed.
-    failing_window_seconds: float = 300.0
+    failing_window_seconds: Positive = 300.0
+
+    def __post_init__(self) -> None:
+        # "field: text" names the field; the loader prefixes the struct's path.
+        if self.max_tokens >= self.context_tokens:
+            raise ValueError(
+                f"max_tokens: must be smaller than context_tokens ({self.context_tokens}),"
+                " which must also hold the prompt"
+            )
 
 
 class SearchConfig(_Settings):
-    limit: int = 8
+    limit: AtLeastOne = 8
     # Vector and full-text results fused (see `fusion`); `False` is vector only.
     hybrid: bool = True
     # How full-text joins the vector side: `boost` adds up to `text_weight` to the
     # cosine (scaled BM25); `rrf` is plain reciprocal-rank fusion. See docs/embedders.md.
     fusion: Literal["boost", "rrf"] = "boost"
-    text_weight: float = 0.1
+    text_weight: NonNegative = 0.1
     # Hits whose cosine similarity is below this are dropped (full-text-only
     # hits must still reach it through their vector score).
-    min_score: float = 0.15
+    min_score: Annotated[float, msgspec.Meta(ge=-1, le=1)] = 0.15
     # Existing memories shown to the extractor with each exchange.
-    extraction_context: int = 10
+    extraction_context: AtLeastOne = 10
     # Recently searched scopes are kept in memory (vectors + n-gram BM25) up to
     # this many bytes, for millisecond search (memory/vectors.py); 0 disables.
-    cache_bytes: int = 128 * 1024 * 1024
+    cache_bytes: NonNegativeInt = 128 * 1024 * 1024
 
 
 class SpoolConfig(_Settings):
@@ -94,33 +110,34 @@ class SpoolConfig(_Settings):
     # Concurrent jobs share spool commits and store writes (docs/benchmarks.md:
     # 48 gave ~1.4x the exchanges/s of 16). The model calls among them are
     # limited by `llm.max_concurrent_calls`.
-    concurrency: int = 48
-    max_attempts: int = 5
-    backoff_initial: float = 1.0
-    backoff_max: float = 60.0
+    concurrency: AtLeastOne = 48
+    max_attempts: AtLeastOne = 5
+    backoff_initial: NonNegative = 1.0
+    backoff_max: NonNegative = 60.0
     # Finished jobs are kept this long (for stats and idempotent replay), then purged.
-    keep_done_seconds: float = 86400.0
+    keep_done_seconds: NonNegative = 86400.0
     # A claimed job whose worker stops renewing its lease (crash) is resumed after this.
-    lease_seconds: float = 30.0
+    lease_seconds: Positive = 30.0
     # Fallback poll for jobs of other processes; this process wakes its workers directly.
-    poll_interval: float = 2.0
+    poll_interval: Positive = 2.0
 
 
 class MaintenanceConfig(_Settings):
     # Compaction, index refresh and cleanup of old versions run this often.
-    interval_seconds: float = 60.0
-    # A vector index is built once the table holds this many rows.
-    vector_index_min_rows: int = 100_000
+    interval_seconds: Positive = 60.0
+    # A vector index is built once the table holds this many rows (IVF-PQ
+    # needs 256 rows to train on).
+    vector_index_min_rows: Annotated[int, msgspec.Meta(ge=256)] = 100_000
     # Old table versions older than this are removed at maintenance.
-    keep_versions_seconds: float = 600.0
+    keep_versions_seconds: NonNegative = 600.0
     # Maintenance also runs once this many writes happened since the last run.
-    optimize_after_writes: int = 500
+    optimize_after_writes: AtLeastOne = 500
     # Bounds of LanceDB's index and metadata caches, so RSS stays flat.
-    index_cache_bytes: int = 64 * 1024 * 1024
-    metadata_cache_bytes: int = 32 * 1024 * 1024
+    index_cache_bytes: NonNegativeInt = 64 * 1024 * 1024
+    metadata_cache_bytes: NonNegativeInt = 32 * 1024 * 1024
     # How stale a table handle may be about other processes' writes (seconds;
     # 0 = always check, costs ~0.1 ms a query). The search cache relies on it.
-    read_consistency_seconds: float = 0.0
+    read_consistency_seconds: NonNegative = 0.0
 
 
 class RedactionConfig(_Settings):
@@ -132,9 +149,9 @@ class InjectionConfig(_Settings):
     # Where the memory system message goes. `before_last_user` keeps every
     # earlier message byte-identical so provider prompt caching keeps working.
     position: Literal["before_last_user", "after_system", "end"] = "before_last_user"
-    max_chars: int = 2000
+    max_chars: AtLeastOne = 2000
     # Retrieval slower than this is abandoned; the request goes on without memories.
-    deadline_ms: int = 250
+    deadline_ms: AtLeastOne = 250
 
 
 class MemoryConfig(_Settings):

@@ -33,6 +33,7 @@ from memory.models import (
     Exchange,
     HistoryEntry,
     Hit,
+    ImportResult,
     Memory,
     Operation,
     Scope,
@@ -502,9 +503,13 @@ class MemoryEngine:
         """Every memory of the scope as JSON lines (superseded ones included)."""
         return [_memory_encoder.encode(m).decode() for m in await self.store.export(scope)]
 
-    async def import_lines(self, scope: Scope, lines: Iterable[str | bytes]) -> int:
-        """Import JSON lines from `export` into `scope`'s user; all lines or none."""
-        memories = []
+    async def import_lines(self, scope: Scope, lines: Iterable[str | bytes]) -> ImportResult:
+        """Import JSON lines from `export` into `scope`'s user. A line that is
+        not a memory rejects the whole import (`InvalidImport`); memories the
+        store cannot hold are reported in the result with their line numbers
+        (blank lines counted, as an editor shows them)."""
+        memories: builtins.list[Memory] = []
+        numbers: builtins.list[int] = []
         for n, line in enumerate(lines, 1):
             if not line.strip():
                 continue
@@ -513,7 +518,11 @@ class MemoryEngine:
             except msgspec.DecodeError as exc:
                 raise InvalidImport(f"line {n}: {exc}") from None
             memories.append(msgspec.structs.replace(m, text=self._redact(m.text)))
-        return await self.store.import_memories(scope, memories)
+            numbers.append(n)
+        result = await self.store.import_memories(scope, memories)
+        for issue in (*result.skipped, *result.failed):
+            issue.line = numbers[issue.line - 1]
+        return result
 
     async def users(self) -> builtins.list[tuple[str, int]]:
         return await self.store.users()

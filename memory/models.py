@@ -119,3 +119,34 @@ class Stats(msgspec.Struct, kw_only=True):
     memories: int
     users: int
     spool: SpoolStats
+
+
+ImportReason = Literal[
+    # skipped: nothing to do
+    "already_present",
+    "duplicate_in_import",
+    # skipped: lost a race for its id with another writer during the import
+    "id_taken",
+    # failed: the line is a memory the store cannot hold
+    "empty_text",
+    "invalid_id",
+]
+
+
+class ImportIssue(msgspec.Struct, kw_only=True):
+    """One memory of an import that was not stored, and why."""
+
+    # 1-based position among the memories given: the line number of an
+    # export file that has no blank lines.
+    line: int
+    id: str
+    reason: ImportReason
+    message: str
+
+
+class ImportResult(msgspec.Struct, kw_only=True):
+    """What an import did: every memory given is counted in exactly one field."""
+
+    imported: int = 0
+    skipped: list[ImportIssue] = msgspec.field(default_factory=list)
+    failed: list[ImportIssue] = msgspec.field(default_factory=list)

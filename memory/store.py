@@ -45,7 +45,19 @@ from memory.filters import build_filter, scope_filter
 from memory.fusion import boosted_similarity, reciprocal_rank_fusion
 from memory.heap import release_free_memory
 from memory.locks import locked
-from memory.models import Actor, HistoryEntry, Hit, Memory, Operation, Scope
+from memory.models import (
+    Actor,
+    HistoryEntry,
+    Hit,
+    ImportIssue,
+    ImportReason,
+    ImportResult,
+    InvalidScope,
+    Memory,
+    Operation,
+    Scope,
+    validate_id,
+)
 from memory.schema import (
     HISTORY,
     MEMORIES,
@@ -69,6 +81,8 @@ T = TypeVar("T")
 
 # Deterministic ids of the rows and history entries an extraction job creates.
 _ID_NAMESPACE = uuid.UUID("6f1c3a52-4d0e-5b8a-9f57-2b9c1e0d7a41")
+# Ids of memories imported from another user (`_imported_id`).
+_IMPORT_NAMESPACE = uuid.UUID("0b6f0e3c-5f2a-5d44-8e1b-7c39a2d4f815")
 # n-grams of 1..3 characters: a one- or two-character Chinese word (猫, 上海) matches.
 _FTS_CONFIG = FTS(
     base_tokenizer="ngram",
@@ -210,6 +224,95 @@ def _in_scope(row: dict[str, Any], scope: Scope) -> bool:
     return row["user_id"] == scope.user_id and (
         scope.agent_id is None or row["agent_id"] == scope.agent_id
     )
+
+
+def _imported_id(user_id: str, memory_id: str) -> str:
+    """The id `memory_id` gets when imported into `user_id`'s memory from
+    elsewhere: derived, so a second import finds it. Validated ids hold no
+    control character, so the separator keeps ("a:b", "c") apart from ("a", "b:c")."""
+    return str(uuid.uuid5(_IMPORT_NAMESPACE, f"{user_id}\x1f{memory_id}"))
+
+
+def _issue(line: int, m: Memory, reason: ImportReason, message: str) -> ImportIssue:
+    return ImportIssue(line=line, id=m.id, reason=reason, message=message)
+
+
+def _unstorable(m: Memory) -> tuple[ImportReason, str] | None:
+    """Why a memory cannot be stored, if it cannot: ids end up in filters
+    and scopes, so they must be valid ids."""
+    if not m.text.strip():
+        return "empty_text", "memory text must not be empty"
+    for kind in ("id", "agent_id", "session_id", "superseded_by"):
+        value = getattr(m, kind)
+        try:
+            if value is not None:
+                validate_id(kind, value)
+        except InvalidScope as exc:
+            return "invalid_id", str(exc)
+    return None
+
+
+def _screen(memories: Iterable[Memory], result: ImportResult) -> list[tuple[int, Memory]]:
+    """The memories worth planning, with their 1-based position; the others
+    are counted in `result` as failed or skipped."""
+    accepted: list[tuple[int, Memory]] = []
+    seen: set[str] = set()
+    for n, m in enumerate(memories, 1):
+        if (problem := _unstorable(m)) is not None:
+            result.failed.append(_issue(n, m, *problem))
+        elif m.id in seen:
+            result.skipped.append(_issue(n, m, "duplicate_in_import", "same id as an earlier line"))
+        else:
+            seen.add(m.id)
+            accepted.append((n, m))
+    return accepted
+
+
+def _id_candidates(user_id: str, m: Memory) -> list[str]:
+    """The ids a memory may take, in order of preference."""
+    derived = _imported_id(user_id, m.id)
+    return [m.id, derived] if m.user_id == user_id else [derived]
+
+
+def _choose_id(user_id: str, m: Memory, owners: Mapping[str, str]) -> tuple[str, bool]:
+    """The id the memory gets, and whether the user has it already. An id
+    held by another user is passed over; if every candidate is (someone
+    chose them on purpose), a random one is taken."""
+    for candidate in _id_candidates(user_id, m):
+        owner = owners.get(candidate)
+        if owner is None:
+            return candidate, False
+        if owner == user_id:
+            return candidate, True
+    return str(uuid.uuid4()), False
+
+
+def _imported_row(
+    scope: Scope, m: Memory, memory_id: str, vector: np.ndarray, final: Mapping[str, str]
+) -> dict[str, Any]:
+    """The row of an imported memory. Its `superseded_by` follows the
+    replacement to the id that one got; outside the import it keeps the
+    user's own id, or takes the id another user's replacement would get."""
+    replacement = m.superseded_by
+    if replacement is not None:
+        foreign = m.user_id != scope.user_id
+        fallback = _imported_id(scope.user_id, replacement) if foreign else replacement
+        replacement = final.get(replacement, fallback)
+    return {
+        "id": memory_id,
+        "user_id": scope.user_id,
+        "agent_id": scope.agent_id or m.agent_id,
+        "session_id": m.session_id,
+        "text": m.text,
+        "vector": vector,
+        "hash": normalized_hash(m.text),
+        "metadata": msgspec.json.encode(m.metadata).decode(),
+        "created_at": _utc(m.created_at),
+        "updated_at": _utc(m.updated_at),
+        "source": m.source,
+        "superseded_by": replacement,
+        "superseded_at": _utc(m.superseded_at) if m.superseded_at else None,
+    }
 
 
 class _ApplyRequest:
@@ -1434,61 +1537,88 @@ class MemoryStore:
         )
         return [_to_memory(r) for r in rows]
 
-    async def import_memories(self, scope: Scope, memories: Iterable[Memory]) -> int:
-        """Insert memories under `scope`'s user, keeping ids and timestamps.
+    async def import_memories(self, scope: Scope, memories: Iterable[Memory]) -> ImportResult:
+        """Insert memories under `scope`'s user, keeping texts, metadata and
+        timestamps; the result accounts for every memory given.
 
-        An id already present (for any user) is skipped, so importing twice
-        is harmless and an import never overwrites someone else's row.
+        A memory of the same user keeps its id, and one already present is
+        skipped: importing an export twice is harmless. A memory of another
+        user, or one whose id another user's row holds, gets an id derived
+        from the target user and its own (`_imported_id`), so that import is
+        idempotent too. No other user's row is ever overwritten.
+
+        `superseded_by` follows a replacement in the import to its new id;
+        a foreign one outside the import takes the id that replacement would
+        get here. It is never dropped: a row replaced by nothing is active,
+        and an outdated fact would come back into chats.
         """
-        incoming: dict[str, Memory] = {}
-        for m in memories:
-            if m.text.strip():
-                incoming.setdefault(m.id, m)
-        imported = 0
-        ids = list(incoming)
-        for start in range(0, len(ids), _IN_CHUNK):
-            chunk = ids[start : start + _IN_CHUNK]
-            async with self._lock:
-                taken = {
-                    r["id"]
-                    for r in await self._memories.query()
-                    .where(build_filter(ids=chunk))
-                    .select(["id"])
-                    .to_list()
-                }
-                fresh = [incoming[i] for i in chunk if i not in taken]
-                if not fresh:
-                    continue
-                vectors = await self._embed([m.text for m in fresh])
-                rows = [
-                    {
-                        "id": m.id,
-                        "user_id": scope.user_id,
-                        "agent_id": scope.agent_id or m.agent_id,
-                        "session_id": m.session_id,
-                        "text": m.text,
-                        "vector": vec,
-                        "hash": normalized_hash(m.text),
-                        "metadata": msgspec.json.encode(m.metadata).decode(),
-                        "created_at": _utc(m.created_at),
-                        "updated_at": _utc(m.updated_at),
-                        "source": m.source,
-                        "superseded_by": m.superseded_by,
-                        "superseded_at": _utc(m.superseded_at) if m.superseded_at else None,
-                    }
-                    for m, vec in zip(fresh, vectors, strict=True)
+        result = ImportResult()
+        accepted = _screen(memories, result)
+        owners = await self._owners(
+            [c for _, m in accepted for c in _id_candidates(scope.user_id, m)]
+        )
+        planned: builtins.list[tuple[int, Memory, str]] = []
+        final: dict[str, str] = {}
+        for n, m in accepted:
+            memory_id, present = _choose_id(scope.user_id, m, owners)
+            final[m.id] = memory_id
+            if present:
+                result.skipped.append(_issue(n, m, "already_present", "already imported"))
+            else:
+                planned.append((n, m, memory_id))
+        for start in range(0, len(planned), _IN_CHUNK):
+            chunk = planned[start : start + _IN_CHUNK]
+            result.imported += await self._import_chunk(scope, chunk, final, result)
+        result.skipped.sort(key=lambda i: i.line)
+        return result
+
+    async def _import_chunk(
+        self,
+        scope: Scope,
+        chunk: builtins.list[tuple[int, Memory, str]],
+        final: Mapping[str, str],
+        result: ImportResult,
+    ) -> int:
+        """Insert one chunk of planned rows; an id written meanwhile by
+        someone else is skipped, never overwritten."""
+        async with self._lock:
+            owners = await self._owners([memory_id for _, _, memory_id in chunk])
+            fresh = []
+            for n, m, memory_id in chunk:
+                owner = owners.get(memory_id)
+                if owner is None:
+                    fresh.append((m, memory_id))
+                elif owner == scope.user_id:
+                    result.skipped.append(_issue(n, m, "already_present", "already imported"))
+                else:
+                    result.skipped.append(_issue(n, m, "id_taken", "its id was taken meanwhile"))
+            if not fresh:
+                return 0
+            vectors = await self._embed([m.text for m, _ in fresh])
+            rows = [
+                _imported_row(scope, m, memory_id, vec, final)
+                for (m, memory_id), vec in zip(fresh, vectors, strict=True)
+            ]
+            await self._insert(rows)
+            await self._record(
+                [
+                    self._entry(r, "ADD", None, r["text"], r["created_at"], r["source"], "import")
+                    for r in rows
                 ]
-                await self._insert(rows)
-                await self._record(
-                    [
-                        self._entry(
-                            r, "ADD", None, r["text"], r["created_at"], r["source"], "import"
-                        )
-                        for r in rows
-                    ]
-                )
-                imported += len(rows)
-        return imported
+            )
+        return len(rows)
+
+    async def _owners(self, ids: Sequence[str]) -> dict[str, str]:
+        """The user holding each of `ids` that exists, whoever it is (read
+        only to keep an import off other users' ids)."""
+        owners: dict[str, str] = {}
+        unique = builtins.list(dict.fromkeys(ids))
+        for i in range(0, len(unique), _IN_CHUNK):
+            chunk = unique[i : i + _IN_CHUNK]
+            query = self._memories.query().where(build_filter(ids=chunk))
+            for row in await query.select(["id", "user_id"]).to_list():
+                owners[row["id"]] = row["user_id"]
+        return owners
 
     async def users(self) -> builtins.list[tuple[str, int]]:
         """(user_id, active memory count), most memories first."""

@@ -172,6 +172,48 @@ def test_invalid_ids_are_400_saying_why(
     assert upstream.requests == []
 
 
+@pytest.mark.parametrize("value", [123, ["erin"], {"id": "erin"}, True])
+def test_a_body_user_that_is_not_a_string_is_400_naming_the_param(
+    start_gateway, upstream, tmp_path, hooks, value
+):
+    gw = _gateway(start_gateway, upstream, tmp_path, hooks)
+    body = {"model": "m", "messages": MESSAGES, "user": value}
+    response = httpx.post(gw.base_url + "/chat/completions", json=body)
+    assert response.status_code == 400
+    assert response.headers["x-should-retry"] == "false"
+    error = response.json()["error"]
+    assert (error["param"], error["code"]) == ("user", "invalid_type")
+    assert "'user'" in error["message"] and "string" in error["message"]
+    assert upstream.requests == []
+
+
+def test_a_null_body_user_names_nobody(start_gateway, upstream, tmp_path, hooks):
+    gw = _gateway(start_gateway, upstream, tmp_path, hooks)
+    _chat(gw, extra_body={"user": None})
+    assert hooks.contexts[-1].identity.user_id is None
+
+
+def test_the_body_user_is_not_checked_when_a_header_names_the_user(
+    start_gateway, upstream, tmp_path, hooks
+):
+    gw = _gateway(start_gateway, upstream, tmp_path, hooks)
+    body = {"model": "m", "messages": MESSAGES, "user": 123}
+    response = httpx.post(gw.base_url + "/chat/completions", json=body, headers={"X-User-Id": "a"})
+    assert response.status_code == 200
+    assert hooks.contexts[-1].identity.user_id == "a"
+    # The body goes upstream as sent: the provider judges its own fields.
+    assert upstream.last().json["user"] == 123
+
+
+def test_the_body_user_is_not_checked_when_the_body_user_field_is_off(
+    start_gateway, upstream, tmp_path, hooks
+):
+    gw = _gateway(start_gateway, upstream, tmp_path, hooks, identity={"body_user_field": False})
+    body = {"model": "m", "messages": MESSAGES, "user": 123}
+    assert httpx.post(gw.base_url + "/chat/completions", json=body).status_code == 200
+    assert hooks.contexts[-1].identity.user_id is None
+
+
 def test_a_256_character_id_is_accepted(start_gateway, upstream, tmp_path, hooks):
     gw = _gateway(start_gateway, upstream, tmp_path, hooks)
     _chat(gw, headers={"X-User-Id": "u" * 256})

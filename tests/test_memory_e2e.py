@@ -347,7 +347,7 @@ def test_management_round_trip(admin: httpx.Client) -> None:
     imported = admin.post(
         "/v1/memories/import", params={"user_id": "alice"}, content=exported.content
     )
-    assert imported.json() == {"imported": 1}
+    assert imported.json() == {"imported": 1, "skipped": [], "failed": []}
     assert texts_of(admin, "alice") == {"Plays the viola"}
 
 

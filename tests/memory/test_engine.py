@@ -11,7 +11,7 @@ from scripted_llm import Call, ScriptedLLM, ops
 
 from memory.config import LLMConfig, MemoryConfig, SpoolConfig
 from memory.engine import MemoryEngine
-from memory.models import Exchange, Scope
+from memory.models import Exchange, ImportResult, Scope
 
 ALICE = Scope(user_id="alice")
 BOB = Scope(user_id="bob")
@@ -448,8 +448,13 @@ async def test_export_and_import_move_a_users_memories(open_engine):
     await engine.add(ALICE, text="用户喜欢乌龙茶", infer=False)
     lines = await engine.export(ALICE)
     assert len(lines) == 2
-    assert await engine.import_lines(BOB, lines) >= 0
-    assert await engine.import_lines(Scope(user_id="carol"), []) == 0
+    assert (await engine.import_lines(BOB, lines)).imported == 2
+    again = await engine.import_lines(BOB, ["", *lines])
+    assert [(i.line, i.reason) for i in again.skipped] == [
+        (2, "already_present"),
+        (3, "already_present"),
+    ]
+    assert await engine.import_lines(Scope(user_id="carol"), []) == ImportResult()
     with pytest.raises(ValueError, match="line 1"):
         await engine.import_lines(BOB, ["not json"])
 

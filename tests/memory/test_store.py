@@ -7,7 +7,7 @@ from datetime import UTC, datetime, timedelta
 import pytest
 from conftest import HashEmbedder
 
-from memory.models import Memory, Scope
+from memory.models import Scope
 from memory.schema import EmbedderMismatch
 from memory.store import MemoryStore, normalized_hash
 
@@ -125,58 +125,6 @@ async def test_users_and_count_report_active_memories(store):
     assert await store.users() == [("alice", 2), ("bob", 1)]
     assert await store.count() == 3
     assert await store.count(BOB) == 1
-
-
-async def test_export_then_import_into_a_fresh_store_keeps_ids_and_timestamps(
-    store, tmp_path, memory_config
-):
-    t0 = datetime(2024, 5, 1, 12, 0, tzinfo=UTC)
-    m = await store.add(ALICE, "Was born in Lyon", metadata={"src": "chat"}, at=t0)
-    exported = await store.export(ALICE)
-    other = await MemoryStore.open(tmp_path / "other", HashEmbedder(), memory_config)
-    try:
-        assert await other.import_memories(ALICE, exported) == 1
-        assert await other.import_memories(ALICE, exported) == 0
-        got = await other.get(ALICE, m.id)
-        assert got is not None
-        assert (got.text, got.metadata, got.created_at) == ("Was born in Lyon", {"src": "chat"}, t0)
-        assert [h.actor for h in await other.history(ALICE, m.id)] == ["import"]
-    finally:
-        await other.close()
-
-
-async def test_import_never_overwrites_or_moves_another_users_row(store):
-    victim = await store.add(BOB, "Bob's private fact")
-    forged = Memory(
-        id=victim.id,
-        user_id="alice",
-        agent_id=None,
-        session_id=None,
-        text="forged",
-        metadata={},
-        created_at=victim.created_at,
-        updated_at=victim.updated_at,
-    )
-    assert await store.import_memories(ALICE, [forged]) == 0
-    got = await store.get(BOB, victim.id)
-    assert got is not None and got.text == "Bob's private fact"
-    assert await store.get(ALICE, victim.id) is None
-
-
-async def test_import_forces_the_target_user(store):
-    foreign = Memory(
-        id="imported-1",
-        user_id="mallory",
-        agent_id=None,
-        session_id=None,
-        text="a fact",
-        metadata={},
-        created_at=datetime.now(UTC),
-        updated_at=datetime.now(UTC),
-    )
-    assert await store.import_memories(ALICE, [foreign]) == 1
-    assert await store.get(ALICE, "imported-1") is not None
-    assert await store.count(Scope(user_id="mallory")) == 0
 
 
 async def test_data_survives_reopen(tmp_path, memory_config):
