@@ -8,6 +8,7 @@ from contextlib import asynccontextmanager
 
 from litestar import Litestar
 
+from gateway.chat_activity import ChatActivity, yield_gate
 from gateway.config import Config
 from gateway.errors import exception_handlers
 from gateway.hooks import ChatHooks, NoHooks
@@ -32,6 +33,7 @@ def create_app(
     *,
     hooks: ChatHooks | None = None,
     handoff: HandoffSender | None = None,
+    activity: ChatActivity | None = None,
     owns_process: bool = False,
 ) -> Litestar:
     """The gateway; by default with the memory engine behind the chat seams
@@ -39,15 +41,22 @@ def create_app(
     exchanges are extracted by the extraction process at its other end.
     `owns_process` (`memory-gateway serve`): once started, the process's
     objects are frozen out of garbage collection (`freeze_startup_objects`),
-    which an app embedded in another program must not impose on it."""
+    which an app embedded in another program must not impose on it.
+    `activity`: the chat requests in flight, shared with the gateway's other
+    processes (gateway/chat_activity.py); without it, this process's own."""
+    if activity is None:
+        activity = ChatActivity.for_config(config)
     if hooks is None:
-        hooks = (
-            MemoryHooks(config, handoff, upstream_client=lambda: proxy.client)
-            if config.memory.enabled
-            else NoHooks()
-        )
+        if config.memory.enabled:
+            memory = MemoryHooks(config, handoff, upstream_client=lambda: proxy.client)
+            # Extraction run in this process yields to the chats counted here
+            # and in the other serving workers.
+            memory.before_call = yield_gate(config, activity)
+            hooks = memory
+        else:
+            hooks = NoHooks()
     tasks = BackgroundTasks()
-    proxy = Proxy(config, hooks, tasks)
+    proxy = Proxy(config, hooks, tasks, activity)
 
     @asynccontextmanager
     async def lifespan(app: Litestar) -> AsyncIterator[None]:
@@ -77,6 +86,7 @@ def create_app(
     )
     app.state.config = config
     app.state.proxy = proxy
+    app.state.chat_activity = activity
     app.state.hooks = hooks
     app.state.tasks = tasks
     app.state.memory_access = Access(config.auth.admin_key, proxy.identity.keys)

@@ -18,12 +18,15 @@ import urllib.error
 import urllib.request
 import uuid
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from gateway.config import Config, ConfigError, load_config
 from gateway.logs import setup_logging
 from gateway.startup import address, cannot_listen, log_startup
 from memory.heap import tune_process_heap
+
+if TYPE_CHECKING:
+    from gateway.chat_activity import Counters
 
 DEFAULT_CONFIG = Path("gateway.yaml")
 HEALTH_TIMEOUT = 4.0
@@ -146,20 +149,24 @@ def run_worker(
     index: int,
     supervisor: int,
     handoff: socket.socket | None = None,
+    chat_counters: Counters | None = None,
 ) -> None:
     """One of `server.workers` processes, accepting on the supervisor's socket;
-    with `handoff`, its exchanges are extracted by the extraction process."""
+    with `handoff`, its exchanges are extracted by the extraction process. It
+    counts its chat requests in slot `index` of `chat_counters`."""
     tune_process_heap()
     import uvicorn
 
     from gateway.app import create_app
+    from gateway.chat_activity import ChatActivity
     from gateway.supervisor import name_process, watch_parent
     from memory.handoff import HandoffSender
 
     name_process(f"mg-worker-{index}")
     setup_logging(config)
     sender = HandoffSender(handoff) if handoff is not None else None
-    app = create_app(config, handoff=sender, owns_process=True)
+    activity = ChatActivity.for_config(config, chat_counters, slot=index)
+    app = create_app(config, handoff=sender, activity=activity, owns_process=True)
     server = uvicorn.Server(uvicorn.Config(app, **_uvicorn_config(config)))
     watch_parent(supervisor, stop=lambda: setattr(server, "should_exit", True))
     server.run(sockets=[sock])
@@ -178,8 +185,11 @@ def listen(config: Config) -> socket.socket:
 
 def serve(config: Config, sock: socket.socket, source: Path | None = None) -> int:
     """Run the gateway on `sock` until SIGTERM/SIGINT; the exit status."""
+    from gateway.chat_activity import log_yield_decision
+
     setup_logging(config)
     log_startup(config, source)
+    log_yield_decision(config)
     if config.processes > 1:
         from gateway.extraction_process import run_extraction
         from gateway.supervisor import Supervisor

@@ -155,6 +155,12 @@ class Config(_Settings):
                     f"base_url of upstream {u.name!r} must start with http:// or https://"
                     f" - at `$.upstreams[{i}].base_url`"
                 )
+            if "@" in u.base_url.split("//", 1)[1].split("/", 1)[0]:
+                # The upstream client cannot send both, and a URL is logged and shown.
+                raise ValueError(
+                    f"base_url of upstream {u.name!r} must not hold credentials (user:password@):"
+                    f" put the key in its api_key - at `$.upstreams[{i}].base_url`"
+                )
         if len({k.key for k in self.auth.keys}) != len(self.auth.keys):
             raise ValueError("gateway keys must be unique - at `$.auth.keys`")
 

@@ -32,40 +32,54 @@ from memory.heap import freeze_startup_objects, tune_process_heap
 if TYPE_CHECKING:
     import httpx
 
+    from gateway.chat_activity import Counters
     from memory.engine import MemoryEngine
 
 logger = logging.getLogger("gateway.extraction")
 
 
-def run_extraction(config: Config, handoff: socket.socket, supervisor: int) -> None:
-    """Process entry point (spawned by the supervisor)."""
+def run_extraction(
+    config: Config,
+    handoff: socket.socket,
+    supervisor: int,
+    chat_counters: Counters | None = None,
+) -> None:
+    """Process entry point (spawned by the supervisor). `chat_counters`: the
+    serving workers' chat requests in flight, which extraction calls yield to."""
     tune_process_heap()
     name_process("mg-extraction")
     setup_logging(config)
     try:
         import uvloop
     except ImportError:  # pragma: no cover - uvloop is a dependency off Windows
-        status = asyncio.run(_extract(config, handoff, supervisor))
+        status = asyncio.run(_extract(config, handoff, supervisor, chat_counters))
     else:
-        status = uvloop.run(_extract(config, handoff, supervisor))
+        status = uvloop.run(_extract(config, handoff, supervisor, chat_counters))
     sys.exit(status)
 
 
-async def _extract(config: Config, handoff: socket.socket, supervisor: int) -> int:
+async def _extract(
+    config: Config, handoff: socket.socket, supervisor: int, chat_counters: Counters | None
+) -> int:
     """Run until SIGTERM (or the supervisor is gone); the exit status."""
     from gateway.transport import upstream_client
 
     # The extraction model's calls go through the gateway's upstream client.
     client = upstream_client(config.http)
     try:
-        return await _extract_with(config, handoff, supervisor, client)
+        return await _extract_with(config, handoff, supervisor, client, chat_counters)
     finally:
         await client.aclose()
 
 
 async def _extract_with(
-    config: Config, handoff: socket.socket, supervisor: int, client: httpx.AsyncClient
+    config: Config,
+    handoff: socket.socket,
+    supervisor: int,
+    client: httpx.AsyncClient,
+    chat_counters: Counters | None = None,
 ) -> int:
+    from gateway.chat_activity import ChatActivity, yield_gate
     from memory.engine import MemoryEngine
     from memory.handoff import HandoffReceiver
 
@@ -79,6 +93,8 @@ async def _extract_with(
 
     watch_parent(supervisor, stop=orphaned)
     receiver = HandoffReceiver(handoff)
+    # Reads the serving workers' counts (this process sends no chat requests).
+    gate = yield_gate(config, ChatActivity.for_config(config, chat_counters))
 
     async def open_engine() -> MemoryEngine:
         return await MemoryEngine.open(
@@ -86,6 +102,7 @@ async def _extract_with(
             config.data_path,
             default_base_url=config.default_upstream.base_url,
             http_client=client,
+            before_call=gate,
         )
 
     opening = asyncio.ensure_future(_open(open_engine))

@@ -25,6 +25,8 @@ class ChatContext:
     identity: Identity
     request_headers: Headers
     stream: bool
+    # The name of the upstream the request goes to.
+    upstream: str | None = None
     # Hooks may add headers (e.g. X-Memory-Status); they are sent on streams too.
     response_headers: dict[str, str] = field(default_factory=dict)
     # Free space for a hook to carry state from before_forward to after_completion.
@@ -49,6 +51,11 @@ class ChatHooks(Protocol):
 
     async def ready(self) -> bool: ...
 
+    async def notes(self) -> dict[str, str]:
+        """What `/ready` adds to a ready answer: problems that do not make the
+        gateway unready (chat still works) but that an operator must see."""
+        ...
+
     async def before_forward(self, ctx: ChatContext, body: dict[str, Any]) -> bool:
         """Rewrite `body["messages"]` (replace the list, don't mutate it) and return True,
         or return False to forward the client's original bytes."""
@@ -70,6 +77,9 @@ class NoHooks:
 
     async def ready(self) -> bool:
         return True
+
+    async def notes(self) -> dict[str, str]:
+        return {}
 
     async def before_forward(self, ctx: ChatContext, body: dict[str, Any]) -> bool:
         return False

@@ -11,21 +11,31 @@ from __future__ import annotations
 import hashlib
 import hmac
 import ipaddress
+import logging
+import sqlite3
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
 import msgspec
-from litestar import Controller, Request, delete, get, post, put
+from litestar import Controller, Request, Response, delete, get, post, put
 from litestar.di import NamedDependency, Provide
 from litestar.params import FromPath, FromQuery, JSONBody, QueryParameter
 from litestar.response import Stream
 
-from gateway.errors import GatewayError
+from gateway.errors import GatewayError, error_response
 from gateway.identity import KeyRing, bearer_token
 from gateway.memory_hooks import MemoryHooks
 from memory.engine import InvalidImport, MemoryEngine
-from memory.models import HistoryEntry, ImportResult, InvalidScope, Memory, Scope, Stats
+from memory.models import (
+    HistoryEntry,
+    ImportResult,
+    InvalidScope,
+    Memory,
+    Operation,
+    Scope,
+    Stats,
+)
 from memory.spool import JobInfo
 
 
@@ -33,6 +43,11 @@ from memory.spool import JobInfo
 class Principal:
     # None: an administrator, who may name any user.
     user_id: str | None
+
+
+logger = logging.getLogger("gateway.memories")
+# How long `POST /v1/memories?wait=true` waits for its extraction job.
+WAIT_SECONDS = 30.0
 
 
 class AddRequest(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
@@ -72,6 +87,12 @@ class AddResponse(msgspec.Struct, kw_only=True):
     job_id: str | None = None
     # For queued additions: pending, running, done or failed.
     job_state: str | None = None
+    # Why a queued addition waits or failed (e.g. `no_key`: no key may be
+    # sent to the extraction endpoint for this user yet; see docs/memory.md).
+    job_reason: str | None = None
+    # With `?wait=true` (or `wait_seconds`), once the job is done: what it
+    # changed (ADD/UPDATE/DELETE; empty when there was nothing to remember).
+    operations: list[Operation] | None = None
 
 
 class MemoryList(msgspec.Struct, kw_only=True):
@@ -134,6 +155,17 @@ class Access:
             retryable=False,
         )
 
+    def lent_key(self, request: Request[Any, Any, Any]) -> str | None:
+        """A bearer token that is neither the admin key nor a gateway key: the
+        caller's own key, lent for the extraction this call asks for."""
+        token = bearer_token(request.headers.get("authorization"))
+        if token is None:
+            return None
+        digest = hashlib.sha256(token.encode()).digest()
+        if self._admin is not None and hmac.compare_digest(self._admin, digest):
+            return None
+        return None if self._keys.match(token) is not None else token
+
 
 def _is_loopback(request: Request[Any, Any, Any]) -> bool:
     client = request.client
@@ -194,6 +226,21 @@ Engine = NamedDependency[MemoryEngine]
 Caller = NamedDependency[Principal]
 
 
+def _storage_error(request: Request[Any, Any, Any], exc: Exception) -> Response[bytes]:
+    """The data directory refused a read or write (read-only, full, I/O
+    error): a 503 that says so, not a bare 500; the process stays up."""
+    data_dir = request.app.state.config.data_path
+    logger.error("memory storage in %s failed: %s: %s", data_dir, type(exc).__name__, exc)
+    return error_response(
+        GatewayError(
+            503,
+            f"memory storage is unavailable: the data directory {str(data_dir)!r} refused"
+            f" the operation ({exc}); check that it is writable and has free space",
+            code="storage_unavailable",
+        )
+    )
+
+
 class MemoriesController(Controller):
     path = "/v1/memories"
     tags = ["memories"]
@@ -201,10 +248,19 @@ class MemoriesController(Controller):
         "engine": Provide(provide_engine),
         "principal": Provide(provide_principal),
     }
+    exception_handlers = {OSError: _storage_error, sqlite3.Error: _storage_error}
 
     @post("/", status_code=201, summary="Add memories (verbatim or through extraction)")
     async def add(
-        self, engine: Engine, principal: Caller, data: JSONBody[AddRequest]
+        self,
+        request: Request[Any, Any, Any],
+        engine: Engine,
+        principal: Caller,
+        data: JSONBody[AddRequest],
+        wait: Annotated[
+            bool,
+            QueryParameter(description=f"infer: wait up to {WAIT_SECONDS:.0f} s for the job"),
+        ] = False,
     ) -> AddResponse:
         scope = _scope(principal, data.user_id, data.agent_id)
         if data.session_id is not None:
@@ -218,16 +274,30 @@ class MemoriesController(Controller):
                 messages=data.messages,
                 infer=data.infer,
                 metadata=data.metadata,
+                api_key=request.app.state.memory_access.lent_key(request),
             )
         except (ValueError, InvalidScope) as exc:
             raise GatewayError(400, str(exc), code="invalid_memory") from None
         if result.job_id is None:
             return AddResponse(results=result.memories)
-        state = "pending"
-        if data.wait_seconds > 0:
-            info = await engine.wait(result.job_id, timeout=min(data.wait_seconds, 120.0))
-            state = info.state if info is not None else "unknown"
-        return AddResponse(results=[], job_id=result.job_id, job_state=state)
+        seconds = max(data.wait_seconds, WAIT_SECONDS if wait else 0.0)
+        if seconds > 0:
+            info = await engine.wait(result.job_id, timeout=min(seconds, 120.0))
+        else:
+            info = await engine.job(result.job_id)
+        if info is None:
+            # Erased meanwhile (its user was forgotten).
+            return AddResponse(results=[], job_id=result.job_id, job_state="unknown")
+        operations = None
+        if seconds > 0 and info.state == "done":
+            operations = await engine.job_operations(result.job_id)
+        return AddResponse(
+            results=[],
+            job_id=result.job_id,
+            job_state=info.state,
+            job_reason=info.reason,
+            operations=operations,
+        )
 
     @get("/", summary="List a user's memories")
     async def list_memories(
@@ -336,6 +406,13 @@ class MemoriesController(Controller):
     ) -> JobsResponse:
         _admin_only(principal)
         return JobsResponse(data=await engine.jobs(state=job_state, user_id=user_id, limit=limit))
+
+    @get("/jobs/{job_id:str}", summary="One extraction job (admin, or its user's key)")
+    async def job(self, engine: Engine, principal: Caller, job_id: FromPath[str]) -> JobInfo:
+        info = await engine.job(job_id)
+        if info is None or (principal.user_id is not None and info.user_id != principal.user_id):
+            raise GatewayError(404, f"no job {job_id!r}", param="job_id", code="not_found")
+        return info
 
     @post("/jobs/retry", status_code=200, summary="Retry failed extraction jobs (admin)")
     async def retry(self, engine: Engine, principal: Caller, user_id: UserId = None) -> Retried:

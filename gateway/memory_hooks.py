@@ -11,7 +11,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Callable
+import os
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from typing import Any, Literal, cast
 
@@ -22,8 +23,10 @@ from gateway.errors import GatewayError
 from gateway.hooks import ChatContext, CompletedExchange
 from memory import injection
 from memory import messages as chat_messages
+from memory.clipping import search_query
 from memory.embedding import EmbedderError
 from memory.engine import MemoryEngine, open_when_possible
+from memory.extraction import KEYLESS
 from memory.handoff import HandoffSender
 from memory.models import Exchange, Hit, Scope
 
@@ -35,7 +38,6 @@ MODE_HEADER = "x-memory-mode"
 # Response headers have practical size limits; ids beyond this are left out.
 MAX_IDS_HEADER = 1024
 WARMUP_USER = "memory-gateway-warmup"
-KEYLESS = "no-key"
 
 
 class MemoryHooks:
@@ -54,6 +56,10 @@ class MemoryHooks:
         self._upstream_client = upstream_client
         # Set when the extraction process runs the spool's jobs (gateway/supervisor.py).
         self._handoff = handoff
+        # Where extraction calls go and which key may go there (one rule, in config).
+        self._extraction = config.extraction
+        # Awaited before each extraction call made in this process.
+        self.before_call: Callable[[], Awaitable[None]] | None = None
         self._engine: MemoryEngine | None = None
         # Retries opening the engine when it could not be opened at start-up.
         self._opener: asyncio.Task[None] | None = None
@@ -89,6 +95,9 @@ class MemoryHooks:
             default_base_url=self.config.default_upstream.base_url,
             handoff=self._handoff,
             http_client=self._upstream_client() if self._upstream_client is not None else None,
+            extraction_key=self._extraction.api_key,
+            key_source=self._extraction.key_source,
+            before_call=self.before_call,
         )
         try:
             await engine.start()
@@ -117,6 +126,20 @@ class MemoryHooks:
 
     async def ready(self) -> bool:
         return self._engine is not None and await self._engine.ready()
+
+    async def notes(self) -> dict[str, str]:
+        # Failing extraction does not make the gateway unready: chat works, and
+        # a restart would not bring a missing model back or fix a refused key.
+        notes: dict[str, str] = {}
+        if self._engine is not None:
+            status = await self._engine.extraction_status()
+            if status.status == "failing":
+                notes["extraction"] = "failing"
+        data_dir = self.config.data_path
+        if not await asyncio.to_thread(os.access, data_dir, os.W_OK):
+            # Exchanges and memory edits fail until it is writable again.
+            notes["storage"] = f"the data directory {str(data_dir)!r} is not writable"
+        return notes
 
     def _mode(self, ctx: ChatContext) -> Mode:
         value = ctx.request_headers.get(MODE_HEADER)
@@ -150,13 +173,15 @@ class MemoryHooks:
             return False
         scope = self._scope(ctx)
         ctx.state["memory_scope"] = scope
-        headers["X-Memory-Status"] = "ok"
+        headers["X-Memory-Status"] = (
+            "ok; extraction=failing" if self._engine.extraction_failing() else "ok"
+        )
         headers["X-Memory-Injected"] = "0"
         messages = body.get("messages")
         if mode == "write" or not isinstance(messages, list):
             return False
-        query = chat_messages.last_user_text(messages)
-        if not query.strip():
+        query = search_query(chat_messages.last_user_text(messages))
+        if not query:
             return False
         hits = await self._recall(scope, query, headers)
         if not hits:
@@ -188,7 +213,8 @@ class MemoryHooks:
             return
         # The key is known only once the request was forwarded. A bring-your-own-key
         # user's next request releases their jobs that wait for one (e.g. after a restart).
-        self.engine.provide_key(scope.user_id, _extraction_key(ctx))
+        key = self._extraction_key(ctx)
+        self.engine.provide_key(scope.user_id, key)
         if ctx.state.get("memory_mode") not in ("auto", "write"):
             return
         messages = exchange.request_body.get("messages")
@@ -203,7 +229,7 @@ class MemoryHooks:
                     reply=exchange.reply_text or None,
                     at=datetime.now(UTC),
                 ),
-                api_key=_extraction_key(ctx),
+                api_key=key,
             )
         except Exception as exc:
             # Fail open: the answer still goes out. But an exchange that never
@@ -216,21 +242,22 @@ class MemoryHooks:
                 exc,
             )
 
+    def _extraction_key(self, ctx: ChatContext) -> str | None:
+        """The key this request lends to its user's extraction jobs: the key
+        it sent upstream, and only when that upstream is the extraction
+        endpoint (a key never goes anywhere it was not configured or sent
+        for). A request that reached a keyless upstream (a local vLLM or
+        Ollama) carried none; its jobs get a placeholder such servers ignore,
+        so they do not wait forever for a key."""
+        if self._extraction.api_key or ctx.upstream != self._extraction.upstream:
+            return None
+        return ctx.identity.upstream_api_key or KEYLESS
+
     @staticmethod
     def _scope(ctx: ChatContext) -> Scope:
         ident = ctx.identity
         assert ident.user_id is not None
         return Scope(user_id=ident.user_id, agent_id=ident.agent_id, session_id=ident.session_id)
-
-
-def _extraction_key(ctx: ChatContext) -> str:
-    """The key that pays for this exchange's extraction when none is configured.
-
-    A request that reached a keyless upstream (a local vLLM or Ollama) carried
-    no key; its extraction must not wait forever for one, so it gets a
-    placeholder that such servers ignore.
-    """
-    return ctx.identity.upstream_api_key or KEYLESS
 
 
 def _bounded_ids(hits: list[Hit]) -> str:

@@ -20,6 +20,7 @@ from litestar.background_tasks import BackgroundTask
 from litestar.response.base import ASGIResponse
 from litestar.response.streaming import ASGIStreamingResponse
 
+from gateway.chat_activity import ChatActivity, ChatLease
 from gateway.config import Config
 from gateway.errors import GatewayError
 from gateway.forward import client_response_headers, upstream_request_headers
@@ -61,6 +62,14 @@ def _upstream_url(upstream: Upstream, request: Request[Any, Any, Any]) -> str:
     return f"{url}?{query.decode('latin-1')}" if query else url
 
 
+def public_url(url: str) -> str:
+    """A URL fit for messages and logs: no credentials, no query string."""
+    try:
+        return str(httpx.URL(url).copy_with(userinfo=b"", query=None, fragment=None))
+    except httpx.InvalidURL:
+        return "(invalid URL)"
+
+
 def _bad_request(
     message: str, *, param: str | None = None, code: str | None = None
 ) -> GatewayError:
@@ -68,11 +77,22 @@ def _bad_request(
 
 
 class Proxy:
-    def __init__(self, config: Config, hooks: ChatHooks, tasks: BackgroundTasks) -> None:
+    def __init__(
+        self,
+        config: Config,
+        hooks: ChatHooks,
+        tasks: BackgroundTasks,
+        activity: ChatActivity | None = None,
+    ) -> None:
         self.config = config
+        # Chat requests in flight per upstream, which extraction yields to
+        # (gateway/chat_activity.py); this process's own when not given.
+        self.activity = activity if activity is not None else ChatActivity.for_config(config)
         self.hooks = hooks
         self.tasks = tasks
         self.router = Router(config)
+        # Streams that ended without a finish_reason (see `_cut_stream`).
+        self._cut_streams = 0
         self.identity = IdentityResolver(config.auth, config.identity)
         self._consumed = frozenset(h.encode() for h in self.identity.consumed_headers)
         self._max_body = config.server.max_body_bytes
@@ -101,14 +121,16 @@ class Proxy:
             logger.warning("upstream %s timed out: %s", upstream.name, type(exc).__name__)
             raise GatewayError(
                 504,
-                f"upstream {upstream.name!r} did not answer in time",
+                f"upstream {upstream.name!r} ({public_url(upstream.base_url)}) did not answer"
+                " in time",
                 code="upstream_timeout",
             ) from None
         except httpx.TransportError as exc:
             logger.warning("upstream %s unreachable: %s", upstream.name, type(exc).__name__)
             raise GatewayError(
                 502,
-                f"upstream {upstream.name!r} is unreachable: {type(exc).__name__}",
+                f"upstream {upstream.name!r} at {public_url(upstream.base_url)} is unreachable:"
+                f" {type(exc).__name__}",
                 code="upstream_unreachable",
             ) from None
 
@@ -134,7 +156,12 @@ class Proxy:
         self.identity.from_body(identity, body)
         upstream = self.router.pick(body.get("model"))
         stream = body.get("stream") is True
-        ctx = ChatContext(identity=identity, request_headers=request.headers, stream=stream)
+        ctx = ChatContext(
+            identity=identity,
+            request_headers=request.headers,
+            stream=stream,
+            upstream=upstream.name,
+        )
 
         work = {**body, "messages": list(messages)}
         content = msgspec.json.encode(work) if await self.hooks.before_forward(ctx, work) else raw
@@ -149,14 +176,23 @@ class Proxy:
         up_request = self.client.build_request(
             "POST", _upstream_url(upstream, request), headers=headers, content=content
         )
-        response = await self._send(up_request, upstream)
-        if stream and response.is_success:
-            return self._stream_chat(response, ctx, body, upstream)
+        # In flight from here until the answer is relayed or abandoned: the
+        # lease is released on every path (errors, disconnects, cancellation).
+        lease = self.activity.begin(upstream.name)
+        try:
+            response = await self._send(up_request, upstream)
+            if stream and response.is_success:
+                # The stream's relay, or its clean-up, releases the lease.
+                return self._stream_chat(response, ctx, body, upstream, lease)
+        except BaseException:
+            lease.release()
+            raise
         try:
             data = await response.aread()
         except httpx.HTTPError as exc:
             raise self._read_error(exc, upstream) from None
         finally:
+            lease.release()
             await response.aclose()
         if self._observe and not stream and response.is_success:
             completion = parse_completion(data)
@@ -173,16 +209,26 @@ class Proxy:
         )
 
     def _stream_chat(
-        self, response: httpx.Response, ctx: ChatContext, body: dict[str, Any], upstream: Upstream
+        self,
+        response: httpx.Response,
+        ctx: ChatContext,
+        body: dict[str, Any],
+        upstream: Upstream,
+        lease: ChatLease,
     ) -> ASGIResponse:
         parser = SSEParser()
         feed = parser.feed if self._observe else None
 
         async def record() -> None:
-            if parser.finish_reason is not None and not parser.error:
-                await self._complete(
-                    ctx, body, parser.text, parser.finish_reason, parser.tool_calls
-                )
+            if parser.error:
+                return
+            if parser.finish_reason is None:
+                # [DONE] without a finish_reason: the server ended the answer
+                # early (llama-cpp-python gives its one slot to the next
+                # request): an unfinished answer is not remembered.
+                self._cut_stream(upstream)
+                return
+            await self._complete(ctx, body, parser.text, parser.finish_reason, parser.tool_calls)
 
         async def relay() -> AsyncIterator[bytes]:
             tail = b"\n\n"
@@ -212,6 +258,7 @@ class Proxy:
                 yield (b"" if between else b"\n\n") + sse_error_event(message, code=code)
                 return
             finally:
+                lease.release()
                 with anyio.CancelScope(shield=True):
                     await response.aclose()
             if feed is None or recorded:
@@ -229,7 +276,9 @@ class Proxy:
             headers=client_response_headers(  # type: ignore[arg-type]
                 response.headers.multi_items(), decoded=True, extra=ctx.response_headers
             ),
-            background=BackgroundTask(_release, iterator, response),
+            # The relay's `finally` releases the lease; so does this clean-up,
+            # should the relay never have started (idempotent).
+            background=BackgroundTask(_release, iterator, response, lease),
         )
 
     async def _complete(
@@ -253,6 +302,21 @@ class Proxy:
             await self.hooks.after_completion(ctx, exchange)
         except Exception:
             logger.exception("after_completion failed; the answer goes out regardless")
+
+    def _cut_stream(self, upstream: Upstream) -> None:
+        """Count streams that ended without a finish_reason; say so at the
+        1st, 10th, 100th... so a busy one-slot server does not flood the log."""
+        self._cut_streams += 1
+        n = self._cut_streams
+        if n == 10 ** (len(str(n)) - 1):
+            logger.warning(
+                "a stream from upstream %s ended with [DONE] but no finish_reason (%d so far):"
+                " the answer was cut short, and that exchange is not recorded for memory;"
+                " a one-slot server interrupting it for another request? (llama-cpp-python:"
+                " --interrupt_requests False; docs/memory.md, local model servers)",
+                upstream.name,
+                n,
+            )
 
     @staticmethod
     def _read_error(exc: httpx.HTTPError, upstream: Upstream) -> GatewayError:
@@ -340,13 +404,16 @@ async def _body_chunks(request: Request[Any, Any, Any]) -> AsyncIterator[bytes]:
             yield chunk
 
 
-async def _release(iterator: Any, response: httpx.Response) -> None:
+async def _release(iterator: Any, response: httpx.Response, lease: ChatLease | None = None) -> None:
     """Runs after the response, even when the client went away mid-stream.
 
     Litestar cancels a streaming response without closing its generator
     (litestar#3772); closing both here guarantees the upstream connection is
-    released instead of leaking until garbage collection.
+    released instead of leaking until garbage collection, and the chat is no
+    longer counted in flight.
     """
+    if lease is not None:
+        lease.release()
     with anyio.CancelScope(shield=True):
         await iterator.aclose()
         await response.aclose()

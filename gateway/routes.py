@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import msgspec
 from litestar import Request, Response, get, route
 from litestar.enums import HttpMethod
 from litestar.response.base import ASGIResponse
@@ -33,8 +34,10 @@ def health() -> Response[bytes]:
 
 @get("/ready", include_in_schema=False)
 async def ready(request: Request[Any, Any, Any]) -> Response[bytes]:
-    if await _proxy(request).hooks.ready():
-        return Response(content=b'{"status":"ready"}', media_type="application/json")
+    hooks = _proxy(request).hooks
+    if await hooks.ready():
+        body = {"status": "ready", **await hooks.notes()}
+        return Response(content=msgspec.json.encode(body), media_type="application/json")
     return Response(
         content=b'{"status":"not ready"}', status_code=503, media_type="application/json"
     )

@@ -11,7 +11,9 @@ processes is on disk and built for it: the spool's leases keep one user's
 exchanges in order and exactly-once, LanceDB commits are optimistic, and the
 search cache follows what another process changed. Keys and wake-ups go from
 the serving processes to the extraction process over a socketpair
-(memory/handoff.py), never through a file.
+(memory/handoff.py), never through a file. The chat requests in flight,
+which extraction yields to, are counted in a shared-memory array that the
+supervisor creates and hands to each process (gateway/chat_activity.py).
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
+from gateway.chat_activity import clear_slot, shared_counters
 from gateway.config import Config
 from gateway.startup import cannot_listen
 from memory.handoff import channel
@@ -58,13 +61,19 @@ Target = Callable[..., None]
 
 class Supervisor:
     def __init__(self, config: Config, serve: Target, extraction: Target | None = None) -> None:
-        """`serve(config, sock, index, supervisor_pid, handoff_sender | None)` runs
-        one serving worker; `extraction(config, handoff_receiver, supervisor_pid)`
-        the extraction process."""
+        """`serve(config, sock, index, supervisor_pid, handoff_sender | None,
+        chat_counters)` runs one serving worker; `extraction(config,
+        handoff_receiver, supervisor_pid, chat_counters)` the extraction process.
+        `chat_counters`: the chat requests in flight per worker and upstream,
+        in shared memory (gateway/chat_activity.py); worker `index` counts
+        its own in slot `index`."""
         self.config = config
         self.serve = serve
         self.extraction = extraction
         self._ctx = multiprocessing.get_context("spawn")
+        self.chat_counters = shared_counters(config, self._ctx)
+        # The chat counters' slot of each serving worker, by process name.
+        self._counter_slots: dict[str, int] = {}
         self._stop = threading.Event()
         self._slots: dict[str, tuple[Target, tuple[Any, ...]]] = {}
         self._procs: dict[str, SpawnProcess] = {}
@@ -104,13 +113,15 @@ class Supervisor:
             sender, receiver = channel()
             self._slots["extraction process"] = (
                 self.extraction,
-                (self.config, receiver, os.getpid()),
+                (self.config, receiver, os.getpid(), self.chat_counters),
             )
         for index in range(self.config.server.workers):
-            self._slots[f"worker {index}"] = (
+            name = f"worker {index}"
+            self._slots[name] = (
                 self.serve,
-                (self.config, sock, index, os.getpid(), sender),
+                (self.config, sock, index, os.getpid(), sender, self.chat_counters),
             )
+            self._counter_slots[name] = index
         status = 0
         try:
             for name in self._slots:
@@ -150,6 +161,7 @@ class Supervisor:
                 lived,
             )
             proc.close()
+            self._forget_requests(name)
             if lived < STARTUP_SECONDS:
                 self._failed_starts[name] = self._failed_starts.get(name, 0) + 1
                 if self._failed_starts[name] >= MAX_FAILED_STARTS:
@@ -161,6 +173,13 @@ class Supervisor:
                 self._failed_starts[name] = 0
             self._spawn(name)
         return hopeless
+
+    def _forget_requests(self, name: str) -> None:
+        """A dead worker's chat requests died with it: zero its counters, which
+        it can no longer release, before anything is restarted in its slot."""
+        slot = self._counter_slots.get(name)
+        if slot is not None:
+            clear_slot(self.chat_counters, slot, len(self.config.upstreams))
 
     def _stop_all(self) -> None:
         for proc in self._procs.values():

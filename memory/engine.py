@@ -5,35 +5,42 @@ Exchanges are redacted, then spooled durably, then acknowledged; workers turn
 them into facts in the background. With no `memory.llm.api_key`, the key of
 the user's latest request is used for their jobs; it lives in this process's
 memory only, and a job whose user has no known key waits (no attempt spent).
+A key goes only to the endpoint it was configured or sent for: the gateway
+decides which keys may reach the extraction endpoint (`provide_key`).
 """
 
 from __future__ import annotations
 
 import asyncio
 import builtins
+import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable, Iterable
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
 import httpx
 import msgspec
 import numpy as np
 
+from memory.clipping import clip_exchange_texts, search_query
 from memory.config import MemoryConfig
 from memory.embedding import Embedder, EmbedderError, create_embedder
 from memory.extraction import ExtractionError, Extractor
+from memory.extraction_state import STATE_FILE, public_url, read_state
 from memory.handoff import HandoffSender
 from memory.locks import FileLock, locked
 from memory.maintenance import Maintenance
 from memory.messages import user_texts
 from memory.models import (
     Exchange,
+    ExtractionStatus,
     HistoryEntry,
     Hit,
     ImportResult,
+    LastError,
     Memory,
     Operation,
     Scope,
@@ -48,12 +55,15 @@ from memory.workers import Deferred, LeaseLost, WorkerPool
 log = logging.getLogger("memory.engine")
 T = TypeVar("T")
 
-# The related-memory search of a job embeds at most this much of its user text:
-# the cost of the local embedder grows with length, and the facts to update are
-# about what the user just said, not about the app's system prompt or the reply.
-RELATED_QUERY_CHARS = 1000
+# A recorded exchange keeps at most this many of its messages (the newest).
+RECORD_MAX_MESSAGES = 64
 STORE_DIR = "lancedb"
 SPOOL_FILE = "spool.sqlite3"
+# How often a serving process reads the extraction status from the spool for
+# the `X-Memory-Status` header (seconds)...
+STATUS_CACHE_SECONDS = 1.0
+# ...and stops reading it after this long without a chat asking.
+STATUS_IDLE_SECONDS = 60.0
 OPEN_LOCK = "open.lock"
 MAINTENANCE_LOCK = "maintenance.lock"
 
@@ -94,11 +104,22 @@ async def _uncancellable(aw: Awaitable[T]) -> T:
 
 
 def related_query(exchange: Exchange) -> str:
-    """The text whose nearest memories the extractor sees: the newest user turns."""
+    """The text whose nearest memories the extractor sees: the newest user
+    turns, cut as a chat's own memory search cuts its query (`search_query`),
+    so the search a chat made can serve its exchange's job too. The facts to
+    update are about what the user just said, not about the app's system
+    prompt or the reply."""
     lines = conversation_lines(exchange)
     user = [line["content"] for line in lines if line["role"] == "user"]
-    text = "\n".join(user or [line["content"] for line in lines])
-    return text[-RELATED_QUERY_CHARS:]
+    return search_query("\n".join(user or [line["content"] for line in lines]))
+
+
+def record_chars(config: MemoryConfig) -> int:
+    """How many characters of each text of an exchange are recorded: more
+    than the extraction prompt can hold (`context_tokens`, at 4 characters a
+    token at most), so clipping loses nothing the model would see, while a
+    20 MB paste costs redaction and the spool no more than a long message."""
+    return max(4 * config.llm.context_tokens, 16_000)
 
 
 # Opening again after the embedder or the disk failed at start-up: first
@@ -146,8 +167,23 @@ class MemoryEngine:
         extractor: Extractor,
         maintenance_lock: FileLock | None = None,
         handoff: HandoffSender | None = None,
+        extraction_key: str | None = None,
+        key_source: str | None = None,
+        state_path: Path | None = None,
     ) -> None:
         self.config = config
+        # The key configured for the extraction endpoint (memory.llm.api_key,
+        # or the key of the upstream at that address), if any.
+        self._configured_key = config.llm.api_key or extraction_key
+        self._key_source = key_source
+        self._state_path = state_path
+        # The extraction status for chat headers, and when a chat last asked.
+        self._failing = False
+        self._status_asked = float("-inf")
+        # Marking the jobs that wait for a key (`receive`).
+        self._marking: asyncio.Task[None] | None = None
+        self._status_refresh: asyncio.Task[None] | None = None
+        self._probe: asyncio.Task[None] | None = None
         # Set when another process (the extraction process) runs the jobs and
         # the maintenance: this one spools, searches and hands over keys.
         self._handoff = handoff
@@ -174,11 +210,17 @@ class MemoryEngine:
         http_client: httpx.AsyncClient | None = None,
         embedder: Embedder | None = None,
         handoff: HandoffSender | None = None,
+        extraction_key: str | None = None,
+        key_source: str | None = None,
+        before_call: Callable[[], Awaitable[None]] | None = None,
     ) -> MemoryEngine:
         """Open (or create) the store and the spool under `data_dir`. Call `start()` next.
 
         With `handoff`, spooled jobs are processed by the process at its other
-        end (`receive` there), not here."""
+        end (`receive` there), not here. `extraction_key` is the key configured
+        for the extraction endpoint (`key_source` says where it came from);
+        `before_call` is awaited before each extraction call (the gateway
+        lets chats to a one-slot local server go first)."""
         data_dir = Path(data_dir)
         owns_embedder = embedder is None
         if embedder is None:
@@ -199,7 +241,15 @@ class MemoryEngine:
             if owns_embedder:
                 await embedder.close()
             raise
-        extractor = Extractor(config, default_base_url=default_base_url, http_client=http_client)
+        state_path = data_dir / STATE_FILE
+        extractor = Extractor(
+            config,
+            default_base_url=default_base_url,
+            http_client=http_client,
+            api_key=config.llm.api_key or extraction_key,
+            state_path=state_path,
+            before_call=before_call,
+        )
         return cls(
             config,
             store=store,
@@ -209,6 +259,9 @@ class MemoryEngine:
             extractor=extractor,
             maintenance_lock=FileLock(data_dir / MAINTENANCE_LOCK),
             handoff=handoff,
+            extraction_key=extraction_key,
+            key_source=key_source,
+            state_path=state_path,
         )
 
     async def start(self) -> None:
@@ -218,12 +271,39 @@ class MemoryEngine:
             await asyncio.to_thread(self.extractor.prepare)
             self.workers.start()
             self.maintenance.start()
+            self._probe = asyncio.create_task(self._probe_endpoint(), name="extraction-probe")
+
+    async def _probe_endpoint(self) -> None:
+        """Ask the extraction endpoint which models it serves and whether it
+        needs a key, off the start-up path; jobs that can run then are woken,
+        and the others are marked as waiting for a key."""
+        delay = OPEN_RETRY_FIRST
+        while True:
+            try:
+                probe = await self.extractor.probe()
+                if self._needs_user_keys():
+                    await self.spool.mark_waiting("no_key", except_users=list(self._keys))
+            except Exception:
+                log.exception("probing the extraction endpoint failed")
+                return
+            self.workers.notify()
+            if probe.reachable:
+                return
+            # Down or not started yet (a local server starting beside the
+            # gateway): ask again, so its model list is used once it is up.
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, OPEN_RETRY_MAX)
 
     async def close(self) -> None:
         """Stop workers (running jobs go back to the queue), then close everything."""
         if self._closed:
             return
         self._closed = True
+        for task in (self._probe, self._status_refresh, self._marking):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(BaseException):
+                    await task
         await self.workers.stop()
         await self.maintenance.stop()
         await self.extractor.close()
@@ -251,9 +331,16 @@ class MemoryEngine:
 
     # -- keys (BYOK) ---------------------------------------------------------
 
+    def _needs_user_keys(self) -> bool:
+        """Whether jobs need their users' own keys: none is configured for the
+        endpoint and it did not answer without one."""
+        return not self._configured_key and self.extractor.needs_key
+
     def provide_key(self, user_id: str, api_key: str | None) -> None:
-        """Remember the key of this user's latest request for their extraction jobs."""
-        if not api_key or self.config.llm.api_key:
+        """Remember the key of this user's latest request for their extraction
+        jobs. The caller vouches that this key may go to the extraction
+        endpoint (it was sent to that same upstream)."""
+        if not api_key or self._configured_key:
             return
         known = self._keys.get(user_id)
         self._keys[user_id] = api_key
@@ -277,7 +364,24 @@ class MemoryEngine:
             self.provide_key(user_id, api_key)
         if text and vector is not None:
             self.store.expect_vector(text, vector)
+        if user_id is not None and user_id not in self._keys and self._needs_user_keys():
+            # Its new job waits for a key: say so in its `reason`.
+            self._mark_waiting_soon()
         self.workers.notify()
+
+    def _mark_waiting_soon(self) -> None:
+        if self._closed or (self._marking is not None and not self._marking.done()):
+            return
+
+        async def mark() -> None:
+            # One write for the jobs of a burst of exchanges.
+            await asyncio.sleep(0.5)
+            try:
+                await self.spool.mark_waiting("no_key", except_users=list(self._keys))
+            except Exception:
+                log.exception("marking the jobs that wait for a key failed")
+
+        self._marking = asyncio.create_task(mark(), name="mark-no-key")
 
     def _wake(
         self,
@@ -291,7 +395,7 @@ class MemoryEngine:
         if self._handoff is None:
             self.workers.notify()
             return
-        needed = api_key if api_key and not self.config.llm.api_key else None
+        needed = api_key if api_key and not self._configured_key else None
         embedded = None
         if exchange is not None:
             text = related_query(exchange)
@@ -300,7 +404,7 @@ class MemoryEngine:
         self._handoff.send(user_id, needed, embedded)
 
     def _claimable_users(self) -> list[str] | None:
-        return None if self.config.llm.api_key else list(self._keys)
+        return list(self._keys) if self._needs_user_keys() else None
 
     async def extraction_lag(self) -> float:
         """How long the oldest job this engine could run now has waited
@@ -312,9 +416,18 @@ class MemoryEngine:
 
     async def record_exchange(self, exchange: Exchange, *, api_key: str | None = None) -> str:
         """Queue a finished exchange for extraction; returns once it is durable."""
+        if len(exchange.messages) > RECORD_MAX_MESSAGES:
+            exchange = msgspec.structs.replace(
+                exchange, messages=exchange.messages[-RECORD_MAX_MESSAGES:]
+            )
+        exchange = clip_exchange_texts(exchange, record_chars(self.config))
         if self.config.redaction.enabled:
-            exchange = redact_exchange(exchange)
-        job_id = await self.spool.enqueue(exchange)
+            # Bounded by the clipping above, but still milliseconds of regular
+            # expressions for a long message: off the event loop.
+            exchange = await asyncio.to_thread(redact_exchange, exchange)
+        user = exchange.scope.user_id
+        waits = self._needs_user_keys() and not api_key and user not in self._keys
+        job_id = await self.spool.enqueue(exchange, reason="no_key" if waits else None)
         self.provide_key(exchange.scope.user_id, api_key)
         # The key travels with every wake-up: an extraction process that
         # restarted since learns it back from the user's next exchange.
@@ -386,6 +499,13 @@ class MemoryEngine:
     ) -> list[JobInfo]:
         return await self.spool.jobs(state=state, user_id=user_id, limit=limit)
 
+    async def job(self, job_id: str) -> JobInfo | None:
+        return await self.spool.get(job_id)
+
+    async def job_operations(self, job_id: str) -> builtins.list[Operation] | None:
+        """What a done job applied (None: unknown job)."""
+        return await self.spool.decision(job_id)
+
     async def retry_failed(self, user_id: str | None = None) -> int:
         n = await self.spool.retry_failed(user_id)
         if n:
@@ -429,17 +549,22 @@ class MemoryEngine:
         await _uncancellable(self.store.forget_source(job.exchange.scope, job.id))
 
     async def _decide(self, job: Job) -> list[Operation]:
-        key = self.config.llm.api_key or self._keys.get(job.user_id)
-        if not key:
-            raise Deferred(job.id)
+        key = self._configured_key or self._keys.get(job.user_id)
+        if not key and self._needs_user_keys():
+            raise Deferred(job.id, "no_key")
         text = related_query(job.exchange)
         k = self.config.search.extraction_context
         existing = await self.store.related(job.exchange.scope, text, k) if text else []
         try:
             ops = await self.extractor.decide(job.exchange, existing, api_key=key)
         except ExtractionError as exc:
+            if exc.category == "no_key":
+                raise Deferred(job.id, "no_key") from None
             # Belt and braces: an upstream error echoing the key must not reach the spool.
-            raise type(exc)(exc.reason.replace(key, REDACTED)) from None
+            if key:
+                exc.reason = exc.reason.replace(key, REDACTED)
+                exc.args = (exc.reason,)
+            raise
         return [
             msgspec.structs.replace(op, text=self._redact(op.text)) if op.text else op for op in ops
         ]
@@ -528,7 +653,78 @@ class MemoryEngine:
         return await self.store.users()
 
     async def stats(self) -> Stats:
-        memories, users, spool = await asyncio.gather(
-            self.store.count(), self.store.users(), self.spool.stats()
+        memories, users, spool, extraction = await asyncio.gather(
+            self.store.count(), self.store.users(), self.spool.stats(), self.extraction_status()
         )
-        return Stats(memories=memories, users=len(users), spool=spool)
+        return Stats(memories=memories, users=len(users), spool=spool, extraction=extraction)
+
+    async def extraction_status(self) -> ExtractionStatus:
+        """The extraction endpoint, what was learned about it, and how its
+        jobs went, as any process sees it (the spool and the state file are
+        shared)."""
+        window = self.config.llm.failing_window_seconds
+        outcomes, reasons, state = await asyncio.gather(
+            self.spool.outcomes(window),
+            self.spool.reasons(),
+            asyncio.to_thread(read_state, self._state_path) if self._state_path else _none(),
+        )
+        self._failing = outcomes.failing
+        endpoint = public_url(self.extractor.base_url)
+        model = self.extractor.model
+        mode = self.extractor.mode()
+        if state is not None and state.endpoint == endpoint:
+            model = state.model or model
+            mode = state.modes.get(model) or mode
+        if outcomes.failing:
+            status: Literal["ok", "failing", "idle"] = "failing"
+        elif outcomes.last_success_at is None and outcomes.last_error_at is None:
+            status = "idle"
+        else:
+            status = "ok"
+        last_error = None
+        if outcomes.last_error is not None and outcomes.last_error_at is not None:
+            last_error = LastError(
+                message=outcomes.last_error,
+                reason=outcomes.last_error_reason,
+                at=_when(outcomes.last_error_at),
+            )
+        return ExtractionStatus(
+            endpoint=endpoint,
+            model=model,
+            mode=mode,
+            key_source=self._key_source,
+            status=status,
+            last_success_at=_when(outcomes.last_success_at) if outcomes.last_success_at else None,
+            last_error=last_error,
+            jobs_by_reason=reasons,
+        )
+
+    def extraction_failing(self) -> bool:
+        """Whether extraction is failing, for a chat's status header. A chat
+        never waits on the spool for it: it reads what a background task
+        keeps at most STATUS_CACHE_SECONDS old, while chats ask (the task
+        starts with the first ask and rests after a minute without one)."""
+        self._status_asked = time.monotonic()
+        if not self._closed and (self._status_refresh is None or self._status_refresh.done()):
+            self._status_refresh = asyncio.create_task(
+                self._keep_status(), name="extraction-status"
+            )
+        return self._failing
+
+    async def _keep_status(self) -> None:
+        while time.monotonic() - self._status_asked < STATUS_IDLE_SECONDS:
+            try:
+                outcomes = await self.spool.outcomes(self.config.llm.failing_window_seconds)
+            except Exception:
+                log.exception("reading the extraction status failed")
+            else:
+                self._failing = outcomes.failing
+            await asyncio.sleep(STATUS_CACHE_SECONDS)
+
+
+async def _none() -> None:
+    return None
+
+
+def _when(unix: float) -> datetime:
+    return datetime.fromtimestamp(unix, UTC)

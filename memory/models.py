@@ -115,10 +115,36 @@ class SpoolStats(msgspec.Struct, kw_only=True):
     lag_seconds: float = 0.0
 
 
+class LastError(msgspec.Struct, kw_only=True):
+    message: str
+    # The failure's category: model_unavailable, context_length, auth...
+    reason: str | None
+    at: datetime
+
+
+class ExtractionStatus(msgspec.Struct, kw_only=True):
+    """Where extraction goes and how it has gone lately."""
+
+    endpoint: str
+    model: str | None
+    # The structured-output mode the endpoint accepted (None: not learned yet).
+    mode: str | None
+    # Which key extraction calls carry (never the key itself).
+    key_source: str | None
+    # `failing`: in the last `failing_window_seconds` jobs failed and none
+    # succeeded; `idle`: no job has been tried yet.
+    status: Literal["ok", "failing", "idle"]
+    last_success_at: datetime | None
+    last_error: LastError | None
+    # Pending jobs by why they wait, failed ones by why they failed.
+    jobs_by_reason: dict[str, dict[str, int]]
+
+
 class Stats(msgspec.Struct, kw_only=True):
     memories: int
     users: int
     spool: SpoolStats
+    extraction: ExtractionStatus | None = None
 
 
 ImportReason = Literal[

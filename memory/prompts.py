@@ -8,15 +8,21 @@ user (the conversation, stored memories) is JSON-encoded so it reads as data.
 Both templates can be replaced from gateway.yaml (`memory.prompts.extraction_system`,
 `memory.prompts.extraction_user`). The user template uses `$name` placeholders
 (`string.Template`), so JSON braces in an override need no escaping.
+
+The prompt is budgeted in estimated tokens to fit the model's context window
+(`memory.llm.context_tokens`, less `max_tokens` for the answer): a small local
+model with a 4k window must not be sent a Chinese paste it will refuse.
 """
 
 from __future__ import annotations
 
 import json
+from collections import Counter
 from collections.abc import Mapping, Sequence
 from string import Template
-from typing import Any
+from typing import Any, NamedTuple
 
+from memory.clipping import clip_chars, clip_middle, estimate_tokens
 from memory.messages import content_text
 from memory.models import Exchange, Memory
 
@@ -110,19 +116,44 @@ SCHEMA_NAME = "memory_operations"
 NO_MEMORIES = "(none yet)"
 # Not strftime("%A"): that follows the process locale.
 WEEKDAYS = ("Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday", "Sunday")
-# A huge paste must not blow the context window of a small extraction model.
+# No line of the conversation is longer than this (characters), whatever the
+# context window: a huge paste costs a big model money and time too.
 MAX_MESSAGE_CHARS = 8000
 
+# What the prompt may fill of the context window: the window, less the answer
+# (`max_tokens`), less a margin for the chat template's own tokens and the
+# error of the estimate (memory/clipping.py).
+SAFETY_TOKENS = 64
+SAFETY_SHARE = 0.05
+# Of what is left after the fixed text (system prompt, template), the stored
+# memories get at most this share; the conversation the rest.
+MEMORIES_SHARE = 0.25
+# The conversation gets at least this much even when the context is too small
+# for the fixed text: the call is then likely refused, but the prompt is
+# built, never an exception.
+MIN_CONVERSATION_TOKENS = 64
+# An older line is clipped to fit what is left only when at least this much
+# is left; below it, the line and all older ones are left out.
+MIN_CLIPPED_LINE_TOKENS = 32
 
-def _clip(text: str) -> str:
-    if len(text) <= MAX_MESSAGE_CHARS:
-        return text
-    half = MAX_MESSAGE_CHARS // 2
-    return f"{text[:half]}\n[...]\n{text[-half:]}"
+
+class Prompt(NamedTuple):
+    """The extraction call's messages, and how many of the related memories it shows.
+
+    The memories shown are `existing[:memories_shown]`, with aliases
+    `"0"` .. `str(memories_shown - 1)`: an alias beyond them names a memory
+    the model never saw.
+    """
+
+    messages: list[dict[str, str]]
+    memories_shown: int
 
 
 def conversation_lines(exchange: Exchange) -> list[dict[str, str]]:
-    """The exchange as role/content pairs: user (and app system) text, then the reply."""
+    """The exchange as role/content pairs: user (and app system) text, then the reply.
+
+    Each line is clipped to MAX_MESSAGE_CHARS characters (head and tail).
+    """
     lines: list[dict[str, str]] = []
     for message in exchange.messages:
         if not isinstance(message, dict):
@@ -132,39 +163,182 @@ def conversation_lines(exchange: Exchange) -> list[dict[str, str]]:
             continue
         text = content_text(message.get("content")).strip()
         if text:
-            lines.append({"role": "user" if role == "user" else "app", "content": _clip(text)})
+            lines.append(
+                {
+                    "role": "user" if role == "user" else "app",
+                    "content": clip_chars(text, MAX_MESSAGE_CHARS),
+                }
+            )
     if exchange.reply:
-        lines.append({"role": "assistant", "content": _clip(exchange.reply.strip())})
+        reply = exchange.reply.strip()
+        if reply:
+            lines.append({"role": "assistant", "content": clip_chars(reply, MAX_MESSAGE_CHARS)})
     return lines
 
 
-def exchange_text(exchange: Exchange) -> str:
-    """Plain text of the exchange, used to find the related memories."""
-    return "\n".join(line["content"] for line in conversation_lines(exchange))
+def prompt_budget(context_tokens: int, max_tokens: int) -> int:
+    """The estimated tokens the whole prompt may take in a context window."""
+    margin = SAFETY_TOKENS + int(context_tokens * SAFETY_SHARE)
+    return context_tokens - max_tokens - margin
+
+
+def _placeholders(template: Template) -> Counter[str]:
+    """How many times each `$name` / `${name}` appears in the template."""
+    counts: Counter[str] = Counter()
+    for match in template.pattern.finditer(template.template):
+        name = match.group("named") or match.group("braced")
+        if name:
+            counts[name] += 1
+    return counts
+
+
+def _encode(line: Mapping[str, str]) -> str:
+    return json.dumps(line, ensure_ascii=False)
+
+
+def _line_cost(encoded: str) -> int:
+    # +1: the newline that joins it to the next.
+    return estimate_tokens(encoded) + 1
+
+
+def _fit_memories(existing: Sequence[Memory], budget: int) -> list[str]:
+    """The lines of the most related memories that fit, in order: only the
+    least related (the end) are left out, so alias i stays existing[i]."""
+    lines: list[str] = []
+    for i, memory in enumerate(existing):
+        line = _encode({"id": str(i), "text": memory.text})
+        cost = _line_cost(line)
+        if cost > budget:
+            break
+        lines.append(line)
+        budget -= cost
+    return lines
+
+
+def _clip_line(line: Mapping[str, str], budget: int) -> str:
+    """The line, encoded, with its content clipped so the line costs at most `budget`."""
+    content = line["content"]
+    target = budget - _line_cost(_encode({**line, "content": ""}))
+    while True:
+        encoded = _encode({**line, "content": clip_middle(content, target)})
+        over = _line_cost(encoded) - budget
+        if over <= 0 or target <= 0:
+            # target <= 0: the context is too small for even an empty line.
+            return encoded
+        # JSON escapes ("\n" is two characters) cost more than the raw text.
+        target -= max(over, target // 8, 1)
+
+
+def _fit_conversation(lines: list[dict[str, str]], budget: int) -> list[str]:
+    """The encoded lines that fit `budget`, newest first in priority.
+
+    The last user line and the reply are always kept, clipped if needed
+    (the user line gets two thirds); older lines fill what is left, newest
+    first, the first that does not fit clipped, the older ones left out.
+    """
+    encoded = [_encode(line) for line in lines]
+    costs = [_line_cost(e) for e in encoded]
+    if sum(costs) <= budget:
+        return encoded
+    n = len(lines)
+    reply = n - 1 if n and lines[-1]["role"] == "assistant" else None
+    users = [i for i in range(n) if lines[i]["role"] == "user" and i != reply]
+    others = [i for i in range(n) if i != reply]
+    user = users[-1] if users else (others[-1] if others else None)
+
+    kept: dict[int, str] = {}
+    essential = [i for i in (user, reply) if i is not None]
+    needed = sum(costs[i] for i in essential)
+    if needed <= budget:
+        for i in essential:
+            kept[i] = encoded[i]
+        left = budget - needed
+    else:
+        left = 0
+        if user is not None and reply is not None:
+            user_share = budget * 2 // 3
+            if costs[reply] <= budget - user_share:
+                shares = {reply: costs[reply], user: budget - costs[reply]}
+            elif costs[user] <= user_share:
+                shares = {user: costs[user], reply: budget - costs[user]}
+            else:
+                shares = {user: user_share, reply: budget - user_share}
+        else:
+            shares = {essential[0]: budget}
+        for i, share in shares.items():
+            kept[i] = encoded[i] if costs[i] <= share else _clip_line(lines[i], share)
+
+    for i in reversed(range(n)):
+        if i in kept:
+            continue
+        if costs[i] <= left:
+            kept[i] = encoded[i]
+            left -= costs[i]
+            continue
+        if left >= MIN_CLIPPED_LINE_TOKENS:
+            kept[i] = _clip_line(lines[i], left)
+        break
+    return [kept[i] for i in sorted(kept)]
+
+
+def build_prompt(
+    exchange: Exchange,
+    existing: Sequence[Memory],
+    overrides: Mapping[str, str] | None = None,
+    *,
+    context_tokens: int = 8192,
+    max_tokens: int = 384,
+) -> Prompt:
+    """The messages of the extraction call, budgeted to fit `context_tokens`
+    with `max_tokens` left for the answer (estimated, see memory/clipping.py).
+
+    Memory i is shown with alias `str(i)`. The memories (ordered most related
+    first) get at most a quarter of the room the fixed text leaves, the least
+    related left out first; the conversation gets the rest, see
+    `_fit_conversation`. A context too small for the fixed text still gives
+    a prompt (with MIN_CONVERSATION_TOKENS of conversation), never an error.
+    """
+    overrides = overrides or {}
+    system = overrides.get("extraction_system", EXTRACTION_SYSTEM)
+    user = Template(overrides.get("extraction_user", EXTRACTION_USER))
+    at = exchange.at
+    fills = {
+        "datetime": at.isoformat(timespec="minutes"),
+        "date": at.date().isoformat(),
+        "weekday": WEEKDAYS[at.weekday()],
+    }
+    uses = _placeholders(user)
+    fixed = estimate_tokens(system) + estimate_tokens(
+        user.safe_substitute(fills, memories="", conversation="")
+    )
+    room = prompt_budget(context_tokens, max_tokens) - fixed
+
+    shown: list[str] = []
+    if uses["memories"]:
+        shown = _fit_memories(existing, int(room * MEMORIES_SHARE) // uses["memories"])
+    memories = "\n".join(shown) or NO_MEMORIES
+    room -= estimate_tokens(memories) * uses["memories"]
+
+    conversation = ""
+    if uses["conversation"]:
+        budget = max(room // uses["conversation"], MIN_CONVERSATION_TOKENS)
+        conversation = "\n".join(_fit_conversation(conversation_lines(exchange), budget))
+
+    content = user.safe_substitute(fills, memories=memories, conversation=conversation)
+    messages = [{"role": "system", "content": system}, {"role": "user", "content": content}]
+    return Prompt(messages=messages, memories_shown=len(shown))
 
 
 def build_messages(
     exchange: Exchange,
     existing: Sequence[Memory],
     overrides: Mapping[str, str] | None = None,
+    *,
+    context_tokens: int = 8192,
+    max_tokens: int = 384,
 ) -> list[dict[str, str]]:
-    """The chat messages of the extraction call; memory i is shown with alias `str(i)`."""
-    overrides = overrides or {}
-    system = overrides.get("extraction_system", EXTRACTION_SYSTEM)
-    user = Template(overrides.get("extraction_user", EXTRACTION_USER))
-    memories = "\n".join(
-        json.dumps({"id": str(i), "text": m.text}, ensure_ascii=False)
-        for i, m in enumerate(existing)
-    )
-    conversation = "\n".join(
-        json.dumps(line, ensure_ascii=False) for line in conversation_lines(exchange)
-    )
-    at = exchange.at
-    content = user.safe_substitute(
-        datetime=at.isoformat(timespec="minutes"),
-        date=at.date().isoformat(),
-        weekday=WEEKDAYS[at.weekday()],
-        memories=memories or NO_MEMORIES,
-        conversation=conversation,
-    )
-    return [{"role": "system", "content": system}, {"role": "user", "content": content}]
+    """The messages of `build_prompt`: only `existing[:k]` are shown, where k
+    is `build_prompt(...).memories_shown`."""
+    return build_prompt(
+        exchange, existing, overrides, context_tokens=context_tokens, max_tokens=max_tokens
+    ).messages

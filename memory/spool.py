@@ -98,6 +98,7 @@ CREATE TABLE IF NOT EXISTS jobs (
     lease_owner TEXT,
     lease_until REAL,
     last_error TEXT,
+    reason TEXT,
     decision BLOB,
     created_at REAL NOT NULL,
     updated_at REAL NOT NULL
@@ -144,8 +145,21 @@ class JobInfo(msgspec.Struct, kw_only=True):
     attempts: int
     next_attempt_at: float
     last_error: str | None
+    # Why a pending job waits (`no_key`, `model_unavailable`, or the category
+    # of its last failure: it is retried) or why a failed one failed.
+    reason: str | None = None
     created_at: float
     updated_at: float
+
+
+class Outcomes(msgspec.Struct, kw_only=True):
+    """Recent extraction outcomes (times: Unix seconds)."""
+
+    last_success_at: float | None
+    last_error: str | None
+    last_error_reason: str | None
+    last_error_at: float | None
+    failing: bool
 
 
 class Claim(msgspec.Struct, kw_only=True):
@@ -174,9 +188,34 @@ def _info(row: sqlite3.Row) -> JobInfo:
         attempts=row["attempts"],
         next_attempt_at=row["next_attempt_at"],
         last_error=row["last_error"],
+        reason=row["reason"],
         created_at=row["created_at"],
         updated_at=row["updated_at"],
     )
+
+
+def _migrate(db: sqlite3.Connection) -> None:
+    """Bring a spool made by an older version up to this schema."""
+    columns = {row[1] for row in db.execute("PRAGMA table_info(jobs)")}
+    if "reason" not in columns:
+        db.execute("ALTER TABLE jobs ADD COLUMN reason TEXT")
+
+
+# How the extraction went lately, read from the jobs (every process sees the
+# same file, so any serving process can report on the extraction process).
+_RECENT = """
+SELECT
+    (SELECT MAX(updated_at) FROM jobs WHERE state = 'done') AS last_success_at,
+    (SELECT COUNT(*) FROM jobs WHERE state = 'done' AND updated_at >= :since) AS recent_done,
+    (SELECT COUNT(*) FROM jobs WHERE state IN ('pending', 'running', 'failed')
+        AND updated_at >= :since AND last_error IS NOT NULL) AS recent_errors
+"""
+# A done job's error is cleared; the others keep their last one.
+_LAST_ERROR = """
+SELECT last_error, reason, updated_at FROM jobs
+WHERE state IN ('pending', 'running', 'failed') AND last_error IS NOT NULL
+ORDER BY updated_at DESC LIMIT 1
+"""
 
 
 class Spool:
@@ -248,6 +287,7 @@ class Spool:
             db.execute("PRAGMA synchronous=FULL")
             db.execute(f"PRAGMA busy_timeout={_BUSY_TIMEOUT_MS}")
             db.executescript(_SCHEMA)
+            _migrate(db)
         except BaseException:
             db.close()
             raise
@@ -336,8 +376,9 @@ class Spool:
 
     # -- producing -----------------------------------------------------------
 
-    async def enqueue(self, exchange: Exchange) -> str:
-        """Store the exchange durably; returns the job id once committed."""
+    async def enqueue(self, exchange: Exchange, *, reason: str | None = None) -> str:
+        """Store the exchange durably; returns the job id once committed.
+        `reason`: why it will wait (`no_key`), shown until it is claimed."""
         job_id = str(uuid.uuid4())
         payload = _encoder.encode(exchange)
         scope = exchange.scope
@@ -346,9 +387,19 @@ class Spool:
             now = self._clock()
             db.execute(
                 "INSERT INTO jobs (id, user_id, agent_id, session_id, payload, state,"
-                " next_attempt_at, created_at, updated_at)"
-                " VALUES (?, ?, ?, ?, ?, 'pending', ?, ?, ?)",
-                (job_id, scope.user_id, scope.agent_id, scope.session_id, payload, now, now, now),
+                " reason, next_attempt_at, created_at, updated_at)"
+                " VALUES (?, ?, ?, ?, ?, 'pending', ?, ?, ?, ?)",
+                (
+                    job_id,
+                    scope.user_id,
+                    scope.agent_id,
+                    scope.session_id,
+                    payload,
+                    reason,
+                    now,
+                    now,
+                    now,
+                ),
             )
 
         await self._grouped(insert)
@@ -389,7 +440,7 @@ class Spool:
             attempts = best["attempts"] + 1
             db.execute(
                 "UPDATE jobs SET state = 'running', attempts = ?, lease_owner = ?,"
-                " lease_until = ?, updated_at = ? WHERE seq = ?",
+                " lease_until = ?, reason = NULL, updated_at = ? WHERE seq = ?",
                 (attempts, lease, now + self.lease_seconds, now, best["seq"]),
             )
             payload, decision = db.execute(
@@ -461,19 +512,25 @@ class Spool:
                 db,
                 job,
                 "UPDATE jobs SET state = 'done', lease_owner = NULL, lease_until = NULL,"
-                " last_error = NULL, updated_at = ?",
+                " last_error = NULL, reason = NULL, updated_at = ?",
                 (self._clock(),),
             )
 
         return await self._grouped(done)
 
     async def fail(
-        self, job: Job, error: str, *, retry_in: float | None, counted: bool = True
+        self,
+        job: Job,
+        error: str,
+        *,
+        retry_in: float | None,
+        counted: bool = True,
+        reason: str = "error",
     ) -> bool:
         """Record a failed attempt: back to pending after `retry_in` seconds, or parked.
 
         An attempt that is not `counted` (the model was unavailable) does not
-        bring the job closer to being parked.
+        bring the job closer to being parked. `reason` is the failure's category.
         """
         # The claim counted the attempt; an uncounted one gives it back.
         refund = 0 if counted else 1
@@ -485,30 +542,31 @@ class Spool:
                     db,
                     job,
                     "UPDATE jobs SET state = 'failed', lease_owner = NULL, lease_until = NULL,"
-                    " last_error = ?, updated_at = ?",
-                    (error, now),
+                    " last_error = ?, reason = ?, updated_at = ?",
+                    (error, reason, now),
                 )
             return self._owned(
                 db,
                 job,
                 "UPDATE jobs SET state = 'pending', lease_owner = NULL, lease_until = NULL,"
-                " attempts = MAX(attempts - ?, 0), last_error = ?, next_attempt_at = ?,"
-                " updated_at = ?",
-                (refund, error, now + retry_in, now),
+                " attempts = MAX(attempts - ?, 0), last_error = ?, reason = ?,"
+                " next_attempt_at = ?, updated_at = ?",
+                (refund, error, reason, now + retry_in, now),
             )
 
         return await self._grouped(fail)
 
-    async def release(self, job: Job) -> bool:
-        """Give the job back untouched (shutdown): due now, the attempt not counted."""
+    async def release(self, job: Job, *, reason: str | None = None) -> bool:
+        """Give the job back untouched (shutdown, or it waits: `reason`): due
+        now, the attempt not counted."""
 
         def release(db: sqlite3.Connection) -> bool:
             return self._owned(
                 db,
                 job,
                 "UPDATE jobs SET state = 'pending', lease_owner = NULL, lease_until = NULL,"
-                " attempts = MAX(attempts - 1, 0), updated_at = ?",
-                (self._clock(),),
+                " attempts = MAX(attempts - 1, 0), reason = ?, updated_at = ?",
+                (reason, self._clock()),
             )
 
         return await self._grouped(release)
@@ -521,6 +579,18 @@ class Spool:
             return None if row is None else _info(row)
 
         return await self._run(get, self._conn())
+
+    async def decision(self, job_id: str) -> list[Operation] | None:
+        """The operations decided for a job (empty: nothing to remember, or
+        not decided yet); None for an unknown job."""
+
+        def read(db: sqlite3.Connection) -> list[Operation] | None:
+            row = db.execute("SELECT decision FROM jobs WHERE id = ?", (job_id,)).fetchone()
+            if row is None:
+                return None
+            return [] if row[0] is None else _ops_decoder.decode(row[0])
+
+        return await self._run(read, self._conn())
 
     async def jobs(
         self, *, state: JobState | None = None, user_id: str | None = None, limit: int = 100
@@ -550,7 +620,7 @@ class Spool:
             now = self._clock()
             sql = (
                 "UPDATE jobs SET state = 'pending', attempts = 0, next_attempt_at = ?,"
-                " updated_at = ? WHERE state = 'failed'"
+                " reason = NULL, updated_at = ? WHERE state = 'failed'"
             )
             params: list[Any] = [now, now]
             if user_id is not None:
@@ -591,6 +661,52 @@ class Spool:
             return SpoolStats(**counts, lag_seconds=round(_lag(db, self._clock()), 3))
 
         return await self._run(count, self._conn())
+
+    async def reasons(self) -> dict[str, dict[str, int]]:
+        """Pending and failed jobs counted by reason (`none`: no reason recorded)."""
+
+        def count(db: sqlite3.Connection) -> dict[str, dict[str, int]]:
+            out: dict[str, dict[str, int]] = {"pending": {}, "failed": {}}
+            for state, reason, n in db.execute(
+                "SELECT state, COALESCE(reason, 'none'), COUNT(*) FROM jobs"
+                " WHERE state IN ('pending', 'failed') GROUP BY 1, 2"
+            ):
+                out[state][reason] = n
+            return out
+
+        return await self._run(count, self._conn())
+
+    async def outcomes(self, window: float) -> Outcomes:
+        """How extraction went: the last success, the last error, and whether
+        in the last `window` seconds jobs failed and none succeeded."""
+
+        def read(db: sqlite3.Connection) -> Outcomes:
+            since = self._clock() - window
+            recent = db.execute(_RECENT, {"since": since}).fetchone()
+            last = db.execute(_LAST_ERROR).fetchone()
+            return Outcomes(
+                last_success_at=recent["last_success_at"],
+                last_error=None if last is None else last["last_error"],
+                last_error_reason=None if last is None else last["reason"],
+                last_error_at=None if last is None else last["updated_at"],
+                failing=recent["recent_errors"] > 0 and recent["recent_done"] == 0,
+            )
+
+        return await self._run(read, self._conn())
+
+    async def mark_waiting(self, reason: str, *, except_users: Iterable[str] = ()) -> int:
+        """Give pending jobs without a reason this one (e.g. `no_key` after a
+        restart, for users whose key this process does not know yet)."""
+        skip = json.dumps(sorted(set(except_users)))
+
+        def mark(db: sqlite3.Connection) -> int:
+            return db.execute(
+                "UPDATE jobs SET reason = ? WHERE state = 'pending' AND reason IS NULL"
+                " AND user_id NOT IN (SELECT value FROM json_each(?))",
+                (reason, skip),
+            ).rowcount
+
+        return await self._run(self._write, mark)
 
     async def lag(self, *, users: Iterable[str] | None = None) -> float:
         """How long the longest-waiting due job has waited (seconds; 0 when

@@ -24,7 +24,7 @@ from collections.abc import Callable, Coroutine, Iterable
 from typing import Any
 
 from memory.config import SpoolConfig
-from memory.extraction import ExtractionUnavailable
+from memory.extraction import FOR_GOOD_CATEGORIES, ExtractionError, ExtractionUnavailable
 from memory.redaction import redact
 from memory.spool import Job, Spool
 
@@ -35,7 +35,13 @@ MAX_ERROR_CHARS = 2000
 
 
 class Deferred(Exception):
-    """Raised by a handler to hand the job back untouched (e.g. its key is unknown)."""
+    """Raised by a handler to hand the job back untouched; `reason` says why
+    it waits (`no_key`: no key may be sent to the extraction endpoint for
+    its user yet)."""
+
+    def __init__(self, job_id: str, reason: str = "no_key") -> None:
+        super().__init__(job_id)
+        self.reason = reason
 
 
 class LeaseLost(Exception):
@@ -227,7 +233,7 @@ class WorkerPool:
                 self.notify()  # the user's next job is claimable now
                 return
             if isinstance(exc, Deferred):
-                await self._spool.release(job)
+                await self._spool.release(job, reason=exc.reason)
                 return
             if isinstance(exc, LeaseLost):
                 return
@@ -238,16 +244,21 @@ class WorkerPool:
                 self._outage_streak += 1
                 delay = backoff(self._config, self._outage_streak)
                 log.warning("spool job %s waits for the extraction model: %s", job.id, error)
-                await self._spool.fail(job, error, retry_in=delay, counted=False)
+                await self._spool.fail(
+                    job, error, retry_in=delay, counted=False, reason="model_unavailable"
+                )
                 return
-            if job.attempts >= self._config.max_attempts:
-                log.warning("spool job %s failed for good: %s", job.id, error)
-                await self._spool.fail(job, error, retry_in=None)
+            category = exc.category if isinstance(exc, ExtractionError) else "error"
+            if job.attempts >= self._config.max_attempts or category in FOR_GOOD_CATEGORIES:
+                # Retrying cannot fix a prompt too long, a missing model or a
+                # refused key: the reason tells the operator what to change.
+                log.warning("spool job %s failed for good (%s): %s", job.id, category, error)
+                await self._spool.fail(job, error, retry_in=None, reason=category)
                 self.notify()
             else:
                 delay = backoff(self._config, job.attempts)
                 log.info("spool job %s failed (retry in %.1fs): %s", job.id, delay, error)
-                await self._spool.fail(job, error, retry_in=delay)
+                await self._spool.fail(job, error, retry_in=delay, reason=category)
         except Exception:
             log.exception("recording the outcome of spool job %s failed", job.id)
 

@@ -34,6 +34,9 @@ class RecordingHooks:
     async def ready(self) -> bool:
         return self.is_ready
 
+    async def notes(self) -> dict[str, str]:
+        return {}
+
     async def before_forward(self, ctx: ChatContext, body: dict[str, Any]) -> bool:
         self.contexts.append(ctx)
         ctx.response_headers.update(self.response_headers)

@@ -451,7 +451,8 @@ def test_the_summary_and_warnings_never_show_a_secret(tmp_path):
         "server: {host: 0.0.0.0}\n"
         "upstreams:\n"
         "  - name: openai\n"
-        "    base_url: https://me:${URL_PASSWORD}@api.example.com/v1?token=${URL_TOKEN}\n"
+        # (an upstream's URL may not hold credentials: test_config.py)
+        "    base_url: https://api.example.com/v1?token=${URL_TOKEN}\n"
         "    api_key: ${OPENAI_API_KEY}\n"
         "auth:\n"
         "  admin_key: ${GATEWAY_ADMIN_KEY}\n"

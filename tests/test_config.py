@@ -238,3 +238,15 @@ def test_a_value_from_a_default_in_the_file_is_not_blamed_on_the_environment(tmp
     with pytest.raises(ConfigError) as raised:
         load_config(path, env={})
     assert str(raised.value) == "server.port: Expected `int`, got `str`"
+
+
+def test_an_upstream_url_with_credentials_is_refused_pointing_at_api_key(tmp_path):
+    path = tmp_path / "gateway.yaml"
+    path.write_text(
+        "upstreams: [{name: u, base_url: 'https://bob:pw@llm.example/v1', default: true}]\n"
+    )
+    with pytest.raises(ConfigError) as raised:
+        load_config(path, env={})
+    message = str(raised.value)
+    assert "must not hold credentials" in message and "api_key" in message
+    assert "pw@" not in message

@@ -58,13 +58,17 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_unreachable_upstream_is_502(start_gateway, tmp_path):
-    config = gateway_config_for(f"http://127.0.0.1:{_free_port()}/v1", tmp_path)
+def test_unreachable_upstream_is_502_naming_its_url(start_gateway, tmp_path):
+    port = _free_port()
+    config = gateway_config_for(f"http://127.0.0.1:{port}/v1?tenant=s3cret", tmp_path)
     gw = start_gateway(config)
     with gw.client() as sdk, pytest.raises(openai.APIStatusError) as raised:
         sdk.chat.completions.create(model="test-model", messages=MESSAGES)
     assert raised.value.status_code == 502
     assert raised.value.body["code"] == "upstream_unreachable"
+    message = raised.value.body["message"]
+    # Without its query string, where providers put keys (Azure's api-key=).
+    assert f"http://127.0.0.1:{port}/v1" in message and "s3cret" not in message
     response = httpx.get(gw.url + "/v1/models")
     assert_openai_error(response, 502, code="upstream_unreachable")
 

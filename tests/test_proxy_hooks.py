@@ -116,6 +116,28 @@ def test_no_completion_for_truncated_streams(hooked, hooks, upstream):
     assert hooks.completions == []
 
 
+def test_a_stream_cut_short_by_the_server_is_not_recorded_and_is_logged_sparingly(
+    hooked, hooks, upstream, caplog
+):
+    """[DONE] with no finish_reason: a one-slot server (llama-cpp-python) ended
+    the answer to serve another request. The client gets what arrived; the
+    exchange is not recorded; a WARNING at the 1st and 10th occurrence only."""
+    caplog.set_level("WARNING", logger="gateway")
+    for _ in range(12):
+        upstream.push(SSEReply([chunk("a", role="assistant"), chunk("b"), DONE]))
+        response = httpx.post(
+            hooked.base_url + "/chat/completions",
+            json={"model": "m", "messages": MESSAGES, "stream": True},
+        )
+        assert response.status_code == 200 and response.text.endswith("data: [DONE]\n\n")
+    _settle()
+    assert hooks.completions == []
+    warnings = [r.getMessage() for r in caplog.records if "no finish_reason" in r.getMessage()]
+    assert len(warnings) == 2
+    assert "(1 so far)" in warnings[0] and "(10 so far)" in warnings[1]
+    assert "--interrupt_requests False" in warnings[0]
+
+
 def test_no_completion_when_the_client_disconnects(hooked, hooks, upstream):
     gate = threading.Event()
     upstream.push(

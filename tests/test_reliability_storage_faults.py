@@ -65,7 +65,8 @@ def test_an_unwritable_data_dir_stops_serve_with_one_line_and_exit_2(tmp_path: P
         lines = result.stderr.strip().splitlines()
         assert len(lines) == 1, result.stderr
         assert "data_dir" in lines[0] and str(data_dir) in lines[0]
-        assert "not writable" in lines[0]
+        # Says why: under a file, or not writable.
+        assert "a parent of it is a file" in lines[0] or "not writable" in lines[0]
         assert "Traceback" not in result.stderr + result.stdout
 
 
@@ -260,3 +261,37 @@ def test_a_full_disk_on_store_writes_keeps_the_job_until_space_returns(
     monkeypatch.undo()
     wait_for(lambda: facts(http, "frank") == [f"Remembers {token}"])
     assert http.get("/v1/memories/stats").json()["spool"]["failed"] == 0
+
+
+def test_a_data_dir_that_turns_read_only_answers_503_and_ready_says_so(
+    gateway: GatewayServer, http: httpx.Client, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The disk is remounted read-only under a running gateway (simulated:
+    root ignores permission bits, so the test makes the writes fail with
+    EROFS as the kernel would). Management writes get a clear 503 in
+    OpenAI's error shape, chat still answers, `/ready` stays 200 and names
+    the problem, and all is well again once the disk is writable."""
+    store = gateway.app.state.hooks.engine.store
+
+    def read_only(*args: Any, **kwargs: Any) -> Any:
+        raise OSError(errno.EROFS, os.strerror(errno.EROFS))
+
+    real_access = os.access
+    monkeypatch.setattr(store, "add", read_only)
+    monkeypatch.setattr(
+        os, "access", lambda path, mode, **kw: False if mode == os.W_OK else real_access(path, mode)
+    )
+    response = http.post("/v1/memories", json={"user_id": "gus", "text": "x", "infer": False})
+    assert response.status_code == 503, response.text
+    error = response.json()["error"]
+    assert error["code"] == "storage_unavailable"
+    assert "Read-only file system" in error["message"] and "data directory" in error["message"]
+    assert_answered(chat(http, "gus", "hello", stream=False), "hello")
+    ready = http.get("/ready")
+    assert ready.status_code == 200
+    assert "not writable" in ready.json()["storage"]
+
+    monkeypatch.undo()
+    assert http.get("/ready").json() == {"status": "ready"}
+    response = http.post("/v1/memories", json={"user_id": "gus", "text": "x", "infer": False})
+    assert response.status_code == 201, response.text

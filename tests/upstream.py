@@ -257,7 +257,21 @@ def default_embeddings(request: Recorded) -> Reply:
     )
 
 
-def default_models(_: Recorded) -> Reply:
+def default_models(request: Recorded) -> Reply:
+    """Like OpenAI's: a key is needed (any key; local servers, which answer
+    without one, are scripted by the tests about them)."""
+    if "authorization" not in request.headers:
+        return JSONReply(
+            {
+                "error": {
+                    "message": "You didn't provide an API key.",
+                    "type": "invalid_request_error",
+                    "param": None,
+                    "code": None,
+                }
+            },
+            status=401,
+        )
     models = [
         {"id": m, "object": "model", "created": CREATED, "owned_by": "scripted"}
         for m in ("test-model", "gpt-4o-mini", "llama3")

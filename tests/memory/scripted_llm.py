@@ -114,8 +114,13 @@ class ScriptedLLM:
         *,
         responder: Callable[[Call], Reply] | None = None,
         reject: tuple[str, ...] = (),
+        keyless: bool = False,
     ) -> None:
         self.replies = list(replies or [])
+        # A local server that needs no key; otherwise, like OpenAI, a request
+        # without one is a 401 (and `GET /models` lists models only with one).
+        self.keyless = keyless
+        self.unauthorized: list[httpx.Request] = []
         self.responder = responder
         # response_format types this "server" answers with 400 (like llama.cpp for json_schema).
         self.reject = reject
@@ -143,6 +148,23 @@ class ScriptedLLM:
             self.gate.set()
 
     async def _handle(self, request: httpx.Request) -> httpx.Response:
+        if not self.keyless and "authorization" not in request.headers:
+            self.unauthorized.append(request)
+            return httpx.Response(
+                401,
+                json={
+                    "error": {
+                        "message": "You didn't provide an API key.",
+                        "type": "invalid_request_error",
+                        "param": None,
+                        "code": None,
+                    }
+                },
+            )
+        if request.method == "GET" and request.url.path.endswith("/models"):
+            return httpx.Response(
+                200, json={"object": "list", "data": [{"id": "gpt-4o-mini"}, {"id": "scripted"}]}
+            )
         call = Call(request)
         if call.response_format in self.reject:
             self.rejected.append(call)

@@ -1,20 +1,27 @@
 """One extraction call per exchange: what the model sees and what we accept back."""
 
 import asyncio
+import json
+import logging
 from datetime import UTC, datetime
+from pathlib import Path
 
 import httpx
 import pytest
-from scripted_llm import ScriptedLLM, completion, ops
+from scripted_llm import Call, ScriptedLLM, completion, ops
 
 from memory.config import LLMConfig, MemoryConfig
 from memory.extraction import (
+    DEFAULT_MODEL,
+    FOR_GOOD_CATEGORIES,
+    KEYLESS,
     ExtractionError,
     ExtractionUnavailable,
     Extractor,
     parse_json_answer,
     validate_operations,
 )
+from memory.extraction_state import read_state
 from memory.models import Exchange, Memory, Operation, Scope
 
 AT = datetime(2026, 3, 13, 9, 30, tzinfo=UTC)  # a Friday
@@ -42,19 +49,102 @@ def exchange(text: str, reply: str | None = "Noted!") -> Exchange:
     )
 
 
+class Endpoint:
+    """A scripted model server: `GET /models` answered from `models`, chat
+    completions by the ScriptedLLM; every listing request is recorded."""
+
+    def __init__(
+        self,
+        llm: ScriptedLLM,
+        models: list[str] | None = None,
+        *,
+        key: str | None = None,
+        listing: httpx.Response | None = None,
+    ) -> None:
+        self.llm = llm
+        self.models = models or []
+        # Set: the listing answers 401 to any other Authorization.
+        self.key = key
+        # Set: the listing's answer, whatever the request.
+        self.listing = listing
+        self.listings: list[httpx.Request] = []
+
+    async def _handle(self, request: httpx.Request) -> httpx.Response:
+        if request.method != "GET":
+            return await self.llm.transport.handle_async_request(request)
+        self.listings.append(request)
+        if self.listing is not None:
+            return self.listing
+        if self.key is not None and request.headers.get("authorization") != f"Bearer {self.key}":
+            return httpx.Response(401, json={"error": {"message": "Incorrect API key"}})
+        data = [{"id": m, "object": "model", "owned_by": "me"} for m in self.models]
+        return httpx.Response(200, json={"object": "list", "data": data})
+
+    def client(self) -> httpx.AsyncClient:
+        return httpx.AsyncClient(transport=httpx.MockTransport(self._handle))
+
+
 @pytest.fixture
 async def make():
     clients = []
 
-    def make(llm: ScriptedLLM, **llm_config) -> Extractor:
-        client = llm.client()
+    def make(
+        server: ScriptedLLM | Endpoint,
+        *,
+        api_key: str | None = "sk-config-key",
+        state_path: Path | None = None,
+        before_call=None,
+        **llm_config,
+    ) -> Extractor:
+        client = server.client()
         clients.append(client)
-        config = MemoryConfig(llm=LLMConfig(api_key="sk-config-key", **llm_config))
-        return Extractor(config, default_base_url="http://upstream.test/v1", http_client=client)
+        config = MemoryConfig(llm=LLMConfig(api_key=api_key, **llm_config))
+        return Extractor(
+            config,
+            default_base_url="http://upstream.test/v1",
+            http_client=client,
+            state_path=state_path,
+            before_call=before_call,
+        )
 
     yield make
     for c in clients:
         await c.aclose()
+
+
+@pytest.fixture
+def logs(caplog):
+    caplog.set_level(logging.INFO, logger="memory.extraction")
+    return caplog
+
+
+def error(status: int, message: str, code: str | None = None, **extra) -> httpx.Response:
+    """An upstream error in OpenAI's shape."""
+    body = {"message": message, "type": "invalid_request_error", "param": None, "code": code}
+    return httpx.Response(status, json={"error": body | extra})
+
+
+def llama_refuses_json_schema() -> httpx.Response:
+    """llama-cpp-python's answer to `response_format: json_schema`: a 500
+    carrying pydantic's validation error."""
+    return error(
+        500,
+        "1 validation error for CreateChatCompletionRequest\nresponse_format\n"
+        "  Input tag 'json_schema' found using 'type' does not match any of the expected"
+        " tags: 'text', 'json_object' [type=union_tag_invalid]",
+        type="internal_server_error",
+    )
+
+
+def refusing(*modes: str, answer=None, refusal=llama_refuses_json_schema):
+    """A responder that refuses the given response_format types (None: plain text)."""
+
+    def respond(call: Call):
+        if call.response_format in modes:
+            return refusal()
+        return answer if answer is not None else ops()
+
+    return respond
 
 
 async def test_operations_come_back_with_aliases_resolved_to_ids(make):
@@ -197,16 +287,18 @@ async def test_a_server_refusing_both_formats_gets_plain_text_and_prose_is_toler
 async def test_errors_that_are_not_about_the_format_do_not_trigger_fallback(make):
     llm = ScriptedLLM([httpx.Response(401, json={"error": {"message": "bad key"}})])
     extractor = make(llm)
-    with pytest.raises(ExtractionError, match="401"):
+    with pytest.raises(ExtractionError, match="401") as caught:
         await extractor.decide(exchange("a"), [], api_key=None)
+    assert caught.value.category == "auth"
     assert [c.response_format for c in llm.calls] == ["json_schema"]
     assert extractor.mode() is None
 
 
 async def test_server_errors_are_outages_for_the_spool_to_wait_out(make):
     llm = ScriptedLLM([httpx.Response(503, json={"error": {"message": "overloaded"}})])
-    with pytest.raises(ExtractionUnavailable, match="503"):
+    with pytest.raises(ExtractionUnavailable, match="503") as caught:
         await make(llm).decide(exchange("a"), [], api_key=None)
+    assert caught.value.category == "unavailable"
     assert len(llm.calls) == 1  # no SDK retries: the spool owns retrying
 
 
@@ -214,8 +306,9 @@ async def test_an_answer_cut_off_by_max_tokens_is_rejected(make):
     llm = ScriptedLLM(
         [completion('{"operations": [{"op": "ADD", "text": "User li', finish_reason="length")]
     )
-    with pytest.raises(ExtractionError, match="cut off"):
+    with pytest.raises(ExtractionError, match="cut off") as caught:
         await make(llm).decide(exchange("a"), [], api_key=None)
+    assert caught.value.category == "invalid_answer"
 
 
 @pytest.mark.parametrize(
@@ -231,6 +324,7 @@ async def test_a_200_that_is_not_a_usable_completion_is_an_untrustworthy_answer(
     with pytest.raises(ExtractionError) as caught:
         await make(ScriptedLLM([reply])).decide(exchange("a"), [], api_key=None)
     assert not isinstance(caught.value, ExtractionUnavailable)
+    assert caught.value.category == "invalid_answer"
 
 
 @pytest.mark.parametrize(
@@ -261,8 +355,9 @@ async def test_a_200_that_is_not_a_usable_completion_is_an_untrustworthy_answer(
     ],
 )
 def test_untrustworthy_answers_are_rejected_whole(answer, reason):
-    with pytest.raises(ExtractionError, match=reason):
+    with pytest.raises(ExtractionError, match=reason) as caught:
         validate_operations(parse_json_answer(answer), EXISTING)
+    assert caught.value.category == "invalid_answer"
 
 
 def test_a_valid_op_next_to_an_invalid_one_is_not_applied_alone():
@@ -300,3 +395,460 @@ def test_prompt_templates_can_be_overridden_from_config():
     )
     assert messages[0] == {"role": "system", "content": "SYS"}
     assert messages[1]["content"].startswith('On 2026-03-13: {"x": 1}\n{"id": "0"')
+
+
+# --- refusals: which fall through to the next mode, which are final ----------
+
+
+async def test_a_500_naming_json_schema_is_a_refusal_and_json_object_is_tried(make, logs):
+    jazz = ops({"op": "ADD", "text": "User likes jazz"})
+    llm = ScriptedLLM(responder=refusing("json_schema", answer=jazz))
+    extractor = make(llm)
+    assert await extractor.decide(exchange("I like jazz"), [], api_key=None) == [
+        Operation(op="ADD", text="User likes jazz")
+    ]
+    assert [c.response_format for c in llm.calls] == ["json_schema", "json_object"]
+    assert llm.calls[1].body["response_format"]["schema"]["type"] == "object"
+    assert extractor.mode() == "json_object"
+    [warning] = [r for r in logs.records if r.levelno == logging.WARNING]
+    assert "json_schema refused (HTTP 500" in warning.getMessage()
+    assert "response_format" in warning.getMessage()
+    assert "trying json_object" in warning.getMessage()
+    [learned] = [r for r in logs.records if r.levelno == logging.INFO]
+    assert learned.getMessage() == (
+        "extraction at http://upstream.test/v1 model gpt-4o-mini uses json_object"
+    )
+
+
+async def test_a_5xx_whose_plain_text_body_names_the_format_is_a_refusal_too(make):
+    def grammar_crash() -> httpx.Response:
+        return httpx.Response(500, text="Internal error: failed to parse grammar from schema")
+
+    llm = ScriptedLLM(responder=refusing("json_schema", refusal=grammar_crash))
+    assert await make(llm).decide(exchange("a"), [], api_key=None) == []
+    assert [c.response_format for c in llm.calls] == ["json_schema", "json_object"]
+
+
+async def test_a_422_that_names_nothing_is_still_taken_as_a_refusal(make):
+    llm = ScriptedLLM(
+        responder=refusing("json_schema", refusal=lambda: httpx.Response(422, json={"detail": []}))
+    )
+    assert await make(llm).decide(exchange("a"), [], api_key=None) == []
+    assert [c.response_format for c in llm.calls] == ["json_schema", "json_object"]
+
+
+async def test_when_every_mode_is_refused_the_category_says_so(make):
+    llm = ScriptedLLM(responder=refusing("json_schema", "json_object", None))
+    with pytest.raises(ExtractionError, match="every structured-output mode") as caught:
+        await make(llm).decide(exchange("a"), [], api_key=None)
+    assert caught.value.category == "format_rejected"
+    assert [c.response_format for c in llm.calls] == ["json_schema", "json_object", None]
+
+
+@pytest.mark.parametrize(
+    "reply",
+    [
+        # llama-cpp-python
+        error(
+            400,
+            "This model's maximum context length is 4096 tokens. However, you requested"
+            " 13060 tokens (12676 in the messages, 384 in the completion).",
+            code="context_length_exceeded",
+        ),
+        error(400, "the request exceeds the available context size (n_ctx: 4096)"),
+        error(400, "too many tokens in the prompt"),
+        error(400, "prompt is too long: 210000 tokens > 200000 maximum"),
+        # Worded as a 500 that also names the schema: still not a format problem.
+        error(500, "context length exceeded while applying the json_schema grammar"),
+    ],
+)
+async def test_a_prompt_too_long_is_final_and_never_tried_in_other_modes(make, reply):
+    llm = ScriptedLLM([reply])
+    with pytest.raises(ExtractionError) as caught:
+        await make(llm).decide(exchange("a"), [], api_key=None)
+    assert caught.value.category == "context_length"
+    assert "memory.llm.context_tokens" in caught.value.reason
+    assert len(llm.calls) == 1
+
+
+@pytest.mark.parametrize(
+    "reply",
+    [
+        # OpenAI
+        error(404, "The model `gpt-4o-mini` does not exist", code="model_not_found"),
+        # Ollama
+        httpx.Response(404, json={"error": 'model "gpt-4o-mini" not found, try pulling it first'}),
+        # vLLM
+        error(404, "The model `gpt-4o-mini` does not exist.", type="NotFoundError"),
+        # LiteLLM
+        error(400, "Invalid model name passed in model=gpt-4o-mini"),
+    ],
+)
+async def test_a_missing_model_is_final_and_names_the_settings_to_change(make, reply):
+    llm = ScriptedLLM([reply])
+    with pytest.raises(ExtractionError) as caught:
+        await make(llm).decide(exchange("a"), [], api_key=None)
+    assert caught.value.category == "model_not_found"
+    assert "'gpt-4o-mini' not found at http://upstream.test/v1/chat/completions" in str(
+        caught.value
+    )
+    for setting in ("memory.llm.model", "--extraction-model", "MEMORY_LLM_MODEL"):
+        assert setting in str(caught.value)
+    assert len(llm.calls) == 1
+
+
+async def test_a_404_that_names_no_model_suggests_the_missing_v1(make):
+    llm = ScriptedLLM([httpx.Response(404, text="404 page not found")])
+    with pytest.raises(ExtractionError) as caught:
+        await make(llm).decide(exchange("a"), [], api_key=None)
+    assert caught.value.category == "endpoint_not_found"
+    assert "http://upstream.test/v1/chat/completions" in str(caught.value)
+    assert "/v1" in str(caught.value).split("404")[1]
+    assert len(llm.calls) == 1
+
+
+@pytest.mark.parametrize(
+    ("status", "category"), [(401, "auth"), (403, "auth"), (429, "unavailable")]
+)
+async def test_a_refused_key_or_a_rate_limit_never_falls_through_the_modes(make, status, category):
+    llm = ScriptedLLM([error(status, "response_format is fine, your key is not")])
+    with pytest.raises(ExtractionError) as caught:
+        await make(llm).decide(exchange("a"), [], api_key=None)
+    assert caught.value.category == category
+    assert len(llm.calls) == 1
+
+
+async def test_a_rate_limit_counting_tokens_is_an_outage_not_a_long_prompt(make):
+    llm = ScriptedLLM([error(429, "Too many tokens per minute, please slow down")])
+    with pytest.raises(ExtractionUnavailable):
+        await make(llm).decide(exchange("a"), [], api_key=None)
+
+
+def test_the_categories_that_no_retry_can_fix():
+    assert set(FOR_GOOD_CATEGORIES) == {
+        "context_length",
+        "model_not_found",
+        "endpoint_not_found",
+        "auth",
+    }
+    assert ExtractionError("x").category == "error"
+    assert ExtractionUnavailable("x").category == "unavailable"
+
+
+# --- the learned mode, across restarts ---------------------------------------
+
+
+async def test_the_learned_mode_is_used_first_after_a_restart(make, tmp_path):
+    state = tmp_path / "extraction-state.json"
+    first = make(ScriptedLLM(responder=refusing("json_schema")), state_path=state)
+    await first.decide(exchange("a"), [], api_key=None)
+    assert read_state(state).mode == "json_object"
+
+    llm = ScriptedLLM(responder=refusing("json_schema"))
+    restarted = make(llm, state_path=state)
+    assert restarted.mode() == "json_object"
+    await restarted.decide(exchange("b"), [], api_key=None)
+    assert [c.response_format for c in llm.calls] == ["json_object"]
+
+
+async def test_a_learned_mode_refused_later_is_probed_again_from_the_top_and_saved(
+    make, tmp_path, logs
+):
+    state = tmp_path / "extraction-state.json"
+    await make(ScriptedLLM(responder=refusing("json_schema")), state_path=state).decide(
+        exchange("a"), [], api_key=None
+    )
+    # The server was upgraded: json_schema works now, json_object no longer.
+    refusal = lambda: error(400, "response_format json_object is no longer supported")  # noqa: E731
+    llm = ScriptedLLM(responder=refusing("json_object", refusal=refusal))
+    extractor = make(llm, state_path=state)
+    await extractor.decide(exchange("b"), [], api_key=None)
+    assert [c.response_format for c in llm.calls] == ["json_object", "json_schema"]
+    assert extractor.mode() == "json_schema"
+    assert read_state(state).mode == "json_schema"
+    assert "uses json_schema (was json_object)" in logs.text
+
+
+async def test_a_corrupt_state_file_is_started_afresh(make, tmp_path, logs):
+    state = tmp_path / "extraction-state.json"
+    state.write_text('{"modes": [{"endpoint": "http://upstream.test/v1", "mo')
+    llm = ScriptedLLM([ops()])
+    extractor = make(llm, state_path=state)
+    assert extractor.mode() is None
+    assert "unreadable" in logs.text
+    await extractor.decide(exchange("a"), [], api_key=None)
+    assert llm.calls[0].response_format == "json_schema"
+    assert read_state(state).mode == "json_schema"
+
+
+async def test_the_mode_is_logged_once_not_per_call(make, logs):
+    extractor = make(ScriptedLLM([ops(), ops(), ops()]))
+    for text in "abc":
+        await extractor.decide(exchange(text), [], api_key=None)
+    assert [r.getMessage() for r in logs.records] == [
+        "extraction at http://upstream.test/v1 model gpt-4o-mini uses json_schema"
+    ]
+
+
+# --- the model: configured, or what the endpoint lists -------------------------
+
+
+async def test_an_unset_model_becomes_the_one_model_a_local_server_lists(make, tmp_path, logs):
+    gguf = "/models/SmolLM2-135M-Instruct-Q8_0.gguf"
+    llm = ScriptedLLM([ops()], keyless=True)
+    state = tmp_path / "extraction-state.json"
+    extractor = make(Endpoint(llm, [gguf]), api_key=None, state_path=state)
+    probe = await extractor.probe()
+    assert (probe.model, probe.models, probe.error) == (gguf, [gguf], None)
+    assert extractor.model == gguf
+    assert f"uses {gguf}, the one model it lists" in logs.text
+    await extractor.decide(exchange("a"), [], api_key=None)
+    assert llm.calls[0].body["model"] == gguf
+    assert read_state(state).model == gguf
+
+
+async def test_after_a_restart_the_model_found_last_time_is_used_until_the_next_probe(
+    make, tmp_path
+):
+    state = tmp_path / "extraction-state.json"
+    await make(Endpoint(ScriptedLLM(), ["local-model"]), state_path=state).probe()
+    llm = ScriptedLLM([ops()])
+    restarted = make(llm, state_path=state)
+    assert restarted.model == "local-model"
+    await restarted.decide(exchange("a"), [], api_key=None)
+    assert llm.calls[0].body["model"] == "local-model"
+    # A configured model always wins.
+    assert make(ScriptedLLM(), state_path=state, model="qwen2.5:7b").model == "qwen2.5:7b"
+
+
+async def test_an_unset_model_stays_the_default_where_the_endpoint_lists_it(make, logs):
+    extractor = make(Endpoint(ScriptedLLM(), ["gpt-4o", DEFAULT_MODEL, "o3"]))
+    assert (await extractor.probe()).model == DEFAULT_MODEL
+    assert not [r for r in logs.records if r.levelno >= logging.WARNING]
+
+
+async def test_an_unset_model_the_endpoint_does_not_list_gets_one_warning_naming_the_settings(
+    make, logs
+):
+    listed = [f"llama3.2:{n}b" for n in range(1, 13)]
+    extractor = make(Endpoint(ScriptedLLM(), listed))
+    assert (await extractor.probe()).model == DEFAULT_MODEL
+    [warning] = [r.getMessage() for r in logs.records if r.levelno == logging.WARNING]
+    for setting in ("memory.llm.model", "gateway.yaml", "--extraction-model", "MEMORY_LLM_MODEL"):
+        assert setting in warning
+    assert "llama3.2:1b, llama3.2:2b" in warning
+    assert "llama3.2:10b and 2 more" in warning
+
+
+async def test_a_configured_model_is_kept_and_a_missing_one_named_in_a_warning(make, logs):
+    llm = ScriptedLLM([ops()])
+    extractor = make(Endpoint(llm, ["qwen2.5:7b"]), model="qwen2.5:14b")
+    assert (await extractor.probe()).model == "qwen2.5:14b"
+    [warning] = [r.getMessage() for r in logs.records if r.levelno == logging.WARNING]
+    assert "qwen2.5:14b is not among the models" in warning
+    assert "qwen2.5:7b" in warning
+    await extractor.decide(exchange("a"), [], api_key=None)
+    assert llm.calls[0].body["model"] == "qwen2.5:14b"
+
+
+@pytest.mark.parametrize(
+    "listing",
+    [
+        httpx.Response(404, text="404 page not found"),
+        httpx.Response(200, text="<html>a login page</html>"),
+    ],
+)
+async def test_a_failed_listing_keeps_the_default_and_never_raises(make, logs, listing):
+    extractor = make(Endpoint(ScriptedLLM(), listing=listing))
+    probe = await extractor.probe()
+    assert (probe.model, probe.models, probe.open) == (DEFAULT_MODEL, None, False)
+    assert probe.error is not None and "http://upstream.test/v1/models" in probe.error
+    assert "memory.llm.model" in logs.text
+
+
+async def test_an_unreachable_endpoint_keeps_the_default_and_never_raises(make):
+    def unreachable(request: httpx.Request) -> httpx.Response:
+        raise httpx.ConnectError("Connection refused", request=request)
+
+    class Down:
+        def client(self) -> httpx.AsyncClient:
+            return httpx.AsyncClient(transport=httpx.MockTransport(unreachable))
+
+    probe = await make(Down()).probe()
+    assert (probe.model, probe.models, probe.open) == (DEFAULT_MODEL, None, False)
+    assert "unreachable" in (probe.error or "")
+
+
+async def test_the_listing_is_tried_without_a_key_then_with_the_configured_one(make, logs):
+    endpoint = Endpoint(ScriptedLLM(), [DEFAULT_MODEL], key="sk-config-key")
+    extractor = make(endpoint)
+    probe = await extractor.probe()
+    assert (probe.models, probe.open) == ([DEFAULT_MODEL], False)
+    assert [r.headers.get("authorization") for r in endpoint.listings] == [
+        None,
+        "Bearer sk-config-key",
+    ]
+    assert "sk-config-key" not in logs.text
+
+
+async def test_the_key_of_the_endpoints_upstream_counts_as_configured():
+    """`memory.llm.api_key` unset: the gateway passes the key configured for the
+    upstream the extraction endpoint belongs to."""
+    llm = ScriptedLLM([ops()])
+    endpoint = Endpoint(llm, [DEFAULT_MODEL], key="sk-upstream-key")
+    async with endpoint.client() as client:
+        extractor = Extractor(
+            MemoryConfig(llm=LLMConfig(api_key=None)),
+            default_base_url="http://upstream.test/v1",
+            http_client=client,
+            api_key="sk-upstream-key",
+        )
+        assert not extractor.needs_key
+        assert (await extractor.probe()).models == [DEFAULT_MODEL]
+        await extractor.decide(exchange("a"), [], api_key=None)
+    assert llm.calls[0].authorization == "Bearer sk-upstream-key"
+
+
+async def test_a_listing_that_wants_a_key_nobody_configured_is_only_noted(make, logs):
+    endpoint = Endpoint(ScriptedLLM(), [DEFAULT_MODEL], key="sk-someone")
+    extractor = make(endpoint, api_key=None)
+    probe = await extractor.probe()
+    assert (probe.model, probe.open, probe.error) == (
+        DEFAULT_MODEL,
+        False,
+        "GET http://upstream.test/v1/models answered 401",
+    )
+    assert len(endpoint.listings) == 1
+    assert extractor.needs_key
+    assert not [r for r in logs.records if r.levelno >= logging.WARNING]
+
+
+# --- keyless endpoints -----------------------------------------------------------
+
+
+async def test_an_open_endpoint_is_called_without_any_key(make):
+    llm = ScriptedLLM([ops()], keyless=True)
+    endpoint = Endpoint(llm, ["local-model"])
+    extractor = make(endpoint, api_key=None)
+    assert (await extractor.probe()).open
+    assert not extractor.needs_key
+    await extractor.decide(exchange("a"), [], api_key=None)
+    assert [r.headers.get("authorization") for r in endpoint.listings] == [None]
+    assert [c.authorization for c in llm.calls] == [""]
+
+
+async def test_before_the_endpoint_answered_a_call_goes_without_a_key_and_learns(make):
+    """Down at start-up, the endpoint's needs are unknown: a job's call goes
+    without a key (no key can leak that way). A refusal (401) means keys are
+    needed: the job waits for one (`no_key`), and so do the next ones."""
+    llm = ScriptedLLM()  # like OpenAI: a call without a key is a 401
+    extractor = make(llm, api_key=None)
+    assert not extractor.needs_key
+    with pytest.raises(ExtractionError) as caught:
+        await extractor.decide(exchange("a"), [], api_key=None)
+    assert caught.value.category == "no_key"
+    assert extractor.needs_key
+    with pytest.raises(ExtractionError) as caught:
+        await extractor.decide(exchange("b"), [], api_key=None)
+    assert caught.value.category == "no_key"
+    assert len(llm.unauthorized) == 1 and llm.calls == []
+
+
+async def test_the_keyless_placeholder_never_goes_out_as_a_key(make):
+    llm = ScriptedLLM([ops(), ops()], keyless=True)
+    extractor = make(llm, api_key=None)
+    await extractor.decide(exchange("a"), [], api_key=KEYLESS)
+    await extractor.decide(exchange("b"), [], api_key="sk-user-key")
+    assert [c.authorization for c in llm.calls] == ["", "Bearer sk-user-key"]
+
+
+async def test_a_configured_key_means_no_key_is_needed_from_users(make):
+    assert not make(ScriptedLLM()).needs_key
+
+
+# --- yielding to chat, and what the stats show -----------------------------------
+
+
+async def test_before_call_is_awaited_before_each_call_and_holds_a_call_slot(make):
+    events: list[str] = []
+
+    async def before_call() -> None:
+        events.append("wait")
+        await asyncio.sleep(0)  # let the other job run, if it could
+
+    def respond(call: Call):
+        events.append(f"call {call.response_format}")
+        return llama_refuses_json_schema() if call.response_format == "json_schema" else ops()
+
+    extractor = make(
+        ScriptedLLM(responder=respond), before_call=before_call, max_concurrent_calls=1
+    )
+    await asyncio.gather(
+        extractor.decide(exchange("a"), [], api_key=None),
+        extractor.decide(exchange("b"), [], api_key=None),
+    )
+    # Each call, fallbacks included, waits first; and the wait holds the one
+    # call slot, so the other job's wait never slips in between a wait and its call.
+    assert events == [
+        "wait",
+        "call json_schema",
+        "wait",
+        "call json_schema",
+        "wait",
+        "call json_object",
+        "wait",
+        "call json_object",
+    ]
+
+
+async def test_the_last_success_and_the_last_error_are_kept_with_no_key_in_them(make):
+    leaky = error(400, "Incorrect API key provided: sk-user-secret-key", code="invalid_api_key")
+    extractor = make(ScriptedLLM([ops(), httpx.Response(401, json=leaky.json())]))
+    assert (extractor.last_success_at, extractor.last_error) == (None, None)
+    await extractor.decide(exchange("a"), [], api_key=None)
+    assert extractor.last_success_at is not None
+    with pytest.raises(ExtractionError) as caught:
+        await extractor.decide(exchange("b"), [], api_key="sk-user-secret-key")
+    assert extractor.last_error == caught.value.reason
+    assert extractor.last_error_at is not None and extractor.last_error_at >= (
+        extractor.last_success_at
+    )
+    assert "sk-user-secret-key" not in extractor.last_error
+    assert "sk-user-secret-key" not in str(caught.value)
+
+
+# --- lenient JSON, strict operations -----------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("answer", "text"),
+    [
+        # llama.cpp's grammar lets raw newlines into strings.
+        ('{"operations": [{"op": "ADD", "text": "User likes\njazz"}]}', "User likes\njazz"),
+        ('```json\n{"operations": [{"op": "ADD", "text": "User is 34"}]}\n```', "User is 34"),
+        (
+            'Here you go: {"operations": [{"op": "ADD", "text": "User is 34"}]} Hope it helps!',
+            "User is 34",
+        ),
+        ('{"operations": [{"op": "ADD", "text": "User is 34",},],}', "User is 34"),
+        ('{"operations": [\n  {"op": "ADD", "text": "User is 34"},\n]\n}', "User is 34"),
+        # A comma before a brace inside a string is the user's text, not a typo.
+        (
+            '{"operations": [{"op": "ADD", "text": "User wrote \\"a,}\\" and [b,]"},]}',
+            'User wrote "a,}" and [b,]',
+        ),
+    ],
+)
+def test_json_that_small_models_get_slightly_wrong_is_read(answer, text):
+    assert validate_operations(parse_json_answer(answer), []) == [Operation(op="ADD", text=text)]
+
+
+def test_leniency_stops_at_the_json_the_operations_are_still_checked_strictly():
+    with pytest.raises(ExtractionError, match="unknown op") as caught:
+        validate_operations(parse_json_answer('{"operations": [{"op": "MERGE",},]}'), [])
+    assert caught.value.category == "invalid_answer"
+
+
+def test_json_dumps_of_the_answer_is_unchanged_by_the_comma_scan():
+    answer = {"operations": [{"op": "ADD", "text": "a, ] b ,} c", "id": None}]}
+    assert parse_json_answer(json.dumps(answer)) == answer

@@ -273,3 +273,91 @@ async def test_claims_are_atomic_across_processes(tmp_path, spool):
     assert sorted(claimed) == sorted(ids)
     stats = await spool.stats()
     assert (stats.done, stats.pending, stats.running) == (45, 0, 0)
+
+
+async def test_a_job_says_why_it_waits_until_it_is_claimed(spool):
+    job_id = await spool.enqueue(exchange("u", "hi"), reason="no_key")
+    assert (await spool.get(job_id)).reason == "no_key"
+    assert await spool.reasons() == {"pending": {"no_key": 1}, "failed": {}}
+    claim = await spool.claim()
+    assert (await spool.get(job_id)).reason is None
+    await spool.release(claim.job, reason="no_key")
+    assert (await spool.get(job_id)).reason == "no_key"
+
+
+async def test_a_failure_records_its_category_and_success_clears_it(spool):
+    job_id = await spool.enqueue(exchange("u", "hi"))
+    job = (await spool.claim()).job
+    await spool.fail(job, "unreachable", retry_in=0, counted=False, reason="model_unavailable")
+    assert (await spool.get(job_id)).reason == "model_unavailable"
+    job = (await spool.claim()).job
+    await spool.fail(job, "no such model", retry_in=None, reason="model_not_found")
+    info = await spool.get(job_id)
+    assert (info.state, info.reason) == ("failed", "model_not_found")
+    assert await spool.reasons() == {"pending": {}, "failed": {"model_not_found": 1}}
+    await spool.retry_failed()
+    job = (await spool.claim()).job
+    await spool.complete(job)
+    assert (await spool.get(job_id)).reason is None
+
+
+async def test_outcomes_say_failing_only_while_recent_jobs_fail_and_none_succeeds(spool, clock):
+    assert (await spool.outcomes(300)).failing is False
+    await spool.enqueue(exchange("u", "one"))
+    job = (await spool.claim()).job
+    await spool.fail(job, "boom", retry_in=100, reason="invalid_answer")
+    outcomes = await spool.outcomes(300)
+    assert outcomes.failing is True
+    assert (outcomes.last_error, outcomes.last_error_reason) == ("boom", "invalid_answer")
+    assert outcomes.last_error_at == clock.now and outcomes.last_success_at is None
+    # Out of the window: no longer counted as failing, still the last error.
+    clock.now += 301
+    assert (await spool.outcomes(300)).failing is False
+    await spool.enqueue(exchange("v", "two"))
+    job = (await spool.claim(users=["v"])).job
+    await spool.fail(job, "boom again", retry_in=100)
+    assert (await spool.outcomes(300)).failing is True
+    await spool.enqueue(exchange("w", "three"))
+    job = (await spool.claim(users=["w"])).job
+    await spool.complete(job)
+    outcomes = await spool.outcomes(300)
+    assert outcomes.failing is False and outcomes.last_success_at == clock.now
+
+
+async def test_waiting_jobs_are_marked_except_those_of_users_with_a_key(spool):
+    a = await spool.enqueue(exchange("a", "x"))
+    b = await spool.enqueue(exchange("b", "x"))
+    assert await spool.mark_waiting("no_key", except_users=["b"]) == 1
+    assert [(await spool.get(i)).reason for i in (a, b)] == ["no_key", None]
+
+
+async def test_the_decision_of_a_job_is_readable(spool):
+    job_id = await spool.enqueue(exchange("u", "x"))
+    assert await spool.decision(job_id) == []
+    job = (await spool.claim()).job
+    ops = [Operation(op="ADD", text="Likes tea")]
+    await spool.save_decision(job, ops)
+    assert await spool.decision(job_id) == ops
+    assert await spool.decision("missing") is None
+
+
+async def test_a_spool_made_before_reasons_existed_gains_the_column(tmp_path):
+    import sqlite3
+
+    path = tmp_path / "old.sqlite3"
+    db = sqlite3.connect(path)
+    db.execute(
+        "CREATE TABLE jobs (seq INTEGER PRIMARY KEY AUTOINCREMENT, id TEXT NOT NULL UNIQUE,"
+        " user_id TEXT NOT NULL, agent_id TEXT, session_id TEXT, payload BLOB NOT NULL,"
+        " state TEXT NOT NULL, attempts INTEGER NOT NULL DEFAULT 0, next_attempt_at REAL NOT NULL,"
+        " lease_owner TEXT, lease_until REAL, last_error TEXT, decision BLOB,"
+        " created_at REAL NOT NULL, updated_at REAL NOT NULL)"
+    )
+    db.commit()
+    db.close()
+    spool = await Spool.open(path)
+    try:
+        job_id = await spool.enqueue(exchange("u", "x"), reason="no_key")
+        assert (await spool.get(job_id)).reason == "no_key"
+    finally:
+        await spool.close()

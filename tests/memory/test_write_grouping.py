@@ -9,7 +9,8 @@ from datetime import UTC, datetime
 
 import pytest
 
-from memory.engine import RELATED_QUERY_CHARS, related_query
+from memory.clipping import search_query
+from memory.engine import related_query
 from memory.models import Exchange, Operation, Scope
 from memory.spool import Spool
 
@@ -150,8 +151,8 @@ async def test_a_failing_write_in_a_group_leaves_the_others_committed(spool):
     assert await spool.unfinished() == 2
 
 
-def test_the_related_memory_query_is_the_users_words_bounded():
-    long = "x" * (3 * RELATED_QUERY_CHARS)
+def test_the_related_memory_query_is_the_users_words_cut_like_a_chats_search():
+    long = "x" * 30_000
     e = Exchange(
         scope=Scope(user_id="alice"),
         messages=[
@@ -164,5 +165,6 @@ def test_the_related_memory_query_is_the_users_words_bounded():
     assert related_query(e) == "I moved to Lisbon"
     e.messages.append({"role": "user", "content": long + " and I like jazz"})
     q = related_query(e)
-    assert len(q) == RELATED_QUERY_CHARS
+    assert q == search_query("I moved to Lisbon\n" + long + " and I like jazz")
+    assert len(q) < 2100
     assert q.endswith("I like jazz")
