@@ -51,7 +51,7 @@ def create_app(
             memory = MemoryHooks(config, handoff, upstream_client=lambda: proxy.client)
             # Extraction run in this process yields to the chats counted here
             # and in the other serving workers.
-            memory.before_call = yield_gate(config, activity)
+            memory.call_gate = yield_gate(config, activity)
             hooks = memory
         else:
             hooks = NoHooks()

@@ -32,13 +32,14 @@ from __future__ import annotations
 
 import array
 import asyncio
+import contextlib
 import ipaddress
 import logging
 import multiprocessing
 import threading
 import time
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass, field
 from multiprocessing.context import BaseContext
 from typing import Protocol
 from urllib.parse import urlsplit
@@ -170,25 +171,39 @@ async def wait_quiet(
     return time.monotonic() - start
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(eq=False)
 class YieldGate:
-    """The extractor's `before_call`: awaited before each call to the model."""
+    """The extractor's `call_gate`, entered around each call to the model:
+    it waits until no chat to the upstream is in flight, and lets one call
+    through at a time. Released all at once, several calls would queue at a
+    one-slot server, and a chat arriving between two of them would be cut
+    short (llama-cpp-python ends a stream when a request waits behind it)."""
 
     activity: ChatActivity
     upstream: str
     max_seconds: float
     poll: float = POLL_SECONDS
+    # One extraction call in flight per process; the extraction process
+    # (or the single process) is the one that calls.
+    _one: asyncio.Lock = field(default_factory=asyncio.Lock)
 
-    async def __call__(self) -> None:
-        waited = await wait_quiet(self.activity, self.upstream, self.max_seconds, poll=self.poll)
-        if waited:
-            busy = self.activity.in_flight(self.upstream)
-            logger.debug(
-                "extraction call waited %.3f s for chat requests to upstream %r%s",
-                waited,
-                self.upstream,
-                f" and goes ahead with {busy} still in flight (yield_max_seconds)" if busy else "",
+    @contextlib.asynccontextmanager
+    async def __call__(self) -> AsyncIterator[None]:
+        async with self._one:
+            waited = await wait_quiet(
+                self.activity, self.upstream, self.max_seconds, poll=self.poll
             )
+            if waited:
+                busy = self.activity.in_flight(self.upstream)
+                logger.debug(
+                    "extraction call waited %.3f s for chat requests to upstream %r%s",
+                    waited,
+                    self.upstream,
+                    f" and goes ahead with {busy} still in flight (yield_max_seconds)"
+                    if busy
+                    else "",
+                )
+            yield
 
 
 def is_local_host(host: str | None) -> bool:
@@ -240,7 +255,7 @@ def yield_decision(config: Config) -> tuple[str | None, str]:
 
 
 def yield_gate(config: Config, activity: ChatActivity) -> YieldGate | None:
-    """The gate for the extractor's `before_call`, or None when extraction
+    """The gate for the extractor's `call_gate`, or None when extraction
     does not yield to chat (see `yield_decision`)."""
     upstream, _ = yield_decision(config)
     if upstream is None:

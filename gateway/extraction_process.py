@@ -102,7 +102,7 @@ async def _extract_with(
             config.data_path,
             default_base_url=config.default_upstream.base_url,
             http_client=client,
-            before_call=gate,
+            call_gate=gate,
         )
 
     opening = asyncio.ensure_future(_open(open_engine))

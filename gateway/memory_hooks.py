@@ -12,7 +12,7 @@ import asyncio
 import contextlib
 import logging
 import os
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any, Literal, cast
 
@@ -26,7 +26,7 @@ from memory import messages as chat_messages
 from memory.clipping import search_query
 from memory.embedding import EmbedderError
 from memory.engine import MemoryEngine, open_when_possible
-from memory.extraction import KEYLESS
+from memory.extraction import KEYLESS, CallGate
 from memory.handoff import HandoffSender
 from memory.models import Exchange, Hit, Scope
 
@@ -58,8 +58,8 @@ class MemoryHooks:
         self._handoff = handoff
         # Where extraction calls go and which key may go there (one rule, in config).
         self._extraction = config.extraction
-        # Awaited before each extraction call made in this process.
-        self.before_call: Callable[[], Awaitable[None]] | None = None
+        # Entered around each extraction call made in this process.
+        self.call_gate: CallGate | None = None
         self._engine: MemoryEngine | None = None
         # Retries opening the engine when it could not be opened at start-up.
         self._opener: asyncio.Task[None] | None = None
@@ -97,7 +97,7 @@ class MemoryHooks:
             http_client=self._upstream_client() if self._upstream_client is not None else None,
             extraction_key=self._extraction.api_key,
             key_source=self._extraction.key_source,
-            before_call=self.before_call,
+            call_gate=self.call_gate,
         )
         try:
             await engine.start()

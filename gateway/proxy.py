@@ -163,23 +163,25 @@ class Proxy:
             upstream=upstream.name,
         )
 
-        work = {**body, "messages": list(messages)}
-        content = msgspec.json.encode(work) if await self.hooks.before_forward(ctx, work) else raw
-
-        headers = upstream_request_headers(
-            request.scope["headers"],  # type: ignore[arg-type]
-            upstream=upstream,
-            identity=identity,
-            consumed=self._consumed,
-            identity_encoding=True,
-        )
-        up_request = self.client.build_request(
-            "POST", _upstream_url(upstream, request), headers=headers, content=content
-        )
-        # In flight from here until the answer is relayed or abandoned: the
-        # lease is released on every path (errors, disconnects, cancellation).
+        # In flight from its arrival (its memory lookup included, so an
+        # extraction call cannot slip in just ahead of it) until the answer is
+        # relayed or abandoned: the lease is released on every path (errors,
+        # disconnects, cancellation).
         lease = self.activity.begin(upstream.name)
         try:
+            work = {**body, "messages": list(messages)}
+            rewritten = await self.hooks.before_forward(ctx, work)
+            content = msgspec.json.encode(work) if rewritten else raw
+            headers = upstream_request_headers(
+                request.scope["headers"],  # type: ignore[arg-type]
+                upstream=upstream,
+                identity=identity,
+                consumed=self._consumed,
+                identity_encoding=True,
+            )
+            up_request = self.client.build_request(
+                "POST", _upstream_url(upstream, request), headers=headers, content=content
+            )
             response = await self._send(up_request, upstream)
             if stream and response.is_success:
                 # The stream's relay, or its clean-up, releases the lease.

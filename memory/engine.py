@@ -28,7 +28,7 @@ import numpy as np
 from memory.clipping import clip_exchange_texts, search_query
 from memory.config import MemoryConfig
 from memory.embedding import Embedder, EmbedderError, create_embedder
-from memory.extraction import ExtractionError, Extractor
+from memory.extraction import CallGate, ExtractionError, Extractor
 from memory.extraction_state import STATE_FILE, public_url, read_state
 from memory.handoff import HandoffSender
 from memory.locks import FileLock, locked
@@ -212,14 +212,14 @@ class MemoryEngine:
         handoff: HandoffSender | None = None,
         extraction_key: str | None = None,
         key_source: str | None = None,
-        before_call: Callable[[], Awaitable[None]] | None = None,
+        call_gate: CallGate | None = None,
     ) -> MemoryEngine:
         """Open (or create) the store and the spool under `data_dir`. Call `start()` next.
 
         With `handoff`, spooled jobs are processed by the process at its other
         end (`receive` there), not here. `extraction_key` is the key configured
         for the extraction endpoint (`key_source` says where it came from);
-        `before_call` is awaited before each extraction call (the gateway
+        `call_gate` is entered around each extraction call (the gateway
         lets chats to a one-slot local server go first)."""
         data_dir = Path(data_dir)
         owns_embedder = embedder is None
@@ -248,7 +248,7 @@ class MemoryEngine:
             http_client=http_client,
             api_key=config.llm.api_key or extraction_key,
             state_path=state_path,
-            before_call=before_call,
+            call_gate=call_gate,
         )
         return cls(
             config,
@@ -692,12 +692,18 @@ class MemoryEngine:
             endpoint=endpoint,
             model=model,
             mode=mode,
-            key_source=self._key_source,
+            key_source=self._shown_key_source(),
             status=status,
             last_success_at=_when(outcomes.last_success_at) if outcomes.last_success_at else None,
             last_error=last_error,
             jobs_by_reason=reasons,
         )
+
+    def _shown_key_source(self) -> str | None:
+        probed = self.extractor.probed
+        if not self._configured_key and probed is not None and probed.open:
+            return "none needed: the endpoint answers without a key (a key a user sends is used)"
+        return self._key_source
 
     def extraction_failing(self) -> bool:
         """Whether extraction is failing, for a chat's status header. A chat

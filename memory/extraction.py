@@ -13,10 +13,12 @@ a `category` that tells the spool whether retrying can help.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
+from contextlib import AbstractAsyncContextManager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -59,6 +61,11 @@ __all__ = [
 ]
 
 log = logging.getLogger("memory.extraction")
+
+# Entered around each call to the model (and the start-up listing): the
+# gateway holds calls back while users' chats to a one-slot local server are
+# in flight, and lets one through at a time.
+CallGate = Callable[[], AbstractAsyncContextManager[object]]
 
 # The shared client's own key when it is built before any user's key is known;
 # every call then passes its key (`with_options`).
@@ -116,7 +123,7 @@ class Extractor:
         http_client: httpx.AsyncClient | None = None,
         api_key: str | None = None,
         state_path: Path | None = None,
-        before_call: Callable[[], Awaitable[None]] | None = None,
+        call_gate: CallGate | None = None,
     ) -> None:
         self._config = config
         # The key configured for the endpoint (`memory.llm.api_key`, or the key
@@ -132,7 +139,7 @@ class Extractor:
         self._state = ExtractionState(state_path)
         # Awaited before each call to the model: the gateway lets users' chats
         # to a one-slot local server go first.
-        self._before_call = before_call
+        self._call_gate = call_gate
         # Calls in flight: the spool runs more jobs than the model should see
         # at once (`llm.max_concurrent_calls`).
         self._calls = asyncio.Semaphore(max(1, config.llm.max_concurrent_calls))
@@ -204,15 +211,14 @@ class Extractor:
         shown = public_url(url)
         client = self._http_client or httpx.AsyncClient(cookies=NoCookies())
         try:
-            if self._before_call is not None:
-                # A one-slot server serves its listing like a completion
-                # (llama-cpp-python would cut a user's stream for it).
-                await self._before_call()
-            response = await self._get(client, url, None)
-            is_open = response.status_code == 200
-            key = self._api_key
-            if response.status_code in (401, 403) and key:
-                response = await self._get(client, url, key)
+            # A one-slot server serves its listing like a completion
+            # (llama-cpp-python would cut a user's stream for it).
+            async with self._gated():
+                response = await self._get(client, url, None)
+                is_open = response.status_code == 200
+                key = self._api_key
+                if response.status_code in (401, 403) and key:
+                    response = await self._get(client, url, key)
         except Exception as exc:  # unreachable, timed out, or a malformed base_url
             reason = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
             return None, False, f"{shown} unreachable ({reason[:200]})", None
@@ -319,6 +325,9 @@ class Extractor:
         assert self._with_key is not None
         return self._with_key(key)
 
+    def _gated(self) -> AbstractAsyncContextManager[object]:
+        return self._call_gate() if self._call_gate is not None else contextlib.nullcontext()
+
     def prepare(self) -> None:
         """Import the SDK and build the shared client now, at start-up: done by
         the first job instead, it held the event loop for ~0.7 s."""
@@ -376,9 +385,7 @@ class Extractor:
         last: openai.APIStatusError | None = None
         for i, mode in enumerate(modes):
             try:
-                async with self._calls:
-                    if self._before_call is not None:
-                        await self._before_call()
+                async with self._calls, self._gated():
                     content = await self._complete(client, messages, mode, model, keyless)
             except openai.APIStatusError as exc:
                 error = classify(exc, model)

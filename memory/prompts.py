@@ -84,7 +84,7 @@ Facts already stored about the user (JSON, one per line; "id" is what UPDATE and
 DELETE refer to):
 $memories
 
-The latest exchange (JSON; the user's messages first, then the assistant's reply):
+The latest exchange (JSON, in the order spoken: the user's messages and the assistant's replies):
 $conversation
 
 Answer with the JSON operations."""
@@ -152,23 +152,23 @@ class Prompt(NamedTuple):
 def conversation_lines(exchange: Exchange) -> list[dict[str, str]]:
     """The exchange as role/content pairs: user (and app system) text, then the reply.
 
-    Each line is clipped to MAX_MESSAGE_CHARS characters (head and tail).
+    Assistant messages among the exchange's messages are kept in their place:
+    a chat's new turns hold none, but a conversation given to the management
+    API (`POST /v1/memories` with `messages`) does, and the facts may be in
+    what the assistant said. Each line is clipped to MAX_MESSAGE_CHARS
+    characters (head and tail).
     """
     lines: list[dict[str, str]] = []
     for message in exchange.messages:
         if not isinstance(message, dict):
             continue
         role = message.get("role")
-        if role not in ("user", "system", "developer"):
+        if role not in ("user", "system", "developer", "assistant"):
             continue
         text = content_text(message.get("content")).strip()
         if text:
-            lines.append(
-                {
-                    "role": "user" if role == "user" else "app",
-                    "content": clip_chars(text, MAX_MESSAGE_CHARS),
-                }
-            )
+            shown = role if role in ("user", "assistant") else "app"
+            lines.append({"role": shown, "content": clip_chars(text, MAX_MESSAGE_CHARS)})
     if exchange.reply:
         reply = exchange.reply.strip()
         if reply:

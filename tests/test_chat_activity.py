@@ -5,6 +5,7 @@ gateway's extraction calls wait for them on a local one-slot model server."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import multiprocessing
@@ -13,7 +14,7 @@ import signal
 import socket
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -172,10 +173,12 @@ async def test_the_gate_logs_a_wait_at_debug(caplog):
     activity = ChatActivity(["a"])
     gate = YieldGate(activity, "a", max_seconds=0.05, poll=0.01)
     with caplog.at_level(logging.DEBUG, logger="gateway.chat_activity"):
-        await gate()
+        async with gate():
+            pass
         assert not caplog.records  # no wait, nothing to say
         activity.begin("a")
-        await gate()
+        async with gate():
+            pass
     [record] = caplog.records
     assert record.levelno == logging.DEBUG
     assert "waited" in record.getMessage()
@@ -417,6 +420,39 @@ def test_other_paths_are_not_chats(activity_gateway, upstream):
     assert activity.in_flight("scripted") == 0
 
 
+async def test_the_gate_lets_one_call_through_at_a_time():
+    """Released together, two calls would both queue at a one-slot server,
+    and a chat arriving between them would be cut short: the second call
+    enters only when the first has left, and then only if no chat is in
+    flight."""
+    activity = ChatActivity(["a"])
+    gate = YieldGate(activity, "a", max_seconds=30, poll=0.005)
+    inside = asyncio.Event()
+    leave = asyncio.Event()
+    order: list[str] = []
+
+    async def call(name: str) -> None:
+        async with gate():
+            order.append(f"{name} in")
+            inside.set()
+            await leave.wait()
+            order.append(f"{name} out")
+
+    first = asyncio.ensure_future(call("first"))
+    await inside.wait()
+    second = asyncio.ensure_future(call("second"))
+    await asyncio.sleep(0.05)
+    assert order == ["first in"]
+    chat = activity.begin("a")  # a chat arrives while the first call runs
+    leave.set()
+    await first
+    await asyncio.sleep(0.05)
+    assert order == ["first in", "first out"], "the second call went ahead during the chat"
+    chat.release()
+    await asyncio.wait_for(second, 5)
+    assert order == ["first in", "first out", "second in", "second out"]
+
+
 async def test_extraction_waits_for_a_chat_in_flight_through_the_gateway(
     activity_gateway, upstream
 ):
@@ -435,7 +471,12 @@ async def test_extraction_waits_for_a_chat_in_flight_through_the_gateway(
     ):
         chunks = response.aiter_raw()
         await chunks.__anext__()
-        waiting = asyncio.ensure_future(yielding())
+
+        async def call() -> None:
+            async with yielding():
+                pass
+
+        waiting = asyncio.ensure_future(call())
         done, _ = await asyncio.wait({waiting}, timeout=0.2)
         assert not done, "the extraction call went ahead during the chat"
         gate.set()
@@ -528,16 +569,18 @@ def test_extraction_waits_while_a_stream_to_its_local_endpoint_is_in_flight(
     gateway = GatewayServer(config, None)
     hooks = gateway.app.state.hooks
     reached = threading.Event()
-    gate = hooks.before_call
+    gate = hooks.call_gate
     if yield_to_chat == "auto":
         assert isinstance(gate, YieldGate)
         assert gate.upstream == "scripted"
 
-        async def before_call() -> None:
+        @contextlib.asynccontextmanager
+        async def call_gate() -> AsyncIterator[None]:
             reached.set()
-            await gate()
+            async with gate():
+                yield
 
-        hooks.before_call = before_call
+        hooks.call_gate = call_gate
     else:
         assert gate is None
     gateway.start()

@@ -1,6 +1,7 @@
 """One extraction call per exchange: what the model sees and what we accept back."""
 
 import asyncio
+import contextlib
 import json
 import logging
 from datetime import UTC, datetime
@@ -93,7 +94,7 @@ async def make():
         *,
         api_key: str | None = "sk-config-key",
         state_path: Path | None = None,
-        before_call=None,
+        call_gate=None,
         **llm_config,
     ) -> Extractor:
         client = server.client()
@@ -104,7 +105,7 @@ async def make():
             default_base_url="http://upstream.test/v1",
             http_client=client,
             state_path=state_path,
-            before_call=before_call,
+            call_gate=call_gate,
         )
 
     yield make
@@ -769,35 +770,43 @@ async def test_a_configured_key_means_no_key_is_needed_from_users(make):
 # --- yielding to chat, and what the stats show -----------------------------------
 
 
-async def test_before_call_is_awaited_before_each_call_and_holds_a_call_slot(make):
+async def test_each_call_is_made_inside_the_gate(make):
+    """The gate is entered around every call, fallbacks included: nothing
+    reaches the model outside it, and each call leaves it before the next
+    one enters (the gateway's gate lets one call through at a time)."""
     events: list[str] = []
 
-    async def before_call() -> None:
-        events.append("wait")
+    @contextlib.asynccontextmanager
+    async def call_gate():
+        events.append("enter")
         await asyncio.sleep(0)  # let the other job run, if it could
+        try:
+            yield
+        finally:
+            events.append("leave")
 
     def respond(call: Call):
         events.append(f"call {call.response_format}")
         return llama_refuses_json_schema() if call.response_format == "json_schema" else ops()
 
-    extractor = make(
-        ScriptedLLM(responder=respond), before_call=before_call, max_concurrent_calls=1
-    )
+    extractor = make(ScriptedLLM(responder=respond), call_gate=call_gate, max_concurrent_calls=1)
     await asyncio.gather(
         extractor.decide(exchange("a"), [], api_key=None),
         extractor.decide(exchange("b"), [], api_key=None),
     )
-    # Each call, fallbacks included, waits first; and the wait holds the one
-    # call slot, so the other job's wait never slips in between a wait and its call.
     assert events == [
-        "wait",
+        "enter",
         "call json_schema",
-        "wait",
+        "leave",
+        "enter",
         "call json_schema",
-        "wait",
+        "leave",
+        "enter",
         "call json_object",
-        "wait",
+        "leave",
+        "enter",
         "call json_object",
+        "leave",
     ]
 
 

@@ -12,6 +12,7 @@ from memory.prompts import (
     NO_MEMORIES,
     build_messages,
     build_prompt,
+    conversation_lines,
     prompt_budget,
 )
 
@@ -215,3 +216,18 @@ def test_a_template_without_memories_shows_none():
     assert prompt.messages[1]["content"] == '{"role": "user", "content": "hi"}\n' + (
         '{"role": "assistant", "content": "好的，我记住了。"}'
     )
+
+
+def test_assistant_messages_of_a_conversation_given_to_the_api_are_shown_in_place():
+    e = Exchange(
+        scope=Scope(user_id="u"),
+        messages=[
+            {"role": "user", "content": "Where should I move?"},
+            {"role": "assistant", "content": "You said you love the sea: Lisbon?"},
+            {"role": "user", "content": "Yes, I moved to Lisbon."},
+        ],
+        reply=None,
+        at=datetime(2026, 12, 6, tzinfo=UTC),
+    )
+    assert [line["role"] for line in conversation_lines(e)] == ["user", "assistant", "user"]
+    assert "You said you love the sea" in build_messages(e, [])[1]["content"]
