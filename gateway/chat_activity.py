@@ -50,6 +50,11 @@ logger = logging.getLogger("gateway.chat_activity")
 
 # How often a waiting extraction call looks at the counts again.
 POLL_SECONDS = 0.025
+# How long no chat must have been in flight before an extraction call goes:
+# a client that sends its next request as soon as an answer ends (an agent,
+# a benchmark) leaves a gap of a few milliseconds, which a call sent at once
+# would take, making that next chat wait for the call whole.
+QUIET_SECONDS = 0.3
 
 # Host names that name this machine or a private network without DNS:
 # docker compose service names ("ollama") have no dot; mDNS and the usual
@@ -69,19 +74,27 @@ class Counters(Protocol):
     def __len__(self) -> int: ...
 
 
+def slot_size(upstreams: int) -> int:
+    """A slot holds, per upstream, the requests in flight and when the last
+    one ended (monotonic milliseconds, the same clock in every process)."""
+    return 2 * upstreams
+
+
 def shared_counters(config: Config, ctx: BaseContext | None = None) -> Counters:
-    """The supervisor's array: one slot of `len(config.upstreams)` counters per
-    serving worker, in shared memory that spawned processes inherit when it is
-    passed as an argument of their target."""
+    """The supervisor's array: one slot per serving worker, in shared memory
+    that spawned processes inherit when it is passed as an argument of their
+    target."""
     ctx = ctx if ctx is not None else multiprocessing.get_context("spawn")
-    counters: Counters = ctx.RawArray("q", config.server.workers * len(config.upstreams))
+    size = config.server.workers * slot_size(len(config.upstreams))
+    counters: Counters = ctx.RawArray("q", size)
     return counters
 
 
 def clear_slot(counters: Counters, slot: int, upstreams: int) -> None:
     """Zero a dead worker's counters (its requests died with it). Only while no
     live process owns `slot`: the supervisor calls it before the restart."""
-    for i in range(slot * upstreams, (slot + 1) * upstreams):
+    start = slot * slot_size(upstreams)
+    for i in range(start, start + upstreams):
         counters[i] = 0
 
 
@@ -111,15 +124,17 @@ class ChatActivity:
         self.upstreams = list(upstreams)
         self._index = {name: i for i, name in enumerate(self.upstreams)}
         width = len(self.upstreams)
+        size = slot_size(width)
         if counters is None:
-            counters = array.array("q", bytes(8 * width * (slot + 1)))
-        if width == 0 or len(counters) % width or len(counters) < (slot + 1) * width:
+            counters = array.array("q", bytes(8 * size * (slot + 1)))
+        if width == 0 or len(counters) % size or len(counters) < (slot + 1) * size:
             raise ValueError(
                 f"{len(counters)} counters do not hold slot {slot} of {width} upstreams"
             )
         self._counters = counters
-        self._slots = len(counters) // width
-        self._base = slot * width
+        self._slots = len(counters) // size
+        self._base = slot * size
+        self._size = size
         self._width = width
         # Requests are counted on the event loop's thread; the lock only keeps
         # another thread of this process (an embedding app) from racing it.
@@ -141,12 +156,25 @@ class ChatActivity:
     def _add(self, at: int, delta: int) -> None:
         with self._lock:
             self._counters[at] += delta
+            if delta < 0:
+                self._counters[at + self._width] = time.monotonic_ns() // 1_000_000
 
     def in_flight(self, upstream: str) -> int:
         """Chat requests to `upstream` in flight in every process. Lock-free: each
         counter has one writer, and an aligned int64 is read whole."""
         i = self._index[upstream]
-        return sum(self._counters[slot * self._width + i] for slot in range(self._slots))
+        return sum(self._counters[slot * self._size + i] for slot in range(self._slots))
+
+    def quiet_for(self, upstream: str) -> float:
+        """Seconds since the last chat request to `upstream` ended, in any
+        process (0.0 while one is in flight; large when none ever was)."""
+        if self.in_flight(upstream):
+            return 0.0
+        i = self._width + self._index[upstream]
+        last = max(self._counters[slot * self._size + i] for slot in range(self._slots))
+        if last == 0:
+            return float("inf")
+        return max(0.0, (time.monotonic_ns() // 1_000_000 - last) / 1000)
 
     def own(self, upstream: str) -> int:
         """Those of this process (its slot) only."""
@@ -154,20 +182,25 @@ class ChatActivity:
 
 
 async def wait_quiet(
-    activity: ChatActivity, upstream: str, max_seconds: float, *, poll: float = POLL_SECONDS
+    activity: ChatActivity,
+    upstream: str,
+    max_seconds: float,
+    *,
+    poll: float = POLL_SECONDS,
+    quiet: float = QUIET_SECONDS,
 ) -> float:
-    """Wait until no chat request to `upstream` is in flight, polling every
-    `poll` seconds, at most `max_seconds`; the seconds waited (0.0 at once
-    when it is quiet already)."""
-    if activity.in_flight(upstream) == 0:
+    """Wait until no chat request to `upstream` has been in flight for
+    `quiet` seconds, polling every `poll` seconds, at most `max_seconds`; the
+    seconds waited (0.0 at once when it is quiet already)."""
+    if activity.quiet_for(upstream) >= quiet:
         return 0.0
     start = time.monotonic()
     deadline = start + max_seconds
-    while activity.in_flight(upstream) > 0:
+    while (calm := activity.quiet_for(upstream)) < quiet:
         left = deadline - time.monotonic()
         if left <= 0:
             break
-        await asyncio.sleep(min(poll, left))
+        await asyncio.sleep(min(max(poll, quiet - calm) if calm else poll, left))
     return time.monotonic() - start
 
 

@@ -30,6 +30,7 @@ from gateway.chat_activity import (
     is_local_host,
     log_yield_decision,
     shared_counters,
+    slot_size,
     wait_quiet,
     yield_decision,
     yield_gate,
@@ -83,7 +84,7 @@ def test_a_lease_counts_one_request_until_released_once():
 
 
 def test_each_process_writes_its_own_slot_and_readers_add_them_up():
-    counters = multiprocessing.get_context("spawn").RawArray("q", 3 * 2)
+    counters = multiprocessing.get_context("spawn").RawArray("q", 3 * slot_size(2))
     workers = [ChatActivity(["a", "b"], counters, slot=i) for i in range(3)]
     leases = [workers[0].begin("b"), workers[2].begin("b"), workers[2].begin("a")]
     reader = ChatActivity(["a", "b"], counters)
@@ -98,9 +99,9 @@ def test_each_process_writes_its_own_slot_and_readers_add_them_up():
 def test_the_supervisors_array_has_a_slot_per_worker():
     config = config_for("http://127.0.0.1:8000/v1", workers=3)
     counters = shared_counters(config)
-    assert len(counters) == 3 * 2
+    assert len(counters) == 3 * slot_size(2)
     ChatActivity.for_config(config, counters, slot=2).begin("other")
-    assert counters[5] == 1
+    assert counters[2 * slot_size(2) + 1] == 1
     with pytest.raises(ValueError, match="slot 3"):
         ChatActivity.for_config(config, counters, slot=3)
 
@@ -117,7 +118,7 @@ def _hold(counters: Any, slot: int, counted: Any, finish: Any, release: bool) ->
 @pytest.mark.parametrize("release", [True, False], ids=["released", "died-holding"])
 def test_a_count_made_in_a_spawned_process_is_seen_by_the_parent(release):
     ctx = multiprocessing.get_context("spawn")
-    counters = ctx.RawArray("q", 2 * 2)
+    counters = ctx.RawArray("q", 2 * slot_size(2))
     counted, finish = ctx.Event(), ctx.Event()
     proc = ctx.Process(target=_hold, args=(counters, 1, counted, finish, release))
     proc.start()
@@ -147,6 +148,26 @@ async def test_wait_quiet_returns_at_once_when_no_chat_is_in_flight():
     activity = ChatActivity(["a", "b"])
     activity.begin("b")  # another upstream's chats do not count
     assert await wait_quiet(activity, "a", 60.0) == 0.0
+
+
+async def test_wait_quiet_waits_for_a_quiet_moment_after_the_last_chat():
+    """A client that sends its next request as soon as an answer ends leaves
+    a gap of milliseconds: a call must not take it."""
+    activity = ChatActivity(["a"])
+    activity.begin("a").release()
+    assert activity.quiet_for("a") < 0.1
+    waited = await wait_quiet(activity, "a", 60.0, poll=0.005, quiet=0.2)
+    assert 0.1 <= waited < 5
+    assert await wait_quiet(activity, "a", 60.0, quiet=0.2) == 0.0
+    # A chat that begins during the quiet time starts the wait over.
+    activity.begin("a").release()
+    waiting = asyncio.ensure_future(wait_quiet(activity, "a", 60.0, poll=0.005, quiet=0.3))
+    await asyncio.sleep(0.15)
+    lease = activity.begin("a")
+    await asyncio.sleep(0.3)
+    assert not waiting.done(), "it went ahead during a chat"
+    lease.release()
+    assert 0.3 <= await asyncio.wait_for(waiting, 5) < 5
 
 
 async def test_wait_quiet_waits_until_the_chat_ends():
