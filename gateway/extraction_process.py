@@ -102,6 +102,8 @@ async def _extract_with(
             config.data_path,
             default_base_url=config.default_upstream.base_url,
             http_client=client,
+            extraction_key=config.extraction.api_key,
+            key_source=config.extraction.key_source,
             call_gate=gate,
         )
 

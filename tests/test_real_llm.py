@@ -476,7 +476,7 @@ def test_an_exchange_longer_than_the_extraction_context_is_clipped_not_failed(
     but not with the extraction prompt around it and `max_tokens` (384) to
     spare: unclipped, the extraction call is a 400 `context_length_exceeded`
     on every attempt. With `memory.llm.context_tokens: 4096` (the server's
-    `--n_ctx`), the gateway clips the prompt to fit and the job ends `done`."""
+    `--n_ctx`), the gateway clips the prompt to fit and the model answers."""
     gateway = real_gateway()
     client, admin = sdk(gateway), admin_of(gateway)
     filler = " ".join(
@@ -493,7 +493,11 @@ def test_an_exchange_longer_than_the_extraction_context_is_clipped_not_failed(
     usage = raw.parse().usage
     assert usage is not None and 3000 < usage.prompt_tokens < 4096 - 16, usage
     [job] = wait_final(admin, "alice", expected=1, timeout=ONE_JOB_BOUND)
-    assert job["state"] == "done", summary([job])
+    # The prompt fitted: the model answered. What a 135M model answers may
+    # still be invalid (an alias it made up): that is `invalid_answer`, a
+    # retry's business, never the context error every attempt got unclipped.
+    assert job["state"] == "done" or job["reason"] == "invalid_answer", summary([job])
+    assert "context" not in (job["last_error"] or ""), summary([job])
 
 
 def test_a_prompt_too_long_for_the_local_model_is_its_400_and_records_nothing(

@@ -291,3 +291,35 @@ def test_a_killed_extraction_process_is_replaced_and_catches_up(with_extraction_
 
     assert gateway.terminate() == 0, gateway.log()
     assert "Traceback" not in gateway.log()
+
+
+@pytest.mark.timeout(240)
+def test_the_extraction_process_uses_the_key_configured_on_the_extraction_upstream(
+    upstream: ScriptedUpstream, tmp_path: Path
+) -> None:
+    """No `memory.llm.api_key`, but the upstream at the extraction endpoint
+    has its own key: the extraction process sends that key (the rule in
+    `Config.extraction`), not a client's, and needs no request to bring one."""
+    upstream.script(token_extractor)
+    config = workers_config(upstream, tmp_path, 1, extraction="process")
+    config["upstreams"][0]["api_key"] = "sk-configured-upstream-key"
+    config["memory"]["llm"] = {}
+    gateway = GatewayProcess(config, tmp_path)
+    try:
+        gateway.start()
+        token = new_token()
+        with httpx.Client(base_url=gateway.url, timeout=30) as http:
+            response = http.post(
+                "/v1/memories",
+                json={"user_id": "ann", "text": f"remember {token}"},
+                params={"wait": "true"},
+            )
+            assert response.status_code == 201, response.text
+            assert response.json()["job_state"] == "done", response.text
+            stats = http.get("/v1/memories/stats").json()["extraction"]
+        assert stats["key_source"] == "the api_key of upstream 'scripted'"
+        calls = [r for r in upstream.requests if is_extraction(r)]
+        assert calls
+        assert {c.headers["authorization"] for c in calls} == {"Bearer sk-configured-upstream-key"}
+    finally:
+        gateway.kill()
