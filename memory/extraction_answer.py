@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 from memory.extraction_errors import ExtractionError
@@ -23,6 +23,29 @@ _OPS = ("ADD", "UPDATE", "DELETE", "NONE")
 # A fact is one short sentence; a page of text is a model going off the rails.
 MAX_FACT_CHARS = 1000
 _FENCE = re.compile(r"```(?:json)?\s*(.*?)```", re.DOTALL | re.IGNORECASE)
+# Whitespace looked past after a comma (more would be a pretty-printer gone wild).
+_LOOKAHEAD = 256
+
+
+def _outside_strings(text: str, start: int = 0) -> Iterator[tuple[int, str]]:
+    """(index, character) of `text` from `start`, skipping what is inside
+    JSON strings (their quotes are yielded: they open and close them)."""
+    in_string = False
+    escaped = False
+    for i in range(start, len(text)):
+        ch = text[i]
+        if in_string:
+            if escaped:
+                escaped = False
+            elif ch == "\\":
+                escaped = True
+            elif ch == '"':
+                in_string = False
+                yield i, ch
+            continue
+        if ch == '"':
+            in_string = True
+        yield i, ch
 
 
 def _balanced_object(text: str) -> str | None:
@@ -30,20 +53,8 @@ def _balanced_object(text: str) -> str | None:
     start = text.find("{")
     while start != -1:
         depth = 0
-        in_string = False
-        escaped = False
-        for i in range(start, len(text)):
-            ch = text[i]
-            if in_string:
-                if escaped:
-                    escaped = False
-                elif ch == "\\":
-                    escaped = True
-                elif ch == '"':
-                    in_string = False
-            elif ch == '"':
-                in_string = True
-            elif ch == "{":
+        for i, ch in _outside_strings(text, start):
+            if ch == "{":
                 depth += 1
             elif ch == "}":
                 depth -= 1
@@ -55,28 +66,15 @@ def _balanced_object(text: str) -> str | None:
 
 def _without_trailing_commas(text: str) -> str:
     """`text` without the commas that directly precede `}` or `]`, outside strings."""
-    out: list[str] = []
-    in_string = False
-    escaped = False
-    n = len(text)
-    for i, ch in enumerate(text):
-        if in_string:
-            if escaped:
-                escaped = False
-            elif ch == "\\":
-                escaped = True
-            elif ch == '"':
-                in_string = False
-        elif ch == '"':
-            in_string = True
-        elif ch == ",":
-            j = i + 1
-            while j < n and text[j] in " \t\r\n":
-                j += 1
-            if j < n and text[j] in "}]":
-                continue
-        out.append(ch)
-    return "".join(out)
+    dropped = set()
+    for i, ch in _outside_strings(text):
+        if ch == ",":
+            rest = text[i + 1 : i + 1 + _LOOKAHEAD].lstrip()
+            if rest[:1] in ("}", "]"):
+                dropped.add(i)
+    if not dropped:
+        return text
+    return "".join(ch for i, ch in enumerate(text) if i not in dropped)
 
 
 def parse_json_answer(text: str) -> Any:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import itertools
+import random
 import re
 from collections.abc import AsyncIterator, Sequence
 from datetime import UTC, datetime
@@ -46,6 +47,13 @@ class HashEmbedder:
 
     async def close(self) -> None:
         self.closed = True
+
+
+def chinese(n: int, seed: int = 1) -> str:
+    """`n` random common CJK characters (repeatable by `seed`): text that costs
+    small models ~1.9 tokens a character."""
+    rng = random.Random(seed)
+    return "".join(chr(rng.randint(0x4E00, 0x9FA5)) for _ in range(n))
 
 
 def exchange(user: str, text: str = "hello", agent: str | None = None) -> Exchange:

@@ -1,8 +1,9 @@
 # ruff: noqa: RUF001 - full-width CJK punctuation is meant literally here.
 """Bounding text by size: token estimates, clipping, the memory-search query."""
 
-import random
 from datetime import UTC, datetime
+
+from conftest import chinese
 
 from memory.clipping import (
     OMISSION_MARKER,
@@ -18,11 +19,6 @@ from memory.clipping import (
 from memory.models import Exchange, Scope
 
 AT = datetime(2026, 3, 13, 9, 30, tzinfo=UTC)
-
-
-def chinese(n: int, seed: int = 1) -> str:
-    rng = random.Random(seed)
-    return "".join(chr(rng.randint(0x4E00, 0x9FA5)) for _ in range(n))
 
 
 def left_out(clipped: str) -> int:

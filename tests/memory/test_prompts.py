@@ -2,8 +2,9 @@
 """The extraction prompt fits the model's context window, whatever was pasted."""
 
 import json
-import random
 from datetime import UTC, datetime
+
+from conftest import chinese
 
 from memory.clipping import estimate_tokens
 from memory.models import Exchange, Memory, Scope
@@ -17,11 +18,6 @@ from memory.prompts import (
 )
 
 AT = datetime(2026, 3, 13, 9, 30, tzinfo=UTC)
-
-
-def chinese(n: int, seed: int = 1) -> str:
-    rng = random.Random(seed)
-    return "".join(chr(rng.randint(0x4E00, 0x9FA5)) for _ in range(n))
 
 
 def exchange(*texts: str, reply: str | None = "好的，我记住了。") -> Exchange:
