@@ -101,7 +101,7 @@ class SearchConfig(_Settings):
     # Existing memories shown to the extractor with each exchange.
     extraction_context: AtLeastOne = 10
     # Recently searched scopes are kept in memory (vectors + n-gram BM25) up to
-    # this many bytes, for millisecond search (memory/vectors.py); 0 disables.
+    # this many bytes, for millisecond search (memory/search/scope_cache.py); 0 disables.
     cache_bytes: NonNegativeInt = 128 * 1024 * 1024
 
 

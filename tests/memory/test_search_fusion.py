@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from memory.fusion import RRF_K, boosted_similarity, reciprocal_rank_fusion
+from memory.search.fusion import RRF_K, boosted_similarity, reciprocal_rank_fusion
 
 
 def test_rrf_rewards_agreement_between_lists():

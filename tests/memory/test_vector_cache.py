@@ -16,9 +16,10 @@ from memory.changelog import MAX_IDS, ChangeLog, merged
 from memory.config import MemoryConfig, SearchConfig
 from memory.locks import FileLock
 from memory.models import Memory, Operation, Scope
-from memory.ngram_index import NgramIndex, ngrams
+from memory.search.ngram_index import NgramIndex, ngrams
+from memory.search.scope_cache import ScopeCache
+from memory.search.scope_index import ScopeIndex
 from memory.store import WRITES_LOCK, MemoryStore
-from memory.vectors import ScopeCache, ScopeIndex
 
 ALICE = Scope(user_id="alice")
 ALICE_BOT = Scope(user_id="alice", agent_id="bot")

@@ -1,33 +1,30 @@
-"""A per-scope in-memory copy of the active memories, for millisecond search.
+"""One scope's active memories held in memory, for millisecond search.
 
 LanceDB's prefiltered scan costs ~100 ms for a user with 10k memories; a
 float32 matrix product over the same vectors costs about one. `ScopeIndex`
-holds one scope's active rows, their L2-normalized vectors and an n-gram
-BM25 index of their texts; `ScopeCache` keeps recently searched scopes in
-an LRU bounded by bytes.
-
-The store keeps entries exact: every write it makes is applied here, and
-`epoch` tokens let it discard a load that raced with a write. Scoring runs
-in a worker thread, so each index carries a lock its mutations also take.
+holds one scope's active rows (loaded ones read lazily through
+`memory.search.arrow_rows`), their L2-normalized vectors and an n-gram BM25
+index of their texts (`memory.search.ngram_index`). Scoring runs in a worker
+thread, so each index carries a lock its mutations also take.
 """
 
 from __future__ import annotations
 
 import threading
-from collections import OrderedDict
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from datetime import UTC, datetime, timedelta
+from collections.abc import Iterable, Mapping, Sequence
 from functools import cache
 from typing import Any
-from zoneinfo import ZoneInfo
 
 import numpy as np
 import pyarrow as pa
 from threadpoolctl import threadpool_limits
 
-from memory.ngram_index import NgramIndex
+from memory.search.arrow_rows import ArrowRow, RowReader
+from memory.search.ngram_index import NgramIndex
 
 Key = tuple[str, str | None]  # (user_id, agent_id)
+
+_GONE: dict[str, Any] = {}
 
 
 class Candidates:
@@ -99,7 +96,7 @@ class ScopeIndex:
             hashes = [r.get("hash") for r in rows]
         capacity = max(16, n + n // 8)
         self.lock = threading.Lock()
-        self._reader = _RowReader(table) if table is not None else None
+        self._reader = RowReader(table) if table is not None else None
         self._table_bytes = table.nbytes if table is not None else 0
         self._added: list[dict[str, Any]] = [] if table is not None else list(rows)
         self._base = n if table is not None else 0
@@ -258,217 +255,9 @@ class ScopeIndex:
             if i < self._base:
                 # Positions below `_base` exist only when the index was built from a table.
                 assert self._reader is not None
-                out.append(_ArrowRow(self._reader, i, self._ids[i]))
+                out.append(ArrowRow(self._reader, i, self._ids[i]))
             else:
                 row = self._added[i - self._base]
                 assert row is not _GONE
                 out.append(row)
         return out
-
-
-class _ArrowRow(Mapping[str, Any]):
-    """One row of a loaded table, read column by column when asked.
-
-    It keeps nothing converted: the store remembers recent searches' rows
-    (for the extraction of the same turn), and a thousand of them holding
-    their converted text and timestamps cost ~15 MiB (docs/benchmarks.md).
-    """
-
-    __slots__ = ("_id", "_position", "_reader")
-
-    def __init__(self, reader: _RowReader, position: int, memory_id: str) -> None:
-        self._reader = reader
-        self._position = position
-        self._id = memory_id
-
-    def __getitem__(self, key: str) -> Any:
-        if key == "id":
-            return self._id
-        return self._reader.value(self._position, key)
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self._reader.names)
-
-    def __len__(self) -> int:
-        return len(self._reader.names)
-
-
-_GONE: dict[str, Any] = {}
-_TIME_UNITS = {"s": 1_000_000, "ms": 1_000, "us": 1}
-
-
-class _RowReader:
-    """Values of single rows of an Arrow table, read straight from its buffers.
-
-    pyarrow's `take(...).to_pylist()` costs ~50 us a row here (its per-call
-    overhead, and time-zone-aware timestamps above all): half a millisecond
-    of event loop for the ~10 rows a search returns. Strings and timestamps
-    (every column the store writes) are decoded here in about a microsecond;
-    any other type goes through pyarrow.
-    """
-
-    def __init__(self, table: pa.Table) -> None:
-        self.names = tuple(table.column_names)
-        self._readers = {
-            name: _column_reader(_one_array(column))
-            for name, column in zip(table.column_names, table.columns, strict=True)
-        }
-
-    def value(self, i: int, name: str) -> Any:
-        return self._readers[name](i)
-
-
-def _one_array(column: pa.ChunkedArray) -> pa.Array:
-    return column.chunk(0) if column.num_chunks == 1 else column.combine_chunks()
-
-
-def _column_reader(array: pa.Array) -> Callable[[int], Any]:
-    kind = array.type
-    validity = array.buffers()[0]
-    valid = (
-        None
-        if validity is None or array.null_count == 0
-        else np.unpackbits(
-            np.frombuffer(validity, dtype=np.uint8),
-            count=array.offset + len(array),
-            bitorder="little",
-        )[array.offset :].astype(bool)
-    )
-    if pa.types.is_string(kind) or pa.types.is_large_string(kind):
-        offsets_type = np.int64 if pa.types.is_large_string(kind) else np.int32
-        _, offsets_buffer, data_buffer = array.buffers()
-        offsets = np.frombuffer(offsets_buffer, dtype=offsets_type)[
-            array.offset : array.offset + len(array) + 1
-        ]
-        data = memoryview(data_buffer) if data_buffer is not None else memoryview(b"")
-
-        def read_string(i: int) -> str | None:
-            if valid is not None and not valid[i]:
-                return None
-            return str(data[offsets[i] : offsets[i + 1]], "utf-8")
-
-        return read_string
-    if pa.types.is_timestamp(kind) and kind.unit in _TIME_UNITS:
-        scale = _TIME_UNITS[kind.unit]
-        values = np.frombuffer(array.buffers()[1], dtype=np.int64)[
-            array.offset : array.offset + len(array)
-        ]
-        zone = None if kind.tz is None else ZoneInfo(kind.tz)
-        epoch = datetime(1970, 1, 1, tzinfo=None if zone is None else UTC)
-
-        def read_time(i: int) -> datetime | None:
-            if valid is not None and not valid[i]:
-                return None
-            moment = epoch + timedelta(microseconds=int(values[i]) * scale)
-            return moment if zone is None else moment.astimezone(zone)
-
-        return read_time
-    return lambda i: array[i].as_py()
-
-
-class ScopeCache:
-    """LRU of `ScopeIndex` by scope, bounded by their estimated bytes.
-
-    `token(user)` before a load and `put(..., token)` after it: a write to
-    that user (or a `clear`) in between makes the load stale, and it is not
-    cached.
-    """
-
-    def __init__(self, max_bytes: int) -> None:
-        self.max_bytes = max_bytes
-        self._entries: OrderedDict[Key, ScopeIndex] = OrderedDict()
-        self._by_user: dict[str, set[Key]] = {}
-        self._epochs: dict[str, int] = {}
-        self._generation = 0
-        self.hits = 0
-        self.misses = 0
-
-    def __len__(self) -> int:
-        return len(self._entries)
-
-    @property
-    def nbytes(self) -> int:
-        return sum(e.nbytes for e in self._entries.values())
-
-    def peek(self, key: Key) -> ScopeIndex | None:
-        """The entry, if cached, without counting a hit or touching the LRU."""
-        return self._entries.get(key)
-
-    def get(self, key: Key) -> ScopeIndex | None:
-        entry = self._entries.get(key)
-        if entry is None:
-            self.misses += 1
-            return None
-        self._entries.move_to_end(key)
-        self.hits += 1
-        return entry
-
-    def holds(self, user_id: str) -> bool:
-        """Whether any scope of the user is cached."""
-        return user_id in self._by_user
-
-    def token(self, user_id: str) -> tuple[int, int]:
-        return (self._generation, self._epochs.get(user_id, 0))
-
-    def put(self, key: Key, entry: ScopeIndex, token: tuple[int, int]) -> bool:
-        """Cache a freshly loaded entry unless a write made it stale or it is too big."""
-        if token != self.token(key[0]) or entry.nbytes > self.max_bytes:
-            return False
-        self._discard(key)
-        self._entries[key] = entry
-        self._by_user.setdefault(key[0], set()).add(key)
-        total = self.nbytes
-        while total > self.max_bytes and len(self._entries) > 1:
-            old, evicted = next(iter(self._entries.items()))
-            total -= evicted.nbytes
-            self._discard(old)
-        return True
-
-    def _discard(self, key: Key) -> None:
-        if self._entries.pop(key, None) is not None:
-            keys = self._by_user.get(key[0])
-            if keys is not None:
-                keys.discard(key)
-                if not keys:
-                    del self._by_user[key[0]]
-
-    def _touch(self, user_id: str) -> list[tuple[Key, ScopeIndex]]:
-        self._epochs[user_id] = self._epochs.get(user_id, 0) + 1
-        return [(k, self._entries[k]) for k in self._by_user.get(user_id, ())]
-
-    def apply(self, rows: Iterable[dict[str, Any]]) -> None:
-        """Mirror rows just written (inserted or replaced whole, with vectors):
-        active ones are upserted into the entries that can see them, the rest
-        removed."""
-        by_user: dict[str, list[dict[str, Any]]] = {}
-        for row in rows:
-            by_user.setdefault(row["user_id"], []).append(row)
-        for user_id, user_rows in by_user.items():
-            for key, entry in self._touch(user_id):
-                for row in user_rows:
-                    visible = key[1] is None or row["agent_id"] == key[1]
-                    if visible and row["superseded_by"] is None:
-                        stored = {c: v for c, v in row.items() if c != "vector"}
-                        entry.upsert(stored, np.asarray(row["vector"], dtype=np.float32))
-                    else:
-                        entry.remove([row["id"]])
-                self._compact(key, entry)
-
-    def remove(self, user_id: str, ids: Sequence[str]) -> None:
-        for key, entry in self._touch(user_id):
-            entry.remove(ids)
-            self._compact(key, entry)
-
-    def drop_user(self, user_id: str) -> None:
-        for key, _ in self._touch(user_id):
-            self._discard(key)
-
-    def clear(self) -> None:
-        self._generation += 1
-        self._entries.clear()
-        self._by_user.clear()
-
-    def _compact(self, key: Key, entry: ScopeIndex) -> None:
-        # Masked rows still cost a scan: reload once they outnumber live ones.
-        if entry.dead > max(1024, len(entry)):
-            self._discard(key)

@@ -1,0 +1,135 @@
+"""Table lifecycle: connecting, indices, closing, readiness and optimizing.
+
+`MemoryStore.open` creates or opens the tables (memory/schema.py) and calls
+`_ensure_indices`; `optimize` (run by maintenance) compacts them under the
+exclusive `WRITES_LOCK`, so every version in its span is its own, logged as
+changing nothing, and reconnects to let LanceDB's stale file handles go.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import lancedb
+from lancedb.index import FTS, BTree, IvfPq
+
+from memory.config import MemoryConfig
+from memory.filters import build_filter
+from memory.locks import locked
+from memory.schema import HISTORY, MEMORIES
+from memory.store.commit import Commits
+
+log = logging.getLogger(__name__)
+
+# n-grams of 1..3 characters: a one- or two-character Chinese word (猫, 上海) matches.
+_FTS_CONFIG = FTS(
+    base_tokenizer="ngram",
+    ngram_min_length=1,
+    ngram_max_length=3,
+    lower_case=True,
+    ascii_folding=True,
+    stem=False,
+    remove_stop_words=False,
+    max_token_length=None,
+)
+
+
+async def connect(path: Path, config: MemoryConfig) -> Any:
+    session = lancedb.Session(
+        index_cache_size_bytes=config.maintenance.index_cache_bytes,
+        metadata_cache_size_bytes=config.maintenance.metadata_cache_bytes,
+    )
+    consistency = timedelta(seconds=config.maintenance.read_consistency_seconds)
+    return await lancedb.connect_async(
+        str(path), session=session, read_consistency_interval=consistency
+    )
+
+
+class Tables(Commits):
+    """The tables' handles, indices and maintenance."""
+
+    async def _ensure_indices(self) -> None:
+        have = {tuple(i.columns): i.index_type for i in await self._memories.list_indices()}
+        if ("text",) not in have:
+            await self._memories.create_index("text", config=_FTS_CONFIG)
+        for column in ("user_id", "id"):
+            if (column,) not in have:
+                await self._memories.create_index(column, config=BTree())
+        if ("vector",) not in have:
+            rows = await self._memories.count_rows()
+            if rows >= self._config.maintenance.vector_index_min_rows:
+                await self._memories.create_index("vector", config=IvfPq(distance_type="cosine"))
+        have_h = {tuple(i.columns) for i in await self._history.list_indices()}
+        for column in ("memory_id", "user_id"):
+            if (column,) not in have_h:
+                await self._history.create_index(column, config=BTree())
+
+    async def _reconnect(self) -> None:
+        """Fresh handles after an optimize. LanceDB's session cache keeps every
+        superseded index file open, deleted or not (about 2 descriptors per
+        optimize, forever); a new session lets them go. Old handles are
+        dropped, not closed: a read still running on them finishes."""
+        db = await connect(self._path, self._config)
+        memories = await db.open_table(MEMORIES)
+        history = await db.open_table(HISTORY)
+        self._db, self._memories, self._history = db, memories, history
+
+    async def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        async with self._lock:
+            self._memories.close()
+            self._history.close()
+            self._db.close()
+            await asyncio.to_thread(self._changes.close)
+        self._scorer.shutdown(wait=False)
+        self._text_scorer.shutdown(wait=False)
+
+    async def ready(self) -> bool:
+        if self._closed:
+            return False
+        try:
+            await self._memories.count_rows(build_filter(ids=[]))
+        except Exception:
+            log.exception("memory store is not ready")
+            return False
+        return True
+
+    async def optimize(self) -> None:
+        """Compact fragments, fold new rows into the indices, drop old versions."""
+        keep = timedelta(seconds=self._config.maintenance.keep_versions_seconds)
+        # Exclusive: no process commits while this one optimizes, so every
+        # version from here to the end is maintenance's own (compaction, index
+        # updates), logged as changing nothing: other processes' caches stay.
+        async with self._lock, locked(self._writes_lock):
+            # Caught up first; no waiting for a late log in here.
+            if self._cache is not None and not await self._check_version():
+                self._cache.clear()
+            start = await self._memories.version()
+            self._own_writes += 1
+            try:
+                await self._retry(lambda: self._memories.optimize(cleanup_older_than=keep))
+                await self._retry(lambda: self._history.optimize(cleanup_older_than=keep))
+                await self._ensure_indices()
+                await self._reconnect()
+            finally:
+                end = await self._memories.version()
+                ours = range(start + 1, end + 1)
+                try:
+                    await asyncio.to_thread(self._changes.record_unchanged, ours)
+                except Exception as exc:
+                    # Others then see unlogged versions and drop their caches: safe.
+                    log.warning("could not log the maintenance versions: %s", exc)
+                if self._cache is not None:
+                    self._version = end
+                self._own_writes -= 1
+            with contextlib.suppress(Exception):
+                await asyncio.to_thread(self._changes.prune, end)
+            self._writes = 0
+            self._optimized_version = end  # nobody commits while we hold the lock
