@@ -22,9 +22,10 @@ import msgspec
 import yaml
 
 from memory.config import AtLeastOne, MemoryConfig, NonNegative, NonNegativeInt, Positive
+from memory.errors import InvalidConfig
 
 
-class ConfigError(Exception):
+class ConfigError(InvalidConfig):
     """The configuration cannot be used; the message names the offending key."""
 
 

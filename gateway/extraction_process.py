@@ -150,12 +150,12 @@ def _guard_priority(config: Config, engine: MemoryEngine) -> asyncio.Task[None] 
 
 async def _open(open_engine: Callable[[], Awaitable[MemoryEngine]]) -> MemoryEngine | None:
     """Open the engine; while the embedder is unreachable, keep trying."""
-    from memory.embedding import EmbedderError
     from memory.engine import open_when_possible
+    from memory.errors import TRANSIENT
 
     try:
         return await open_engine()
-    except (EmbedderError, OSError) as exc:
+    except TRANSIENT as exc:
         logger.error(
             "memory is unavailable, extraction waits and retries: %s: %s",
             type(exc).__name__,

@@ -21,6 +21,7 @@ import numpy as np
 
 from memory.config import EmbedderConfig
 from memory.cookies import NoCookies
+from memory.errors import TransientError
 
 log = logging.getLogger(__name__)
 
@@ -28,8 +29,8 @@ LOCAL_MODEL = "use-multilingual-v3"
 LOCAL_DIMENSIONS = 512
 
 
-class EmbedderError(RuntimeError):
-    """The embedder could not turn the texts into vectors."""
+class EmbedderError(TransientError, RuntimeError):
+    """The embedder could not turn the texts into vectors (unreachable or failing)."""
 
 
 @runtime_checkable

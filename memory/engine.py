@@ -2,11 +2,10 @@
 
 It wires the store, the embedder, the extractor, the spool and its workers.
 Exchanges are redacted, then spooled durably, then acknowledged; workers turn
-them into facts in the background. With no `memory.llm.api_key`, the key of
-the user's latest request is used for their jobs; it lives in this process's
-memory only, and a job whose user has no known key waits (no attempt spent).
-A key goes only to the endpoint it was configured or sent for: the gateway
-decides which keys may reach the extraction endpoint (`provide_key`).
+them into facts in the background (memory/job_handler.py). Which key a job
+sends to the extraction endpoint is kept in memory/extraction_keys.py: with
+no `memory.llm.api_key`, the key of the user's latest request, which the
+gateway hands over with `provide_key`.
 """
 
 from __future__ import annotations
@@ -25,12 +24,15 @@ import httpx
 import msgspec
 import numpy as np
 
-from memory.clipping import clip_exchange_texts, search_query
+from memory.clipping import clip_exchange_texts
 from memory.config import MemoryConfig
-from memory.embedding import Embedder, EmbedderError, create_embedder
-from memory.extraction import CallGate, ExtractionError, Extractor
+from memory.embedding import Embedder, create_embedder
+from memory.errors import TRANSIENT, InvalidImport
+from memory.extraction import CallGate, Extractor
+from memory.extraction_keys import ExtractionKeys
 from memory.extraction_state import STATE_FILE, public_url, read_state
 from memory.handoff import HandoffSender
+from memory.job_handler import JobHandler, related_query
 from memory.locks import FileLock, locked
 from memory.maintenance import Maintenance
 from memory.messages import user_texts
@@ -46,11 +48,23 @@ from memory.models import (
     Scope,
     Stats,
 )
-from memory.prompts import conversation_lines
-from memory.redaction import REDACTED, redact, redact_exchange
-from memory.spool import Job, JobInfo, JobState, Spool
+from memory.redaction import redact, redact_exchange
+from memory.spool import JobInfo, JobState, Spool
 from memory.store import MemoryStore
-from memory.workers import Deferred, LeaseLost, WorkerPool
+from memory.workers import WorkerPool
+
+# Importable from here as before (`InvalidImport` is defined in memory/errors.py,
+# `related_query` in memory/job_handler.py).
+__all__ = [
+    "SPOOL_FILE",
+    "STORE_DIR",
+    "AddResult",
+    "InvalidImport",
+    "MemoryEngine",
+    "open_when_possible",
+    "record_chars",
+    "related_query",
+]
 
 log = logging.getLogger("memory.engine")
 T = TypeVar("T")
@@ -78,42 +92,6 @@ class AddResult(msgspec.Struct, kw_only=True):
     job_id: str | None = None
 
 
-class InvalidImport(ValueError):
-    """A line of an import is not a memory; nothing was imported."""
-
-
-async def _uncancellable(aw: Awaitable[T]) -> T:
-    """Let a started write finish even if the caller is cancelled, then re-raise.
-
-    A LanceDB write abandoned half-way would race with whatever the canceller
-    does next (erasing the user, closing the store).
-    """
-    task = asyncio.ensure_future(aw)
-    cancelled = False
-    while True:
-        try:
-            result = await asyncio.shield(task)
-            break
-        except asyncio.CancelledError:
-            if task.done():
-                raise
-            cancelled = True
-    if cancelled:
-        raise asyncio.CancelledError
-    return result
-
-
-def related_query(exchange: Exchange) -> str:
-    """The text whose nearest memories the extractor sees: the newest user
-    turns, cut as a chat's own memory search cuts its query (`search_query`),
-    so the search a chat made can serve its exchange's job too. The facts to
-    update are about what the user just said, not about the app's system
-    prompt or the reply."""
-    lines = conversation_lines(exchange)
-    user = [line["content"] for line in lines if line["role"] == "user"]
-    return search_query("\n".join(user or [line["content"] for line in lines]))
-
-
 def record_chars(config: MemoryConfig) -> int:
     """How many characters of each text of an exchange are recorded: more
     than the extraction prompt can hold (`context_tokens`, at 4 characters a
@@ -132,14 +110,15 @@ async def open_when_possible(
     open_once: Callable[[], Awaitable[T]], *, first_delay: float = OPEN_RETRY_FIRST
 ) -> T | None:
     """Call `open_once` until it succeeds, while it fails for a reason that
-    passes (the embedder unreachable, an I/O error). Any other error is a
-    configuration to fix, not to wait for: logged, and None."""
+    passes (`memory.errors.TRANSIENT`: the embedder unreachable, an I/O
+    error). Any other error is a configuration to fix, not to wait for:
+    logged, and None."""
     delay = first_delay
     while True:
         await asyncio.sleep(delay)
         try:
             result = await open_once()
-        except (EmbedderError, OSError) as exc:
+        except TRANSIENT as exc:
             delay = min(delay * 2, OPEN_RETRY_MAX)
             log.warning(
                 "memory still unavailable (next try in %.0f s): %s: %s",
@@ -172,9 +151,6 @@ class MemoryEngine:
         state_path: Path | None = None,
     ) -> None:
         self.config = config
-        # The key configured for the extraction endpoint (memory.llm.api_key,
-        # or the key of the upstream at that address), if any.
-        self._configured_key = config.llm.api_key or extraction_key
         self._key_source = key_source
         self._state_path = state_path
         # The extraction status for chat headers, and when a chat last asked.
@@ -192,10 +168,28 @@ class MemoryEngine:
         self.extractor = extractor
         self._embedder = embedder
         self._owns_embedder = owns_embedder
-        # BYOK: user_id -> the key of their latest request. Process memory only.
-        self._keys: dict[str, str] = {}
+        # The key configured for the extraction endpoint (memory.llm.api_key,
+        # or the key of the upstream at that address), or each user's own.
+        self.keys = ExtractionKeys(
+            config.llm.api_key or extraction_key,
+            extractor,
+            handoff=handoff,
+            wake=lambda: self.workers.notify(),
+        )
+        self.handler = JobHandler(
+            config,
+            store=store,
+            spool=spool,
+            extractor=extractor,
+            keys=self.keys,
+            redact=self._redact,
+        )
         self.workers = WorkerPool(
-            spool, self._process, config.spool, users=self._claimable_users, erased=self._undo
+            spool,
+            self.handler.process,
+            config.spool,
+            users=self.keys.claimable_users,
+            erased=self.handler.undo,
         )
         self.maintenance = Maintenance(store, config.maintenance, maintenance_lock)
         self._closed = False
@@ -281,8 +275,8 @@ class MemoryEngine:
         while True:
             try:
                 probe = await self.extractor.probe()
-                if self._needs_user_keys():
-                    await self.spool.mark_waiting("no_key", except_users=list(self._keys))
+                if self.keys.needs_user_keys():
+                    await self.spool.mark_waiting("no_key", except_users=self.keys.users())
             except Exception:
                 log.exception("probing the extraction endpoint failed")
                 return
@@ -331,25 +325,11 @@ class MemoryEngine:
 
     # -- keys (BYOK) ---------------------------------------------------------
 
-    def _needs_user_keys(self) -> bool:
-        """Whether jobs need their users' own keys: none is configured for the
-        endpoint and it did not answer without one."""
-        return not self._configured_key and self.extractor.needs_key
-
     def provide_key(self, user_id: str, api_key: str | None) -> None:
         """Remember the key of this user's latest request for their extraction
         jobs. The caller vouches that this key may go to the extraction
         endpoint (it was sent to that same upstream)."""
-        if not api_key or self._configured_key:
-            return
-        known = self._keys.get(user_id)
-        self._keys[user_id] = api_key
-        if known == api_key:
-            return
-        if self._handoff is not None:
-            self._handoff.send(user_id, api_key)
-        elif known is None:
-            self.workers.notify()
+        self.keys.provide(user_id, api_key)
 
     def receive(
         self,
@@ -364,7 +344,7 @@ class MemoryEngine:
             self.provide_key(user_id, api_key)
         if text and vector is not None:
             self.store.expect_vector(text, vector)
-        if user_id is not None and user_id not in self._keys and self._needs_user_keys():
+        if user_id is not None and not self.keys.knows(user_id) and self.keys.needs_user_keys():
             # Its new job waits for a key: say so in its `reason`.
             self._mark_waiting_soon()
         self.workers.notify()
@@ -377,7 +357,7 @@ class MemoryEngine:
             # One write for the jobs of a burst of exchanges.
             await asyncio.sleep(0.5)
             try:
-                await self.spool.mark_waiting("no_key", except_users=list(self._keys))
+                await self.spool.mark_waiting("no_key", except_users=self.keys.users())
             except Exception:
                 log.exception("marking the jobs that wait for a key failed")
 
@@ -395,7 +375,7 @@ class MemoryEngine:
         if self._handoff is None:
             self.workers.notify()
             return
-        needed = api_key if api_key and not self._configured_key else None
+        needed = self.keys.to_hand_over(api_key)
         embedded = None
         if exchange is not None:
             text = related_query(exchange)
@@ -403,14 +383,11 @@ class MemoryEngine:
             embedded = (text, vector) if vector is not None else None
         self._handoff.send(user_id, needed, embedded)
 
-    def _claimable_users(self) -> list[str] | None:
-        return list(self._keys) if self._needs_user_keys() else None
-
     async def extraction_lag(self) -> float:
         """How long the oldest job this engine could run now has waited
         (seconds): a job waiting for its user's key is not behind, it is
         blocked until that user's next request."""
-        return await self.spool.lag(users=self._claimable_users())
+        return await self.spool.lag(users=self.keys.claimable_users())
 
     # -- writing through the spool -------------------------------------------
 
@@ -426,7 +403,7 @@ class MemoryEngine:
             # expressions for a long message: off the event loop.
             exchange = await asyncio.to_thread(redact_exchange, exchange)
         user = exchange.scope.user_id
-        waits = self._needs_user_keys() and not api_key and user not in self._keys
+        waits = self.keys.needs_user_keys() and not api_key and not self.keys.knows(user)
         job_id = await self.spool.enqueue(exchange, reason="no_key" if waits else None)
         self.provide_key(exchange.scope.user_id, api_key)
         # The key travels with every wake-up: an extraction process that
@@ -512,63 +489,6 @@ class MemoryEngine:
             self._wake()
         return n
 
-    # -- the job handler ------------------------------------------------------
-
-    async def _process(self, job: Job) -> None:
-        exchange = job.exchange
-        scope = exchange.scope
-        ops = job.decision
-        # A decision made in this attempt was never applied before: no replay checks.
-        fresh = ops is None
-        if ops is None:
-            ops = await self._decide(job)
-            if not ops:
-                # Nothing to apply (most chat turns): completing the job is the
-                # only record needed. A crash before that asks the model again.
-                return
-            if not await self.spool.save_decision(job, ops):
-                raise LeaseLost(job.id)
-        if not ops:
-            return
-        if not await self.spool.owns(job):
-            raise LeaseLost(job.id)
-        await _uncancellable(
-            self.store.apply(
-                scope,
-                ops,
-                source=job.id,
-                actor="extractor",
-                at=exchange.at,
-                fresh=fresh,
-                metadata=exchange.metadata,
-            )
-        )
-
-    async def _undo(self, job: Job) -> None:
-        """Remove what an erased user's job wrote (`WorkerPool` tells when)."""
-        await _uncancellable(self.store.forget_source(job.exchange.scope, job.id))
-
-    async def _decide(self, job: Job) -> list[Operation]:
-        key = self._configured_key or self._keys.get(job.user_id)
-        if not key and self._needs_user_keys():
-            raise Deferred(job.id, "no_key")
-        text = related_query(job.exchange)
-        k = self.config.search.extraction_context
-        existing = await self.store.related(job.exchange.scope, text, k) if text else []
-        try:
-            ops = await self.extractor.decide(job.exchange, existing, api_key=key)
-        except ExtractionError as exc:
-            if exc.category == "no_key":
-                raise Deferred(job.id, "no_key") from None
-            # Belt and braces: an upstream error echoing the key must not reach the spool.
-            if key:
-                exc.reason = exc.reason.replace(key, REDACTED)
-                exc.args = (exc.reason,)
-            raise
-        return [
-            msgspec.structs.replace(op, text=self._redact(op.text)) if op.text else op for op in ops
-        ]
-
     def _redact(self, text: str) -> str:
         return redact(text) if self.config.redaction.enabled else text
 
@@ -618,7 +538,7 @@ class MemoryEngine:
         # A job of theirs running here must not write after the erase.
         await self.workers.cancel_user(scope.user_id)
         if scope.agent_id is None:
-            self._keys.pop(scope.user_id, None)
+            self.keys.forget(scope.user_id)
         return await self.store.delete_all(scope)
 
     async def history(self, scope: Scope, memory_id: str) -> builtins.list[HistoryEntry]:
@@ -701,7 +621,7 @@ class MemoryEngine:
 
     def _shown_key_source(self) -> str | None:
         probed = self.extractor.probed
-        if not self._configured_key and probed is not None and probed.open:
+        if not self.keys.configured and probed is not None and probed.open:
             return "none needed: the endpoint answers without a key (a key a user sends is used)"
         return self._key_source
 

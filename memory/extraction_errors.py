@@ -7,6 +7,10 @@
     |                                   (FOR_GOOD_CATEGORIES: fail at once)
     +-- ExtractionUnavailable       the model could not be reached or was
                                     overloaded: waits without spending attempts
+                                    (also a memory.errors.TransientError)
+
+ExtractionError is a memory.errors.MemoryLibraryError (memory/errors.py draws
+the whole hierarchy).
 
 `classify` reads an upstream's refusal the same way whatever server sent it:
 servers word and number their errors differently (llama-cpp-python refuses a
@@ -20,6 +24,7 @@ import json
 import re
 from typing import TYPE_CHECKING
 
+from memory.errors import MemoryLibraryError, TransientError
 from memory.extraction_state import public_url
 
 if TYPE_CHECKING:
@@ -61,7 +66,7 @@ FOR_GOOD_CATEGORIES: tuple[str, ...] = (
 )
 
 
-class ExtractionError(Exception):
+class ExtractionError(MemoryLibraryError):
     """The extraction call failed or its answer cannot be trusted; retry later.
 
     `category` says why, so the spool can tell what a retry can fix:
@@ -78,7 +83,7 @@ class ExtractionError(Exception):
         self.category = category
 
 
-class ExtractionUnavailable(ExtractionError):
+class ExtractionUnavailable(ExtractionError, TransientError):
     """The extraction model could not be reached or was overloaded (connection
     error, timeout, 429, 5xx): the job waits and retries without using up its
     attempts, so an outage never parks work as failed."""

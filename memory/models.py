@@ -7,10 +7,12 @@ from typing import Any, Literal
 
 import msgspec
 
+from memory.errors import RejectedError
+
 MAX_ID_LENGTH = 256
 
 
-class InvalidScope(ValueError):
+class InvalidScope(RejectedError, ValueError):
     """An id that cannot name a user, agent or session."""
 
 

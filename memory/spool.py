@@ -15,30 +15,30 @@ decision is stored with the job before it is applied, so a job that crashed
 mid-apply is re-applied from the decision without a second LLM call; applying is
 idempotent, which makes the effect exactly-once.
 
-Every SQLite call runs on one dedicated thread: the event loop never waits on disk.
-State changes of jobs (enqueue, claim, heartbeat, decision, outcome) that arrive
-while a commit is in progress are grouped into the next transaction, each in its
-own savepoint: one fsync covers them all, and none returns before its commit
-(group commit; concurrent workers do not queue behind each other's fsyncs).
+Every SQLite call runs on one dedicated thread (memory/sqlite_writer.py): the
+event loop never waits on disk. State changes of jobs (enqueue, claim,
+heartbeat, decision, outcome) go through its group commit: those that arrive
+while a commit is in progress share the next one, each in its own savepoint
+(concurrent workers do not queue behind each other's fsyncs), and none
+returns before its commit.
 API keys are never written here: jobs carry the (already redacted) exchange only.
 """
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 import sqlite3
 import time
 import uuid
-from collections.abc import Callable, Iterable, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 import msgspec
 
 from memory.models import Exchange, Operation, SpoolStats
+from memory.sqlite_writer import GroupCommitWriter
 
 JobState = Literal["pending", "running", "done", "failed"]
 T = TypeVar("T")
@@ -52,38 +52,6 @@ _CORRUPT = frozenset({sqlite3.SQLITE_CORRUPT, sqlite3.SQLITE_NOTADB})
 _BUSY_TIMEOUT_MS = 30_000
 # The spool's one thread (its name's prefix), which runs every transaction.
 THREAD_NAME = "spool"
-# The first and the longest pause between two tries of `BEGIN IMMEDIATE`.
-_BEGIN_FIRST_PAUSE = 50e-6
-_BEGIN_MAX_PAUSE = 2e-3
-
-
-def _begin_immediate(db: sqlite3.Connection) -> None:
-    """`BEGIN IMMEDIATE`, waiting for another process's write in short steps.
-
-    SQLite's own busy handler sleeps 1 ms at the first conflict, then 2, 5,
-    10 ms...; a writer in another process (the extraction process, another
-    worker) holds the lock for a fraction of a millisecond, so most waits
-    lasted several times longer than the lock: an enqueue's p99 went from
-    1.2 to 5 ms with a second process claiming and completing jobs. Here the
-    pause starts at 50 us and doubles up to 2 ms.
-    """
-    db.execute("PRAGMA busy_timeout=0")
-    try:
-        pause = _BEGIN_FIRST_PAUSE
-        deadline = time.monotonic() + _BUSY_TIMEOUT_MS / 1000
-        while True:
-            try:
-                db.execute("BEGIN IMMEDIATE")
-                return
-            except sqlite3.OperationalError as exc:
-                if exc.sqlite_errorcode != sqlite3.SQLITE_BUSY or time.monotonic() >= deadline:
-                    raise
-            time.sleep(pause)
-            pause = min(2 * pause, _BEGIN_MAX_PAUSE)
-    finally:
-        db.execute(f"PRAGMA busy_timeout={_BUSY_TIMEOUT_MS}")
-
-
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (
     seq INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -225,11 +193,8 @@ class Spool:
         self.path = path
         self.lease_seconds = lease_seconds
         self._clock = clock
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=THREAD_NAME)
-        self._db: sqlite3.Connection | None = None
-        # Writes waiting for the next group commit, and the task committing them.
-        self._pending: list[tuple[Callable[[sqlite3.Connection], Any], asyncio.Future[Any]]] = []
-        self._flusher: asyncio.Task[None] | None = None
+        # The connection, its thread, and the group commit of job state changes.
+        self._writer = GroupCommitWriter(thread_name=THREAD_NAME, busy_timeout_ms=_BUSY_TIMEOUT_MS)
 
     @classmethod
     async def open(
@@ -240,14 +205,10 @@ class Spool:
         clock: Callable[[], float] = time.time,
     ) -> Spool:
         spool = cls(path, lease_seconds=lease_seconds, clock=clock)
-        try:
-            await spool._run(spool._connect)
-        except BaseException:
-            spool._executor.shutdown(wait=False)
-            raise
+        await spool._writer.open(spool._connect)
         return spool
 
-    def _connect(self) -> None:
+    def _connect(self) -> sqlite3.Connection:
         """Open the database; a corrupt one is moved aside and a fresh one started.
 
         Refusing to start would take every chat call down with the spool, and
@@ -256,7 +217,7 @@ class Spool:
         """
         self.path.parent.mkdir(parents=True, exist_ok=True)
         try:
-            self._db = self._open_db()
+            return self._open_db()
         except sqlite3.DatabaseError as exc:
             if (getattr(exc, "sqlite_errorcode", 0) & 0xFF) not in _CORRUPT:
                 raise
@@ -272,7 +233,7 @@ class Spool:
                 exc,
                 aside,
             )
-            self._db = self._open_db()
+            return self._open_db()
 
     def _open_db(self) -> sqlite3.Connection:
         db = sqlite3.connect(
@@ -294,85 +255,14 @@ class Spool:
         return db
 
     async def close(self) -> None:
-        if self._flusher is not None:
-            await asyncio.gather(self._flusher, return_exceptions=True)
-        if self._db is not None:
-            await self._run(self._db.close)
-            self._db = None
-        self._executor.shutdown(wait=True)
-
-    async def _run(self, fn: Callable[..., T], *args: Any) -> T:
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._executor, fn, *args)
+        await self._writer.close()
 
     def _conn(self) -> sqlite3.Connection:
-        if self._db is None:
-            raise RuntimeError("the spool is closed")
-        return self._db
+        return self._writer.conn()
 
-    def _write(self, fn: Callable[[sqlite3.Connection], T]) -> T:
-        """Run `fn` in one immediate (write-locked) transaction."""
-        db = self._conn()
-        _begin_immediate(db)
-        try:
-            result = fn(db)
-        except BaseException:
-            db.execute("ROLLBACK")
-            raise
-        db.execute("COMMIT")
-        return result
-
-    async def _grouped(self, fn: Callable[[sqlite3.Connection], T]) -> T:
-        """Run `fn` in the next group commit; returns once that commit is done."""
-        future: asyncio.Future[T] = asyncio.get_running_loop().create_future()
-        self._pending.append((fn, future))
-        if self._flusher is None or self._flusher.done():
-            self._flusher = asyncio.create_task(self._flush())
-        return await future
-
-    async def _flush(self) -> None:
-        while self._pending:
-            batch = [(fn, fut) for fn, fut in self._pending if not fut.done()]
-            self._pending = []
-            if not batch:
-                continue
-            try:
-                outcomes = await self._run(self._write_group, [fn for fn, _ in batch])
-            except Exception as exc:
-                for _, fut in batch:
-                    if not fut.done():
-                        fut.set_exception(exc)
-                continue
-            for (_, fut), (ok, value) in zip(batch, outcomes, strict=True):
-                if fut.done():
-                    continue
-                if ok:
-                    fut.set_result(value)
-                else:
-                    fut.set_exception(value)
-
-    def _write_group(
-        self, fns: list[Callable[[sqlite3.Connection], Any]]
-    ) -> list[tuple[bool, Any]]:
-        """One transaction; a failing `fn` is rolled back to its savepoint alone."""
-        db = self._conn()
-        _begin_immediate(db)
-        outcomes: list[tuple[bool, Any]] = []
-        try:
-            for fn in fns:
-                db.execute("SAVEPOINT one")
-                try:
-                    outcomes.append((True, fn(db)))
-                except Exception as exc:
-                    db.execute("ROLLBACK TO one")
-                    outcomes.append((False, exc))
-                db.execute("RELEASE one")
-            db.execute("COMMIT")
-        except BaseException:
-            if db.in_transaction:
-                db.execute("ROLLBACK")
-            raise
-        return outcomes
+    def _grouped(self, fn: Callable[[sqlite3.Connection], T]) -> Awaitable[T]:
+        """Run `fn` in the next group commit (as the job writes below do)."""
+        return self._writer.grouped(fn)
 
     # -- producing -----------------------------------------------------------
 
@@ -402,7 +292,7 @@ class Spool:
                 ),
             )
 
-        await self._grouped(insert)
+        await self._writer.grouped(insert)
         return job_id
 
     # -- consuming -----------------------------------------------------------
@@ -457,7 +347,7 @@ class Spool:
                 )
             )
 
-        return await self._grouped(claim)
+        return await self._writer.grouped(claim)
 
     def _owned(self, db: sqlite3.Connection, job: Job, sql: str, params: Sequence[Any]) -> bool:
         cur = db.execute(
@@ -475,7 +365,7 @@ class Spool:
                 db, job, "UPDATE jobs SET lease_until = ?", (now + self.lease_seconds,)
             )
 
-        return await self._grouped(renew)
+        return await self._writer.grouped(renew)
 
     async def owns(self, job: Job) -> bool:
         """Does this claim still hold the job? Checked right before applying."""
@@ -487,7 +377,7 @@ class Spool:
             ).fetchone()
             return row is not None
 
-        return await self._run(check, self._conn())
+        return await self._writer.run(check, self._writer.conn())
 
     async def save_decision(self, job: Job, ops: Sequence[Operation]) -> bool:
         """Record the validated LLM answer so a replay never asks the model again."""
@@ -501,7 +391,7 @@ class Spool:
                 (decision, self._clock()),
             )
 
-        ok = await self._grouped(save)
+        ok = await self._writer.grouped(save)
         if ok:
             job.decision = list(ops)
         return ok
@@ -516,7 +406,7 @@ class Spool:
                 (self._clock(),),
             )
 
-        return await self._grouped(done)
+        return await self._writer.grouped(done)
 
     async def fail(
         self,
@@ -554,7 +444,7 @@ class Spool:
                 (refund, error, reason, now + retry_in, now),
             )
 
-        return await self._grouped(fail)
+        return await self._writer.grouped(fail)
 
     async def release(self, job: Job, *, reason: str | None = None) -> bool:
         """Give the job back untouched (shutdown, or it waits: `reason`): due
@@ -569,7 +459,7 @@ class Spool:
                 (reason, self._clock()),
             )
 
-        return await self._grouped(release)
+        return await self._writer.grouped(release)
 
     # -- management ----------------------------------------------------------
 
@@ -578,7 +468,7 @@ class Spool:
             row = db.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
             return None if row is None else _info(row)
 
-        return await self._run(get, self._conn())
+        return await self._writer.run(get, self._writer.conn())
 
     async def decision(self, job_id: str) -> list[Operation] | None:
         """The operations decided for a job (empty: nothing to remember, or
@@ -590,7 +480,7 @@ class Spool:
                 return None
             return [] if row[0] is None else _ops_decoder.decode(row[0])
 
-        return await self._run(read, self._conn())
+        return await self._writer.run(read, self._writer.conn())
 
     async def jobs(
         self, *, state: JobState | None = None, user_id: str | None = None, limit: int = 100
@@ -611,7 +501,7 @@ class Spool:
             ).fetchall()
             return [_info(r) for r in rows]
 
-        return await self._run(select, self._conn())
+        return await self._writer.run(select, self._writer.conn())
 
     async def retry_failed(self, user_id: str | None = None) -> int:
         """Put failed jobs back in the queue with fresh attempts."""
@@ -628,7 +518,7 @@ class Spool:
                 params.append(user_id)
             return db.execute(sql, params).rowcount
 
-        return await self._run(self._write, retry)
+        return await self._writer.transaction(retry)
 
     async def delete_user(self, user_id: str, agent_id: str | None = None) -> int:
         """Forget every job of a user (or of one of their agents), whatever its state."""
@@ -640,7 +530,7 @@ class Spool:
                 "DELETE FROM jobs WHERE user_id = ? AND agent_id = ?", (user_id, agent_id)
             ).rowcount
 
-        return await self._run(self._write, delete)
+        return await self._writer.transaction(delete)
 
     async def purge(self, older_than: float) -> int:
         """Remove done jobs finished more than `older_than` seconds ago."""
@@ -651,7 +541,7 @@ class Spool:
                 "DELETE FROM jobs WHERE state = 'done' AND updated_at < ?", (cutoff,)
             ).rowcount
 
-        return await self._run(self._write, purge)
+        return await self._writer.transaction(purge)
 
     async def stats(self) -> SpoolStats:
         def count(db: sqlite3.Connection) -> SpoolStats:
@@ -660,7 +550,7 @@ class Spool:
                 counts[state] = n
             return SpoolStats(**counts, lag_seconds=round(_lag(db, self._clock()), 3))
 
-        return await self._run(count, self._conn())
+        return await self._writer.run(count, self._writer.conn())
 
     async def reasons(self) -> dict[str, dict[str, int]]:
         """Pending and failed jobs counted by reason (`none`: no reason recorded)."""
@@ -674,7 +564,7 @@ class Spool:
                 out[state][reason] = n
             return out
 
-        return await self._run(count, self._conn())
+        return await self._writer.run(count, self._writer.conn())
 
     async def outcomes(self, window: float) -> Outcomes:
         """How extraction went: the last success, the last error, and whether
@@ -692,7 +582,7 @@ class Spool:
                 failing=recent["recent_errors"] > 0 and recent["recent_done"] == 0,
             )
 
-        return await self._run(read, self._conn())
+        return await self._writer.run(read, self._writer.conn())
 
     async def mark_waiting(self, reason: str, *, except_users: Iterable[str] = ()) -> int:
         """Give pending jobs without a reason this one (e.g. `no_key` after a
@@ -706,14 +596,14 @@ class Spool:
                 (reason, skip),
             ).rowcount
 
-        return await self._run(self._write, mark)
+        return await self._writer.transaction(mark)
 
     async def lag(self, *, users: Iterable[str] | None = None) -> float:
         """How long the longest-waiting due job has waited (seconds; 0 when
         none waits): how far memory is behind the conversations. `users`
         limits it to those users' jobs, as for `claim`."""
         allowed = None if users is None else json.dumps(sorted(set(users)))
-        return await self._run(_lag, self._conn(), self._clock(), allowed)
+        return await self._writer.run(_lag, self._writer.conn(), self._clock(), allowed)
 
     async def unfinished(self) -> int:
         """Pending plus running jobs."""
@@ -724,4 +614,4 @@ class Spool:
             ).fetchone()
             return int(row[0])
 
-        return await self._run(count, self._conn())
+        return await self._writer.run(count, self._writer.conn())

@@ -149,7 +149,7 @@ async def test_a_job_abandoned_after_its_decision_resumes_from_the_decision(open
     job_id = await engine.record_exchange(exchange(ALICE, "I play chess"))
     # A worker decides, stores the decision, and dies before applying it.
     dead = (await engine.spool.claim()).job
-    await engine.spool.save_decision(dead, await engine._decide(dead))
+    await engine.spool.save_decision(dead, await engine.handler.decide(dead))
     await engine.start()
     info = await engine.wait(job_id, timeout=30)
     assert (info.state, info.attempts) == ("done", 2)

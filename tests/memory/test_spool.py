@@ -75,9 +75,7 @@ async def test_a_write_waits_for_another_process_holding_the_lock(tmp_path, spoo
 async def test_a_write_gives_up_when_the_lock_is_never_released(tmp_path, spool, monkeypatch):
     import sqlite3
 
-    import memory.spool
-
-    monkeypatch.setattr(memory.spool, "_BUSY_TIMEOUT_MS", 200)
+    monkeypatch.setattr(spool._writer, "busy_timeout_ms", 200)
     other = sqlite3.connect(tmp_path / "spool.sqlite3", isolation_level=None)
     other.execute("BEGIN IMMEDIATE")
     try:
