@@ -13,19 +13,16 @@ from gateway.config import Config
 from gateway.errors import exception_handlers
 from gateway.hooks import ChatHooks, NoHooks
 from gateway.logs import logging_config
-from gateway.memories_api import Access, MemoriesController
+from gateway.memories_access import Access
+from gateway.memories_api import MemoriesController
 from gateway.memory_hooks import MemoryHooks
 from gateway.openapi import openapi_config, swagger_ui_assets
 from gateway.proxy import Proxy
 from gateway.routes import handlers
-from gateway.tasks import BackgroundTasks
 from memory.handoff import HandoffSender
 from memory.heap import freeze_startup_objects
 
 logger = logging.getLogger("gateway")
-
-# After-completion work still running at shutdown gets this long to finish.
-DRAIN_SECONDS = 10.0
 
 
 def create_app(
@@ -55,8 +52,7 @@ def create_app(
             hooks = memory
         else:
             hooks = NoHooks()
-    tasks = BackgroundTasks()
-    proxy = Proxy(config, hooks, tasks, activity)
+    proxy = Proxy(config, hooks, activity)
 
     @asynccontextmanager
     async def lifespan(app: Litestar) -> AsyncIterator[None]:
@@ -69,7 +65,6 @@ def create_app(
             try:
                 yield
             finally:
-                await tasks.drain(DRAIN_SECONDS)
                 await hooks.shutdown()
         finally:
             await proxy.close()
@@ -88,6 +83,5 @@ def create_app(
     app.state.proxy = proxy
     app.state.chat_activity = activity
     app.state.hooks = hooks
-    app.state.tasks = tasks
     app.state.memory_access = Access(config.auth.admin_key, proxy.identity.keys)
     return app

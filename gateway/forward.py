@@ -45,13 +45,14 @@ def upstream_request_headers(
     consumed: frozenset[bytes],
     keep_length: bool = False,
     identity_encoding: bool = False,
-) -> list[tuple[bytes, bytes]]:
-    """The client's headers as the upstream should see them.
+) -> tuple[list[tuple[bytes, bytes]], str | None]:
+    """The client's headers as the upstream should see them, and the key sent.
 
     `raw` are ASGI headers (lower-case names). The key sent upstream is, in
     order: the gateway key's own upstream key, the upstream's configured key,
     else the client's Authorization unchanged - but a gateway key itself never
-    leaves the gateway. The key actually used is recorded on `identity`.
+    leaves the gateway. The key actually sent (None when none was) is
+    returned with the headers.
     """
     drop = _REQUEST_DROP | consumed
     if keep_length:
@@ -64,21 +65,22 @@ def upstream_request_headers(
 
     key = identity.key.upstream_api_key if identity.key is not None else None
     key = key or upstream.api_key
+    sent: str | None = None
     if key:
         out.append((b"authorization", b"Bearer " + key.encode("latin-1")))
-        identity.upstream_api_key = key
+        sent = key
     elif identity.key is None:
         for name, value in raw:
             if name == b"authorization":
                 out.append((name, value))
                 token = value.decode("latin-1")
                 if token[:7].lower() == "bearer ":
-                    identity.upstream_api_key = token[7:].strip() or None
+                    sent = token[7:].strip() or None
                 break
     if identity_encoding:
         # The copy of the answer is parsed for the after-completion seam.
         out.append((b"accept-encoding", b"identity"))
-    return out
+    return out, sent
 
 
 def client_response_headers(

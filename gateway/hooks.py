@@ -16,6 +16,7 @@ from typing import Any, Protocol, runtime_checkable
 from litestar.datastructures import Headers
 
 from gateway.identity import Identity
+from memory.models import Scope
 
 
 @dataclass(slots=True)
@@ -29,8 +30,13 @@ class ChatContext:
     upstream: str | None = None
     # Hooks may add headers (e.g. X-Memory-Status); they are sent on streams too.
     response_headers: dict[str, str] = field(default_factory=dict)
-    # Free space for a hook to carry state from before_forward to after_completion.
-    state: dict[str, Any] = field(default_factory=dict)
+    # The key sent upstream (set by the proxy once headers are built), for
+    # the extraction call made on the user's behalf; never logged.
+    upstream_api_key: str | None = field(default=None, repr=False)
+    # Set by the memory hooks in before_forward for after_completion: the
+    # request's memory mode and, when memory applies to it, its scope.
+    memory_mode: str | None = None
+    memory_scope: Scope | None = None
 
 
 @dataclass(slots=True)

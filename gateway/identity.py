@@ -2,22 +2,25 @@
 
 The user id found here scopes every memory read and write, so invalid ids are
 rejected with 400 rather than silently truncated, and keys are compared in
-constant time.
+constant time (`KeyMatcher`, the one key check of the gateway). `scope_for` is
+the one rule turning a request into a memory scope, for chat and for the
+management API alike.
 """
 
 from __future__ import annotations
 
 import hashlib
 import hmac
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import Literal
+from typing import Generic, Literal, TypeVar
 
 from gateway.config import AuthConfig, IdentityConfig, UserKey
 from gateway.errors import GatewayError
-from memory.models import InvalidScope, validate_id
+from memory.models import InvalidScope, Scope, validate_id
 
 Via = Literal["key", "header", "body"]
+T = TypeVar("T")
 
 
 @dataclass(slots=True)
@@ -26,9 +29,6 @@ class Identity:
     agent_id: str | None = None
     session_id: str | None = None
     via: Via | None = None
-    # The key actually sent upstream (for the extraction call made on the
-    # user's behalf); kept in memory only, never logged.
-    upstream_api_key: str | None = None
     # The gateway key that named the user, when one did.
     key: UserKey | None = None
 
@@ -46,25 +46,57 @@ def bearer_token(authorization: str | None) -> str | None:
     return None
 
 
-class KeyRing:
-    """The gateway-issued keys, matched by SHA-256 digest in constant time."""
+class KeyMatcher(Generic[T]):
+    """Secret keys, each standing for a value, matched by SHA-256 digest in
+    constant time: the one key check of the gateway."""
 
-    def __init__(self, keys: list[UserKey]) -> None:
-        self._keys = [(hashlib.sha256(k.key.encode()).digest(), k) for k in keys]
+    def __init__(self, keys: Iterable[tuple[str, T]]) -> None:
+        self._keys = [(hashlib.sha256(key.encode()).digest(), value) for key, value in keys]
 
     def __bool__(self) -> bool:
         return bool(self._keys)
 
-    def match(self, token: str | None) -> UserKey | None:
+    def match(self, token: str | None) -> T | None:
         if token is None or not self._keys:
             return None
         digest = hashlib.sha256(token.encode()).digest()
         found = None
         # No early exit: the time taken does not depend on which key matched.
-        for candidate, key in self._keys:
+        for candidate, value in self._keys:
             if hmac.compare_digest(candidate, digest):
-                found = key
+                found = value
         return found
+
+
+class KeyRing(KeyMatcher[UserKey]):
+    """The gateway-issued keys, each naming its user."""
+
+    def __init__(self, keys: list[UserKey]) -> None:
+        super().__init__((k.key, k) for k in keys)
+
+
+def scope_for(
+    user_id: str | None,
+    agent_id: str | None = None,
+    session_id: str | None = None,
+    *,
+    key_user: str | None = None,
+) -> Scope:
+    """The memory scope a request acts in: its user, narrowed to its agent
+    (and session). `key_user`: the user a per-user gateway key binds the
+    request to, which naming another user cannot escape (403)."""
+    if key_user is not None:
+        if user_id is not None and user_id != key_user:
+            raise GatewayError(
+                403, "this key may only manage its own user's memories", param="user_id"
+            )
+        user_id = key_user
+    if user_id is None:
+        raise GatewayError(400, "user_id is required", param="user_id", code="missing_user_id")
+    try:
+        return Scope(user_id=user_id, agent_id=agent_id, session_id=session_id)
+    except InvalidScope as exc:
+        raise GatewayError(400, str(exc), param="user_id", code="invalid_id") from None
 
 
 def _checked(kind: str, value: str | None) -> str | None:

@@ -1,200 +1,48 @@
 """`/v1/memories`: inspect and manage what the gateway remembers.
 
-Who may call it: the admin key (`auth.admin_key`) may manage any user; a
-per-user gateway key only its own user; with no admin key configured, loopback
-clients act as admin. Every call is scoped to one user, so another user's
-memory id answers 404, exactly like a missing one.
+Who may call it is decided in gateway/memories_access.py (the admin key any
+user, a per-user gateway key only its own); the bodies are in
+gateway/memories_schemas.py. Every call is scoped to one user, so another
+user's memory id answers 404, exactly like a missing one.
 """
 
 from __future__ import annotations
 
-import hashlib
-import hmac
-import ipaddress
 import logging
 import sqlite3
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
-import msgspec
 from litestar import Controller, Request, Response, delete, get, post, put
 from litestar.di import NamedDependency, Provide
 from litestar.params import FromPath, FromQuery, JSONBody, QueryParameter
 from litestar.response import Stream
 
 from gateway.errors import GatewayError, error_response
-from gateway.identity import KeyRing, bearer_token
+from gateway.memories_access import Principal, admin_only, provide_principal, scope_of
+from gateway.memories_schemas import (
+    AddRequest,
+    AddResponse,
+    Deleted,
+    HistoryResponse,
+    JobsResponse,
+    MemoryList,
+    Retried,
+    SearchRequest,
+    SearchResponse,
+    SearchResult,
+    UpdateRequest,
+    UserCount,
+    UsersResponse,
+)
 from gateway.memory_hooks import MemoryHooks
 from memory.engine import InvalidImport, MemoryEngine
-from memory.models import (
-    HistoryEntry,
-    ImportResult,
-    InvalidScope,
-    Memory,
-    Operation,
-    Scope,
-    Stats,
-)
+from memory.models import ImportResult, InvalidScope, Memory, Scope, Stats
 from memory.spool import JobInfo
-
-
-@dataclass(slots=True, frozen=True)
-class Principal:
-    # None: an administrator, who may name any user.
-    user_id: str | None
-
 
 logger = logging.getLogger("gateway.memories")
 # How long `POST /v1/memories?wait=true` waits for its extraction job.
 WAIT_SECONDS = 30.0
-
-
-class AddRequest(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
-    user_id: str | None = None
-    agent_id: str | None = None
-    session_id: str | None = None
-    text: str | None = None
-    messages: list[dict[str, Any]] | None = None
-    # True: extract facts through the LLM (queued); False: store the text as given.
-    infer: bool = True
-    metadata: dict[str, Any] | None = None
-    # With infer=True, wait up to this many seconds for the extraction to finish.
-    wait_seconds: float = 0.0
-
-
-class SearchRequest(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
-    query: str
-    user_id: str | None = None
-    agent_id: str | None = None
-    limit: int | None = None
-    include_superseded: bool = False
-
-
-class UpdateRequest(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
-    text: str | None = None
-    metadata: dict[str, Any] | None = None
-
-
-class SearchResult(msgspec.Struct, kw_only=True):
-    memory: Memory
-    score: float
-    similarity: float
-
-
-class AddResponse(msgspec.Struct, kw_only=True):
-    results: list[Memory]
-    job_id: str | None = None
-    # For queued additions: pending, running, done or failed.
-    job_state: str | None = None
-    # Why a queued addition waits or failed (e.g. `no_key`: no key may be
-    # sent to the extraction endpoint for this user yet; see docs/memory.md).
-    job_reason: str | None = None
-    # With `?wait=true` (or `wait_seconds`), once the job is done: what it
-    # changed (ADD/UPDATE/DELETE; empty when there was nothing to remember).
-    operations: list[Operation] | None = None
-
-
-class MemoryList(msgspec.Struct, kw_only=True):
-    object: Literal["list"] = "list"
-    data: list[Memory]
-
-
-class SearchResponse(msgspec.Struct, kw_only=True):
-    results: list[SearchResult]
-
-
-class HistoryResponse(msgspec.Struct, kw_only=True):
-    data: list[HistoryEntry]
-
-
-class UserCount(msgspec.Struct, kw_only=True):
-    user_id: str
-    memories: int
-
-
-class UsersResponse(msgspec.Struct, kw_only=True):
-    data: list[UserCount]
-
-
-class JobsResponse(msgspec.Struct, kw_only=True):
-    data: list[JobInfo]
-
-
-class Deleted(msgspec.Struct, kw_only=True):
-    deleted: int
-
-
-class Retried(msgspec.Struct, kw_only=True):
-    retried: int
-
-
-class Access:
-    """Decides who a management request acts for."""
-
-    def __init__(self, admin_key: str | None, keys: KeyRing) -> None:
-        self._admin = hashlib.sha256(admin_key.encode()).digest() if admin_key else None
-        self._keys = keys
-
-    def principal(self, request: Request[Any, Any, Any]) -> Principal:
-        token = bearer_token(request.headers.get("authorization"))
-        if token is not None:
-            digest = hashlib.sha256(token.encode()).digest()
-            if self._admin is not None and hmac.compare_digest(self._admin, digest):
-                return Principal(user_id=None)
-            key = self._keys.match(token)
-            if key is not None:
-                return Principal(user_id=key.user_id)
-        if self._admin is None and _is_loopback(request):
-            return Principal(user_id=None)
-        raise GatewayError(
-            401,
-            "the memory API needs the admin key or a per-user gateway key"
-            + ("" if self._admin is not None else " (or a loopback client)"),
-            code="invalid_api_key",
-            retryable=False,
-        )
-
-    def lent_key(self, request: Request[Any, Any, Any]) -> str | None:
-        """A bearer token that is neither the admin key nor a gateway key: the
-        caller's own key, lent for the extraction this call asks for."""
-        token = bearer_token(request.headers.get("authorization"))
-        if token is None:
-            return None
-        digest = hashlib.sha256(token.encode()).digest()
-        if self._admin is not None and hmac.compare_digest(self._admin, digest):
-            return None
-        return None if self._keys.match(token) is not None else token
-
-
-def _is_loopback(request: Request[Any, Any, Any]) -> bool:
-    client = request.client
-    if client is None:
-        return False
-    try:
-        return ipaddress.ip_address(client.host).is_loopback
-    except ValueError:
-        return False
-
-
-def _scope(principal: Caller, user_id: str | None, agent_id: str | None = None) -> Scope:
-    if principal.user_id is not None:
-        if user_id is not None and user_id != principal.user_id:
-            raise GatewayError(
-                403, "this key may only manage its own user's memories", param="user_id"
-            )
-        user_id = principal.user_id
-    if user_id is None:
-        raise GatewayError(400, "user_id is required", param="user_id", code="missing_user_id")
-    try:
-        return Scope(user_id=user_id, agent_id=agent_id)
-    except InvalidScope as exc:
-        raise GatewayError(400, str(exc), param="user_id", code="invalid_id") from None
-
-
-def _admin_only(principal: Caller) -> None:
-    if principal.user_id is not None:
-        raise GatewayError(403, "only the admin key may list users or manage the spool")
 
 
 def _not_found(memory_id: str) -> GatewayError:
@@ -213,11 +61,6 @@ async def provide_engine(request: Request[Any, Any, Any]) -> MemoryEngine:
             code="memory_unavailable",
         )
     return hooks.opened
-
-
-async def provide_principal(request: Request[Any, Any, Any]) -> Principal:
-    access: Access = request.app.state.memory_access
-    return access.principal(request)
 
 
 UserId = Annotated[str | None, QueryParameter(description="whose memories")]
@@ -262,7 +105,7 @@ class MemoriesController(Controller):
             QueryParameter(description=f"infer: wait up to {WAIT_SECONDS:.0f} s for the job"),
         ] = False,
     ) -> AddResponse:
-        scope = _scope(principal, data.user_id, data.agent_id)
+        scope = scope_of(principal, data.user_id, data.agent_id)
         if data.session_id is not None:
             scope = Scope(
                 user_id=scope.user_id, agent_id=scope.agent_id, session_id=data.session_id
@@ -310,7 +153,7 @@ class MemoriesController(Controller):
         offset: Annotated[int, QueryParameter(ge=0)] = 0,
         include_superseded: FromQuery[bool] = False,
     ) -> MemoryList:
-        scope = _scope(principal, user_id, agent_id)
+        scope = scope_of(principal, user_id, agent_id)
         memories = await engine.list(
             scope, limit=limit, offset=offset, include_superseded=include_superseded
         )
@@ -324,14 +167,14 @@ class MemoriesController(Controller):
         user_id: UserId = None,
         agent_id: AgentId = None,
     ) -> Deleted:
-        scope = _scope(principal, user_id, agent_id)
+        scope = scope_of(principal, user_id, agent_id)
         return Deleted(deleted=await engine.delete_all(scope))
 
     @post("/search", status_code=200, summary="Search a user's memories")
     async def search(
         self, engine: Engine, principal: Caller, data: JSONBody[SearchRequest]
     ) -> SearchResponse:
-        scope = _scope(principal, data.user_id, data.agent_id)
+        scope = scope_of(principal, data.user_id, data.agent_id)
         if data.limit is not None and not 1 <= data.limit <= 100:
             raise GatewayError(400, "limit must be between 1 and 100", param="limit")
         hits = await engine.search(
@@ -355,7 +198,7 @@ class MemoriesController(Controller):
         user_id: UserId = None,
         agent_id: AgentId = None,
     ) -> Stream:
-        scope = _scope(principal, user_id, agent_id)
+        scope = scope_of(principal, user_id, agent_id)
         lines = await engine.export(scope)
 
         async def body() -> AsyncIterator[bytes]:
@@ -373,7 +216,7 @@ class MemoriesController(Controller):
         user_id: UserId = None,
         agent_id: AgentId = None,
     ) -> ImportResult:
-        scope = _scope(principal, user_id, agent_id)
+        scope = scope_of(principal, user_id, agent_id)
         raw = await request.body()
         lines = [line for line in raw.splitlines() if line.strip()]
         try:
@@ -384,13 +227,13 @@ class MemoriesController(Controller):
 
     @get("/users", summary="Users with their memory counts (admin)")
     async def users(self, engine: Engine, principal: Caller) -> UsersResponse:
-        _admin_only(principal)
+        admin_only(principal)
         pairs = await engine.users()
         return UsersResponse(data=[UserCount(user_id=u, memories=n) for u, n in pairs])
 
     @get("/stats", summary="Memory and spool counts (admin)")
     async def stats(self, engine: Engine, principal: Caller) -> Stats:
-        _admin_only(principal)
+        admin_only(principal)
         return await engine.stats()
 
     @get("/jobs", summary="Extraction jobs in the spool (admin)")
@@ -404,7 +247,7 @@ class MemoriesController(Controller):
         user_id: UserId = None,
         limit: Annotated[int, QueryParameter(ge=1, le=1000)] = 100,
     ) -> JobsResponse:
-        _admin_only(principal)
+        admin_only(principal)
         return JobsResponse(data=await engine.jobs(state=job_state, user_id=user_id, limit=limit))
 
     @get("/jobs/{job_id:str}", summary="One extraction job (admin, or its user's key)")
@@ -416,7 +259,7 @@ class MemoriesController(Controller):
 
     @post("/jobs/retry", status_code=200, summary="Retry failed extraction jobs (admin)")
     async def retry(self, engine: Engine, principal: Caller, user_id: UserId = None) -> Retried:
-        _admin_only(principal)
+        admin_only(principal)
         return Retried(retried=await engine.retry_failed(user_id))
 
     @get("/{memory_id:str}", summary="Get one memory")
@@ -428,7 +271,7 @@ class MemoriesController(Controller):
         user_id: UserId = None,
         agent_id: AgentId = None,
     ) -> Memory:
-        memory = await engine.get(_scope(principal, user_id, agent_id), memory_id)
+        memory = await engine.get(scope_of(principal, user_id, agent_id), memory_id)
         if memory is None:
             raise _not_found(memory_id)
         return memory
@@ -448,7 +291,7 @@ class MemoriesController(Controller):
         if data.text is not None and not data.text.strip():
             raise GatewayError(400, "text must not be empty", param="text")
         memory = await engine.update(
-            _scope(principal, user_id, agent_id),
+            scope_of(principal, user_id, agent_id),
             memory_id,
             text=data.text,
             metadata=data.metadata,
@@ -466,7 +309,7 @@ class MemoriesController(Controller):
         user_id: UserId = None,
         agent_id: AgentId = None,
     ) -> Deleted:
-        if not await engine.delete(_scope(principal, user_id, agent_id), memory_id):
+        if not await engine.delete(scope_of(principal, user_id, agent_id), memory_id):
             raise _not_found(memory_id)
         return Deleted(deleted=1)
 
@@ -479,7 +322,7 @@ class MemoriesController(Controller):
         user_id: UserId = None,
         agent_id: AgentId = None,
     ) -> HistoryResponse:
-        entries = await engine.history(_scope(principal, user_id, agent_id), memory_id)
+        entries = await engine.history(scope_of(principal, user_id, agent_id), memory_id)
         if not entries:
             raise _not_found(memory_id)
         return HistoryResponse(data=entries)

@@ -21,11 +21,12 @@ import httpx
 from gateway.config import Config
 from gateway.errors import GatewayError
 from gateway.hooks import ChatContext, CompletedExchange
+from gateway.identity import scope_for
 from memory import injection
 from memory import messages as chat_messages
 from memory.clipping import search_query
-from memory.embedding import EmbedderError
 from memory.engine import MemoryEngine, open_when_possible
+from memory.errors import TRANSIENT
 from memory.extraction import KEYLESS, CallGate
 from memory.handoff import HandoffSender
 from memory.models import Exchange, Hit, Scope
@@ -80,7 +81,7 @@ class MemoryHooks:
         without memory and keep trying in the background (no crash loop)."""
         try:
             await self._open()
-        except (EmbedderError, OSError) as exc:
+        except TRANSIENT as exc:
             logger.error(
                 "memory is unavailable, serving without it and retrying: %s: %s",
                 type(exc).__name__,
@@ -158,7 +159,7 @@ class MemoryHooks:
 
     async def before_forward(self, ctx: ChatContext, body: dict[str, Any]) -> bool:
         mode = self._mode(ctx)
-        ctx.state["memory_mode"] = mode
+        ctx.memory_mode = mode
         headers = ctx.response_headers
         user_id = ctx.identity.user_id
         if user_id is None:
@@ -171,8 +172,8 @@ class MemoryHooks:
             # Not open yet (see `startup`): the answer goes out without memory.
             headers["X-Memory-Status"] = "unavailable"
             return False
-        scope = self._scope(ctx)
-        ctx.state["memory_scope"] = scope
+        ident = ctx.identity
+        scope = ctx.memory_scope = scope_for(user_id, ident.agent_id, ident.session_id)
         headers["X-Memory-Status"] = (
             "ok; extraction=failing" if self._engine.extraction_failing() else "ok"
         )
@@ -208,14 +209,14 @@ class MemoryHooks:
         return []
 
     async def after_completion(self, ctx: ChatContext, exchange: CompletedExchange) -> None:
-        scope = ctx.state.get("memory_scope")
+        scope = ctx.memory_scope
         if scope is None:
             return
         # The key is known only once the request was forwarded. A bring-your-own-key
         # user's next request releases their jobs that wait for one (e.g. after a restart).
         key = self._extraction_key(ctx)
         self.engine.provide_key(scope.user_id, key)
-        if ctx.state.get("memory_mode") not in ("auto", "write"):
+        if ctx.memory_mode not in ("auto", "write"):
             return
         messages = exchange.request_body.get("messages")
         turns = chat_messages.new_turns(messages if isinstance(messages, list) else [])
@@ -251,13 +252,7 @@ class MemoryHooks:
         so they do not wait forever for a key."""
         if self._extraction.api_key or ctx.upstream != self._extraction.upstream:
             return None
-        return ctx.identity.upstream_api_key or KEYLESS
-
-    @staticmethod
-    def _scope(ctx: ChatContext) -> Scope:
-        ident = ctx.identity
-        assert ident.user_id is not None
-        return Scope(user_id=ident.user_id, agent_id=ident.agent_id, session_id=ident.session_id)
+        return ctx.upstream_api_key or KEYLESS
 
 
 def _bounded_ids(hits: list[Hit]) -> str:

@@ -8,7 +8,6 @@ as soon as it arrives.
 
 from __future__ import annotations
 
-import logging
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -20,18 +19,17 @@ from litestar.background_tasks import BackgroundTask
 from litestar.response.base import ASGIResponse
 from litestar.response.streaming import ASGIStreamingResponse
 
-from gateway.chat_activity import ChatActivity, ChatLease
+from gateway.chat_activity import ChatActivity
 from gateway.config import Config
 from gateway.errors import GatewayError
 from gateway.forward import client_response_headers, upstream_request_headers
-from gateway.hooks import ChatContext, ChatHooks, CompletedExchange, NoHooks
+from gateway.hooks import ChatContext, ChatHooks, NoHooks
 from gateway.identity import IdentityResolver
+from gateway.relay import Recorder, release, stream_chat
 from gateway.routing import Router, Upstream
-from gateway.sse import SSEParser, parse_completion, sse_error_event
-from gateway.tasks import BackgroundTasks
+from gateway.sse import parse_completion
 from gateway.transport import upstream_client
-
-logger = logging.getLogger("gateway")
+from gateway.upstream_errors import upstream_error
 
 # Passthrough bodies up to this size are read whole to route by their `model`;
 # larger ones are streamed to the default upstream.
@@ -62,14 +60,6 @@ def _upstream_url(upstream: Upstream, request: Request[Any, Any, Any]) -> str:
     return f"{url}?{query.decode('latin-1')}" if query else url
 
 
-def public_url(url: str) -> str:
-    """A URL fit for messages and logs: no credentials, no query string."""
-    try:
-        return str(httpx.URL(url).copy_with(userinfo=b"", query=None, fragment=None))
-    except httpx.InvalidURL:
-        return "(invalid URL)"
-
-
 def _bad_request(
     message: str, *, param: str | None = None, code: str | None = None
 ) -> GatewayError:
@@ -81,7 +71,6 @@ class Proxy:
         self,
         config: Config,
         hooks: ChatHooks,
-        tasks: BackgroundTasks,
         activity: ChatActivity | None = None,
     ) -> None:
         self.config = config
@@ -89,16 +78,13 @@ class Proxy:
         # (gateway/chat_activity.py); this process's own when not given.
         self.activity = activity if activity is not None else ChatActivity.for_config(config)
         self.hooks = hooks
-        self.tasks = tasks
         self.router = Router(config)
-        # Streams that ended without a finish_reason (see `_cut_stream`).
-        self._cut_streams = 0
         self.identity = IdentityResolver(config.auth, config.identity)
         self._consumed = frozenset(h.encode() for h in self.identity.consumed_headers)
         self._max_body = config.server.max_body_bytes
         self._client: httpx.AsyncClient | None = None
         # A plain proxy has nobody to hand the exchange to: skip reading the copy.
-        self._observe = not isinstance(hooks, NoHooks)
+        self._recorder = None if isinstance(hooks, NoHooks) else Recorder(hooks)
 
     @property
     def client(self) -> httpx.AsyncClient:
@@ -117,22 +103,8 @@ class Proxy:
     async def _send(self, request: httpx.Request, upstream: Upstream) -> httpx.Response:
         try:
             return await self.client.send(request, stream=True)
-        except httpx.TimeoutException as exc:
-            logger.warning("upstream %s timed out: %s", upstream.name, type(exc).__name__)
-            raise GatewayError(
-                504,
-                f"upstream {upstream.name!r} ({public_url(upstream.base_url)}) did not answer"
-                " in time",
-                code="upstream_timeout",
-            ) from None
         except httpx.TransportError as exc:
-            logger.warning("upstream %s unreachable: %s", upstream.name, type(exc).__name__)
-            raise GatewayError(
-                502,
-                f"upstream {upstream.name!r} at {public_url(upstream.base_url)} is unreachable:"
-                f" {type(exc).__name__}",
-                code="upstream_unreachable",
-            ) from None
+            raise upstream_error(exc, upstream, "send") from None
 
     # -- chat completions -------------------------------------------------
 
@@ -172,7 +144,7 @@ class Proxy:
             work = {**body, "messages": list(messages)}
             rewritten = await self.hooks.before_forward(ctx, work)
             content = msgspec.json.encode(work) if rewritten else raw
-            headers = upstream_request_headers(
+            headers, ctx.upstream_api_key = upstream_request_headers(
                 request.scope["headers"],  # type: ignore[arg-type]
                 upstream=upstream,
                 identity=identity,
@@ -185,21 +157,22 @@ class Proxy:
             response = await self._send(up_request, upstream)
             if stream and response.is_success:
                 # The stream's relay, or its clean-up, releases the lease.
-                return self._stream_chat(response, ctx, body, upstream, lease)
+                return stream_chat(response, ctx, body, upstream, lease, self._recorder)
         except BaseException:
             lease.release()
             raise
         try:
             data = await response.aread()
         except httpx.HTTPError as exc:
-            raise self._read_error(exc, upstream) from None
+            raise upstream_error(exc, upstream, "read") from None
         finally:
             lease.release()
             await response.aclose()
-        if self._observe and not stream and response.is_success:
+        recorder = self._recorder
+        if recorder is not None and not stream and response.is_success:
             completion = parse_completion(data)
             if completion is not None:
-                await self._complete(
+                await recorder.complete(
                     ctx, body, completion.text, completion.finish_reason, completion.tool_calls
                 )
         return ASGIResponse(
@@ -208,129 +181,6 @@ class Proxy:
             headers=client_response_headers(
                 response.headers.multi_items(), decoded=True, extra=ctx.response_headers
             ),
-        )
-
-    def _stream_chat(
-        self,
-        response: httpx.Response,
-        ctx: ChatContext,
-        body: dict[str, Any],
-        upstream: Upstream,
-        lease: ChatLease,
-    ) -> ASGIResponse:
-        parser = SSEParser()
-        feed = parser.feed if self._observe else None
-
-        async def record() -> None:
-            if parser.error:
-                return
-            if parser.finish_reason is None:
-                # [DONE] without a finish_reason: the server ended the answer
-                # early (llama-cpp-python gives its one slot to the next
-                # request): an unfinished answer is not remembered.
-                self._cut_stream(upstream)
-                return
-            await self._complete(ctx, body, parser.text, parser.finish_reason, parser.tool_calls)
-
-        async def relay() -> AsyncIterator[bytes]:
-            tail = b"\n\n"
-            recorded = False
-            try:
-                async for chunk in response.aiter_bytes():
-                    if feed is not None:
-                        feed(chunk)
-                        # The client stops at [DONE]: the exchange is made durable
-                        # before the bytes that complete the answer leave.
-                        if parser.done and not recorded:
-                            recorded = True
-                            await record()
-                    tail = chunk if len(chunk) >= 4 else (tail + chunk)[-4:]
-                    yield chunk
-            except httpx.HTTPError as exc:
-                # Never a fake [DONE]: the SDK raises on an `error` event.
-                logger.warning("upstream %s stream broke: %s", upstream.name, type(exc).__name__)
-                message = f"the upstream stream from {upstream.name!r} broke: {type(exc).__name__}"
-                code = (
-                    "upstream_timeout"
-                    if isinstance(exc, httpx.TimeoutException)
-                    else "upstream_error"
-                )
-                # A partial event is terminated first, so the error stands alone.
-                between = tail.endswith((b"\n\n", b"\r\n\r\n", b"\r\r"))
-                yield (b"" if between else b"\n\n") + sse_error_event(message, code=code)
-                return
-            finally:
-                lease.release()
-                with anyio.CancelScope(shield=True):
-                    await response.aclose()
-            if feed is None or recorded:
-                return
-            # A final `data: [DONE]` without its blank line still completes the answer.
-            parser.close()
-            if parser.done:
-                await record()
-
-        iterator = relay()
-        return ASGIStreamingResponse(
-            iterator=iterator,
-            status_code=response.status_code,
-            # A list keeps repeated headers (set-cookie); the base class accepts it.
-            headers=client_response_headers(  # type: ignore[arg-type]
-                response.headers.multi_items(), decoded=True, extra=ctx.response_headers
-            ),
-            # The relay's `finally` releases the lease; so does this clean-up,
-            # should the relay never have started (idempotent).
-            background=BackgroundTask(_release, iterator, response, lease),
-        )
-
-    async def _complete(
-        self,
-        ctx: ChatContext,
-        body: dict[str, Any],
-        text: str | None,
-        finish_reason: str | None,
-        tool_calls: bool,
-    ) -> None:
-        """Hand the exchange on before the client has the whole answer.
-
-        Awaited, not spawned: a process killed just after the answer went out
-        must not lose an exchange the client saw complete. The hook only makes
-        it durable (a spool insert); the slow work runs later, off the request.
-        """
-        exchange = CompletedExchange(
-            request_body=body, reply_text=text, finish_reason=finish_reason, tool_calls=tool_calls
-        )
-        try:
-            await self.hooks.after_completion(ctx, exchange)
-        except Exception:
-            logger.exception("after_completion failed; the answer goes out regardless")
-
-    def _cut_stream(self, upstream: Upstream) -> None:
-        """Count streams that ended without a finish_reason; say so at the
-        1st, 10th, 100th... so a busy one-slot server does not flood the log."""
-        self._cut_streams += 1
-        n = self._cut_streams
-        if n == 10 ** (len(str(n)) - 1):
-            logger.warning(
-                "a stream from upstream %s ended with [DONE] but no finish_reason (%d so far):"
-                " the answer was cut short, and that exchange is not recorded for memory;"
-                " a one-slot server interrupting it for another request? (llama-cpp-python:"
-                " --interrupt_requests False; docs/memory.md, local model servers)",
-                upstream.name,
-                n,
-            )
-
-    @staticmethod
-    def _read_error(exc: httpx.HTTPError, upstream: Upstream) -> GatewayError:
-        logger.warning("upstream %s body failed: %s", upstream.name, type(exc).__name__)
-        if isinstance(exc, httpx.TimeoutException):
-            return GatewayError(
-                504, f"upstream {upstream.name!r} did not answer in time", code="upstream_timeout"
-            )
-        return GatewayError(
-            502,
-            f"upstream {upstream.name!r} broke off its answer: {type(exc).__name__}",
-            code="upstream_error",
         )
 
     # -- everything else under /v1/ --------------------------------------
@@ -367,7 +217,7 @@ class Proxy:
         elif length is not None or chunked:
             content = _body_chunks(request)
         upstream = self.router.pick(model)
-        headers = upstream_request_headers(
+        headers, _ = upstream_request_headers(
             raw_headers,
             upstream=upstream,
             identity=identity,
@@ -396,7 +246,7 @@ class Proxy:
                 response.headers.multi_items(), decoded=False
             ),
             is_head_response=request.method == "HEAD",
-            background=BackgroundTask(_release, iterator, response),
+            background=BackgroundTask(release, iterator, response),
         )
 
 
@@ -404,18 +254,3 @@ async def _body_chunks(request: Request[Any, Any, Any]) -> AsyncIterator[bytes]:
     async for chunk in request.stream():
         if chunk:
             yield chunk
-
-
-async def _release(iterator: Any, response: httpx.Response, lease: ChatLease | None = None) -> None:
-    """Runs after the response, even when the client went away mid-stream.
-
-    Litestar cancels a streaming response without closing its generator
-    (litestar#3772); closing both here guarantees the upstream connection is
-    released instead of leaking until garbage collection, and the chat is no
-    longer counted in flight.
-    """
-    if lease is not None:
-        lease.release()
-    with anyio.CancelScope(shield=True):
-        await iterator.aclose()
-        await response.aclose()

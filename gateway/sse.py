@@ -107,17 +107,6 @@ class SSEParser:
     def text(self) -> str | None:
         return "".join(self._parts) if self._parts else None
 
-    @property
-    def completion(self) -> Completion:
-        return Completion(
-            text=self.text, finish_reason=self.finish_reason, tool_calls=self.tool_calls
-        )
-
-    @property
-    def at_boundary(self) -> bool:
-        """True when the bytes seen so far end exactly between two events."""
-        return not self._buffer and not self._data
-
     def feed(self, chunk: bytes) -> None:
         buffer = self._buffer + chunk if self._buffer else chunk
         start = 0

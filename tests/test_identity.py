@@ -7,7 +7,9 @@ import openai
 import pytest
 
 from gateway.config import UserKey
-from gateway.identity import KeyRing, bearer_token
+from gateway.errors import GatewayError
+from gateway.identity import KeyMatcher, KeyRing, bearer_token, scope_for
+from memory.models import Scope
 from tests.conftest import gateway_config_for
 from tests.recording import RecordingHooks
 
@@ -47,7 +49,7 @@ def test_a_per_user_key_names_the_user_and_maps_to_its_upstream_key(
     _chat(gw, api_key="gk-alice")
     ident = hooks.contexts[-1].identity
     assert (ident.user_id, ident.via) == ("alice", "key")
-    assert ident.upstream_api_key == "sk-alice-upstream"
+    assert hooks.contexts[-1].upstream_api_key == "sk-alice-upstream"
     assert upstream.last().headers["authorization"] == "Bearer sk-alice-upstream"
 
 
@@ -73,7 +75,7 @@ def test_bring_your_own_key_passes_through(start_gateway, upstream, tmp_path, ho
     gw = _gateway(start_gateway, upstream, tmp_path, hooks)
     _chat(gw, api_key="sk-my-own")
     assert upstream.last().headers["authorization"] == "Bearer sk-my-own"
-    assert hooks.contexts[-1].identity.upstream_api_key == "sk-my-own"
+    assert hooks.contexts[-1].upstream_api_key == "sk-my-own"
     assert hooks.contexts[-1].identity.user_id is None
 
 
@@ -232,9 +234,37 @@ def test_key_ring_matches_only_exact_keys():
 
 
 def test_identity_repr_hides_keys():
+    from litestar.datastructures import Headers
+
+    from gateway.hooks import ChatContext
     from gateway.identity import Identity
 
-    ident = Identity(
-        user_id="u", upstream_api_key="sk-secret", key=UserKey(key="gk-secret", user_id="u")
-    )
+    ident = Identity(user_id="u", key=UserKey(key="gk-secret", user_id="u"))
     assert "secret" not in repr(ident)
+    ctx = ChatContext(identity=ident, request_headers=Headers({}), stream=False)
+    ctx.upstream_api_key = "sk-secret"
+    assert "secret" not in repr(ctx)
+
+
+def test_key_matcher_returns_the_value_of_the_matching_key():
+    matcher = KeyMatcher([("admin-key", "admin"), ("other", "other")])
+    assert matcher.match("admin-key") == "admin"
+    assert matcher.match("admin-ke") is None
+    assert matcher.match(None) is None
+    assert not KeyMatcher([]) and KeyMatcher([]).match("x") is None
+
+
+def test_one_scope_rule_for_chat_and_management():
+    assert scope_for("u", "a", "s") == Scope(user_id="u", agent_id="a", session_id="s")
+    # A per-user key binds its user; naming it again is fine, naming another is not.
+    assert scope_for(None, key_user="u") == Scope(user_id="u")
+    assert scope_for("u", "a", key_user="u") == Scope(user_id="u", agent_id="a")
+    with pytest.raises(GatewayError) as denied:
+        scope_for("v", key_user="u")
+    assert (denied.value.status, denied.value.param) == (403, "user_id")
+    with pytest.raises(GatewayError) as missing:
+        scope_for(None)
+    assert (missing.value.status, missing.value.code) == (400, "missing_user_id")
+    with pytest.raises(GatewayError) as invalid:
+        scope_for("bad id\n")
+    assert (invalid.value.status, invalid.value.code) == (400, "invalid_id")

@@ -53,17 +53,6 @@ def test_error_events_and_tool_calls_are_noticed():
     assert parser.tool_calls and parser.error
 
 
-def test_boundary_tracking():
-    parser = SSEParser()
-    assert parser.at_boundary
-    parser.feed(b'data: {"choi')
-    assert not parser.at_boundary
-    parser.feed(b'ces": []}\n')
-    assert not parser.at_boundary
-    parser.feed(b"\n")
-    assert parser.at_boundary
-
-
 def test_non_stream_completion():
     body = (
         b'{"choices": [{"index": 0, "message": {"role": "assistant", "content": "hi"},'
