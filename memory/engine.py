@@ -18,7 +18,7 @@ import time
 from collections.abc import Awaitable, Callable, Iterable
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Any, TypeVar
 
 import httpx
 import msgspec
@@ -30,7 +30,8 @@ from memory.embedding import Embedder, create_embedder
 from memory.errors import TRANSIENT, InvalidImport
 from memory.extraction import CallGate, Extractor
 from memory.extraction_keys import ExtractionKeys
-from memory.extraction_state import STATE_FILE, public_url, read_state
+from memory.extraction_state import STATE_FILE
+from memory.extraction_status import ExtractionMonitor
 from memory.handoff import HandoffSender
 from memory.job_handler import JobHandler, related_query
 from memory.locks import FileLock, locked
@@ -42,7 +43,6 @@ from memory.models import (
     HistoryEntry,
     Hit,
     ImportResult,
-    LastError,
     Memory,
     Operation,
     Scope,
@@ -73,11 +73,6 @@ T = TypeVar("T")
 RECORD_MAX_MESSAGES = 64
 STORE_DIR = "lancedb"
 SPOOL_FILE = "spool.sqlite3"
-# How often a serving process reads the extraction status from the spool for
-# the `X-Memory-Status` header (seconds)...
-STATUS_CACHE_SECONDS = 1.0
-# ...and stops reading it after this long without a chat asking.
-STATUS_IDLE_SECONDS = 60.0
 OPEN_LOCK = "open.lock"
 MAINTENANCE_LOCK = "maintenance.lock"
 
@@ -151,14 +146,8 @@ class MemoryEngine:
         state_path: Path | None = None,
     ) -> None:
         self.config = config
-        self._key_source = key_source
-        self._state_path = state_path
-        # The extraction status for chat headers, and when a chat last asked.
-        self._failing = False
-        self._status_asked = float("-inf")
         # Marking the jobs that wait for a key (`receive`).
         self._marking: asyncio.Task[None] | None = None
-        self._status_refresh: asyncio.Task[None] | None = None
         self._probe: asyncio.Task[None] | None = None
         # Set when another process (the extraction process) runs the jobs and
         # the maintenance: this one spools, searches and hands over keys.
@@ -192,6 +181,10 @@ class MemoryEngine:
             erased=self.handler.undo,
         )
         self.maintenance = Maintenance(store, config.maintenance, maintenance_lock)
+        # How extraction is going (stats, the chat status header).
+        self.monitor = ExtractionMonitor(
+            config, spool, extractor, self.keys, key_source=key_source, state_path=state_path
+        )
         self._closed = False
 
     @classmethod
@@ -293,7 +286,8 @@ class MemoryEngine:
         if self._closed:
             return
         self._closed = True
-        for task in (self._probe, self._status_refresh, self._marking):
+        await self.monitor.close()
+        for task in (self._probe, self._marking):
             if task is not None:
                 task.cancel()
                 with contextlib.suppress(BaseException):
@@ -579,78 +573,7 @@ class MemoryEngine:
         return Stats(memories=memories, users=len(users), spool=spool, extraction=extraction)
 
     async def extraction_status(self) -> ExtractionStatus:
-        """The extraction endpoint, what was learned about it, and how its
-        jobs went, as any process sees it (the spool and the state file are
-        shared)."""
-        window = self.config.llm.failing_window_seconds
-        outcomes, reasons, state = await asyncio.gather(
-            self.spool.outcomes(window),
-            self.spool.reasons(),
-            asyncio.to_thread(read_state, self._state_path) if self._state_path else _none(),
-        )
-        self._failing = outcomes.failing
-        endpoint = public_url(self.extractor.base_url)
-        model = self.extractor.model
-        mode = self.extractor.mode()
-        if state is not None and state.endpoint == endpoint:
-            model = state.model or model
-            mode = state.modes.get(model) or mode
-        if outcomes.failing:
-            status: Literal["ok", "failing", "idle"] = "failing"
-        elif outcomes.last_success_at is None and outcomes.last_error_at is None:
-            status = "idle"
-        else:
-            status = "ok"
-        last_error = None
-        if outcomes.last_error is not None and outcomes.last_error_at is not None:
-            last_error = LastError(
-                message=outcomes.last_error,
-                reason=outcomes.last_error_reason,
-                at=_when(outcomes.last_error_at),
-            )
-        return ExtractionStatus(
-            endpoint=endpoint,
-            model=model,
-            mode=mode,
-            key_source=self._shown_key_source(),
-            status=status,
-            last_success_at=_when(outcomes.last_success_at) if outcomes.last_success_at else None,
-            last_error=last_error,
-            jobs_by_reason=reasons,
-        )
-
-    def _shown_key_source(self) -> str | None:
-        probed = self.extractor.probed
-        if not self.keys.configured and probed is not None and probed.open:
-            return "none needed: the endpoint answers without a key (a key a user sends is used)"
-        return self._key_source
+        return await self.monitor.status()
 
     def extraction_failing(self) -> bool:
-        """Whether extraction is failing, for a chat's status header. A chat
-        never waits on the spool for it: it reads what a background task
-        keeps at most STATUS_CACHE_SECONDS old, while chats ask (the task
-        starts with the first ask and rests after a minute without one)."""
-        self._status_asked = time.monotonic()
-        if not self._closed and (self._status_refresh is None or self._status_refresh.done()):
-            self._status_refresh = asyncio.create_task(
-                self._keep_status(), name="extraction-status"
-            )
-        return self._failing
-
-    async def _keep_status(self) -> None:
-        while time.monotonic() - self._status_asked < STATUS_IDLE_SECONDS:
-            try:
-                outcomes = await self.spool.outcomes(self.config.llm.failing_window_seconds)
-            except Exception:
-                log.exception("reading the extraction status failed")
-            else:
-                self._failing = outcomes.failing
-            await asyncio.sleep(STATUS_CACHE_SECONDS)
-
-
-async def _none() -> None:
-    return None
-
-
-def _when(unix: float) -> datetime:
-    return datetime.fromtimestamp(unix, UTC)
+        return self.monitor.failing()
