@@ -213,14 +213,17 @@ class MemoryHooks:
         if scope is None:
             return
         # The key is known only once the request was forwarded. A bring-your-own-key
-        # user's next request releases their jobs that wait for one (e.g. after a restart).
+        # user's next request releases their jobs that wait for one (e.g. after a
+        # restart): recording the exchange hands the key over with it, in one
+        # message to the extraction process; a request that records nothing
+        # hands it over alone.
         key = self._extraction_key(ctx)
-        self.engine.provide_key(scope.user_id, key)
-        if ctx.memory_mode not in ("auto", "write"):
-            return
-        messages = exchange.request_body.get("messages")
-        turns = chat_messages.new_turns(messages if isinstance(messages, list) else [])
+        turns: list[dict[str, Any]] = []
+        if ctx.memory_mode in ("auto", "write"):
+            messages = exchange.request_body.get("messages")
+            turns = chat_messages.new_turns(messages if isinstance(messages, list) else [])
         if not turns:
+            self.engine.provide_key(scope.user_id, key)
             return
         try:
             await self.engine.record_exchange(
@@ -233,6 +236,7 @@ class MemoryHooks:
                 api_key=key,
             )
         except Exception as exc:
+            self.engine.provide_key(scope.user_id, key)
             # Fail open: the answer still goes out. But an exchange that never
             # reached the spool is lost for memory, and the operator must know
             # (a full disk is the usual cause).

@@ -399,7 +399,8 @@ class MemoryEngine:
         user = exchange.scope.user_id
         waits = self.keys.needs_user_keys() and not api_key and not self.keys.knows(user)
         job_id = await self.spool.enqueue(exchange, reason="no_key" if waits else None)
-        self.provide_key(exchange.scope.user_id, api_key)
+        # The wake-up below hands the key over (and wakes the workers).
+        self.keys.provide(user, api_key, hand_over=False)
         # The key travels with every wake-up: an extraction process that
         # restarted since learns it back from the user's next exchange.
         self._wake(exchange.scope.user_id, api_key, exchange)

@@ -45,15 +45,16 @@ class ExtractionKeys:
         endpoint and it did not answer without one."""
         return not self.configured and self._extractor.needs_key
 
-    def provide(self, user_id: str, api_key: str | None) -> None:
+    def provide(self, user_id: str, api_key: str | None, *, hand_over: bool = True) -> None:
         """Remember the key of this user's latest request for their extraction
         jobs. The caller vouches that this key may go to the extraction
-        endpoint (it was sent to that same upstream)."""
+        endpoint (it was sent to that same upstream). `hand_over=False`: the
+        caller's own wake-up carries the key (one message per exchange)."""
         if not api_key or self.configured:
             return
         known = self._keys.get(user_id)
         self._keys[user_id] = api_key
-        if known == api_key:
+        if known == api_key or not hand_over:
             return
         if self._handoff is not None:
             self._handoff.send(user_id, api_key)

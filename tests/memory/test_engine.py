@@ -466,3 +466,44 @@ async def test_stats_and_readiness(open_engine):
     await engine.add(BOB, text="User lives in Paris", infer=False)
     stats = await engine.stats()
     assert (stats.memories, stats.users, stats.spool.pending) == (2, 2, 0)
+
+
+class RecordingHandoff:
+    """Stands in for the socket to the extraction process."""
+
+    def __init__(self) -> None:
+        self.sent: list[tuple[str | None, str | None]] = []
+
+    def send(self, user_id=None, api_key=None, embedded=None) -> None:
+        self.sent.append((user_id, api_key))
+
+
+async def test_each_exchange_is_one_message_to_the_extraction_process_key_included(
+    tmp_path, embedder
+):
+    """A user's first exchange used to send the key twice (once on learning
+    it, once with the wake-up): now every exchange is one message, which
+    carries the key (an extraction process that restarted learns it back)."""
+    llm = ScriptedLLM()
+    client = llm.client()
+    handoff = RecordingHandoff()
+    engine = await MemoryEngine.open(
+        config(api_key=None),
+        tmp_path / "data",
+        default_base_url="http://llm.test/v1",
+        http_client=client,
+        embedder=embedder,
+        handoff=handoff,  # type: ignore[arg-type]
+    )
+    await engine.start()
+    try:
+        await engine.record_exchange(exchange(ALICE, "I like jazz"), api_key="sk-alice")
+        assert handoff.sent == [("alice", "sk-alice")]
+        await engine.record_exchange(exchange(ALICE, "And blues"), api_key="sk-alice")
+        assert handoff.sent == [("alice", "sk-alice")] * 2
+        # A request that records nothing (read mode) hands a new key over alone.
+        engine.provide_key("alice", "sk-alice-new")
+        assert handoff.sent[-1] == ("alice", "sk-alice-new")
+    finally:
+        await engine.close()
+        await client.aclose()
