@@ -12,9 +12,9 @@ import errno
 import ipaddress
 import logging
 from pathlib import Path
-from urllib.parse import urlsplit, urlunsplit
 
 from gateway.config import Config, UpstreamConfig
+from memory.redaction import public_url
 
 logger = logging.getLogger("gateway.startup")
 
@@ -102,13 +102,6 @@ def cannot_listen(host: str, port: int, exc: OSError) -> str:
     }.get(exc.errno or 0)
     reason = hint or (exc.strerror or str(exc)).lower()
     return f"cannot listen on {address(host, port)}: {reason}"
-
-
-def public_url(url: str) -> str:
-    """`url` without credentials (user:password@) or query string (?key=...)."""
-    parts = urlsplit(url)
-    netloc = parts.netloc.rpartition("@")[2]
-    return urlunsplit((parts.scheme, netloc, parts.path, "", ""))
 
 
 def _upstream(config: Config, u: UpstreamConfig) -> str:

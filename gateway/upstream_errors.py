@@ -18,6 +18,7 @@ import httpx
 
 from gateway.errors import GatewayError
 from gateway.routing import Upstream
+from memory.redaction import public_url
 
 logger = logging.getLogger("gateway")
 
@@ -66,14 +67,6 @@ UPSTREAM_ERRORS: dict[tuple[Stage, bool], _Mapped] = {
     ("stream", True): _Mapped(504, "upstream_timeout", _STREAM_BROKE, _STREAM_LOG),
     ("stream", False): _Mapped(502, "upstream_error", _STREAM_BROKE, _STREAM_LOG),
 }
-
-
-def public_url(url: str) -> str:
-    """A URL fit for messages and logs: no credentials, no query string."""
-    try:
-        return str(httpx.URL(url).copy_with(userinfo=b"", query=None, fragment=None))
-    except httpx.InvalidURL:
-        return "(invalid URL)"
 
 
 def upstream_error(exc: httpx.HTTPError, upstream: Upstream, stage: Stage) -> GatewayError:

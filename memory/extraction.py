@@ -37,10 +37,10 @@ from memory.extraction_errors import (
     describe,
     short,
 )
-from memory.extraction_state import MODES, ExtractionState, Mode, public_url
+from memory.extraction_state import MODES, ExtractionState, Mode
 from memory.models import Exchange, Memory, Operation
 from memory.prompts import OPERATIONS_SCHEMA, SCHEMA_NAME, build_prompt
-from memory.redaction import REDACTED
+from memory.redaction import REDACTED, public_url
 
 if TYPE_CHECKING:
     # Imported on first use: a serving process whose exchanges are extracted

@@ -25,7 +25,7 @@ import re
 from typing import TYPE_CHECKING
 
 from memory.errors import MemoryLibraryError, TransientError
-from memory.extraction_state import public_url
+from memory.redaction import public_url
 
 if TYPE_CHECKING:
     import openai

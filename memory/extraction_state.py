@@ -33,9 +33,10 @@ import tempfile
 import time
 from pathlib import Path
 from typing import Any, Literal, get_args
-from urllib.parse import urlsplit, urlunsplit
 
 import msgspec
+
+from memory.redaction import public_url
 
 Mode = Literal["json_schema", "json_object", "text"]
 MODES: tuple[Mode, ...] = get_args(Mode)
@@ -44,16 +45,6 @@ STATE_FILE = "extraction.json"
 VERSION = 1
 
 log = logging.getLogger("memory.extraction")
-
-
-def public_url(url: str) -> str:
-    """`url` without user info, query or fragment: safe to log and store."""
-    try:
-        parts = urlsplit(url)
-    except ValueError:
-        return url.split("?", 1)[0].rsplit("@", 1)[-1]
-    netloc = parts.netloc.rsplit("@", 1)[-1]
-    return urlunsplit((parts.scheme, netloc, parts.path, "", ""))
 
 
 class ExtractionState:

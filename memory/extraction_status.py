@@ -18,8 +18,9 @@ from typing import Literal
 from memory.config import MemoryConfig
 from memory.extraction import Extractor
 from memory.extraction_keys import ExtractionKeys
-from memory.extraction_state import SavedState, public_url, read_state
+from memory.extraction_state import SavedState, read_state
 from memory.models import ExtractionStatus, LastError
+from memory.redaction import public_url
 from memory.spool import Spool
 
 log = logging.getLogger("memory.extraction_status")

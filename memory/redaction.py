@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import re
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 import msgspec
 
@@ -151,3 +152,13 @@ def redact_exchange(exchange: Exchange) -> Exchange:
         messages.append(message)
     reply = redact(exchange.reply) if exchange.reply is not None else None
     return msgspec.structs.replace(exchange, messages=messages, reply=reply)
+
+
+def public_url(url: str) -> str:
+    """`url` without user info, query or fragment: safe to log and store."""
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return url.split("?", 1)[0].rsplit("@", 1)[-1]
+    netloc = parts.netloc.rsplit("@", 1)[-1]
+    return urlunsplit((parts.scheme, netloc, parts.path, "", ""))

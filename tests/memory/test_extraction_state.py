@@ -5,7 +5,8 @@ import logging
 
 import pytest
 
-from memory.extraction_state import ExtractionState, public_url, read_state
+from memory.extraction_state import ExtractionState, read_state
+from memory.redaction import public_url
 
 URL = "http://127.0.0.1:8080/v1"
 GGUF = "/models/SmolLM2-135M-Instruct-Q8_0.gguf"
