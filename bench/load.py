@@ -23,6 +23,7 @@ import asyncio
 import itertools
 import random
 import time
+from collections.abc import AsyncIterator
 from typing import Any
 
 import msgspec
@@ -74,32 +75,42 @@ class Result(msgspec.Struct):
     statuses: dict[str, int] = msgspec.field(default_factory=dict)
 
 
+async def read_head(reader: asyncio.StreamReader) -> tuple[int, dict[str, str]]:
+    """A response's status and headers (names lower-cased)."""
+    head = await reader.readuntil(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    headers = {}
+    for line in lines[1:]:
+        if line:
+            k, _, v = line.partition(":")
+            headers[k.strip().lower()] = v.strip()
+    return int(lines[0].split(" ", 2)[1]), headers
+
+
+async def read_chunks(reader: asyncio.StreamReader) -> AsyncIterator[bytes]:
+    """The chunks of a chunked body as they arrive (each with its CRLF)."""
+    while True:
+        size = int((await reader.readline()).split(b";")[0], 16)
+        if size == 0:
+            await reader.readline()
+            return
+        yield await reader.readexactly(size + 2)
+
+
 async def one(
     reader: asyncio.StreamReader, writer: asyncio.StreamWriter, req: bytes, stream: bool
 ) -> tuple[int, float, float, bool, bool]:
     """Send one request and read its whole response: status, latency, ttfb, ok, keep-alive."""
     t0 = time.perf_counter()
     writer.write(req)
-    head = await reader.readuntil(b"\r\n\r\n")
-    lines = head.decode("latin-1").split("\r\n")
-    status = int(lines[0].split(" ", 2)[1])
-    headers = {}
-    for line in lines[1:]:
-        if line:
-            k, _, v = line.partition(":")
-            headers[k.strip().lower()] = v.strip().lower()
-    keep = headers.get("connection") != "close"
+    status, headers = await read_head(reader)
+    keep = headers.get("connection", "").lower() != "close"
     ttfb = 0.0
     ok = status == 200
-    if headers.get("transfer-encoding") == "chunked":
+    if headers.get("transfer-encoding", "").lower() == "chunked":
         last = b""
         first = True
-        while True:
-            size = int((await reader.readline()).split(b";")[0], 16)
-            if size == 0:
-                await reader.readline()
-                break
-            data = await reader.readexactly(size + 2)
+        async for data in read_chunks(reader):
             if first:
                 ttfb = time.perf_counter() - t0
                 first = False

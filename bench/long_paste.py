@@ -60,7 +60,7 @@ import msgspec
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from load import pct
+from load import pct, read_chunks, read_head
 from overhead import USER, drain, seeded_data
 from procs import PYTHON, Proc, start_fake_upstream, start_gateway
 
@@ -208,22 +208,11 @@ async def chat(
     t0 = time.perf_counter()
     writer.writelines(req)
     await writer.drain()
-    head = await reader.readuntil(b"\r\n\r\n")
-    lines = head.decode("latin-1").split("\r\n")
-    status = int(lines[0].split(" ", 2)[1])
-    headers: dict[str, str] = {}
-    for line in lines[1:]:
-        if line:
-            k, _, v = line.partition(":")
-            headers[k.strip().lower()] = v.strip()
+    status, headers = await read_head(reader)
     data = b""
     if headers.get("transfer-encoding", "").lower() == "chunked":
-        while True:
-            size = int((await reader.readline()).split(b";")[0], 16)
-            if size == 0:
-                await reader.readline()
-                break
-            data = await reader.readexactly(size + 2)
+        async for data in read_chunks(reader):  # noqa: B007 (the last chunk is kept)
+            pass
     else:
         data = await reader.readexactly(int(headers.get("content-length", "0")))
     streamed = "event-stream" in headers.get("content-type", "")

@@ -16,7 +16,7 @@ import pytest
 
 from memory.config import MemoryConfig
 from memory.embedding import LocalEmbedder, normalize
-from memory.models import Exchange, Scope
+from memory.models import Exchange, Memory, Scope
 from memory.store import MemoryStore
 
 
@@ -54,6 +54,20 @@ def chinese(n: int, seed: int = 1) -> str:
     small models ~1.9 tokens a character."""
     rng = random.Random(seed)
     return "".join(chr(rng.randint(0x4E00, 0x9FA5)) for _ in range(n))
+
+
+def stored(memory_id: str, text: str, at: datetime = datetime(2026, 3, 13, tzinfo=UTC)) -> Memory:
+    """A stored memory of user "u", as the extractor is shown it."""
+    return Memory(
+        id=memory_id,
+        user_id="u",
+        agent_id=None,
+        session_id=None,
+        text=text,
+        metadata={},
+        created_at=at,
+        updated_at=at,
+    )
 
 
 def exchange(user: str, text: str = "hello", agent: str | None = None) -> Exchange:

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+from conftest import stored
 from scripted_llm import Call, ScriptedLLM, completion, ops
 
 from memory.config import LLMConfig, MemoryConfig
@@ -29,16 +30,7 @@ AT = datetime(2026, 3, 13, 9, 30, tzinfo=UTC)  # a Friday
 
 
 def memory(mid: str, text: str) -> Memory:
-    return Memory(
-        id=mid,
-        user_id="u",
-        agent_id=None,
-        session_id=None,
-        text=text,
-        metadata={},
-        created_at=AT,
-        updated_at=AT,
-    )
+    return stored(mid, text, AT)
 
 
 EXISTING = [memory("id-berlin", "User lives in Berlin"), memory("id-tea", "User likes green tea")]

@@ -4,7 +4,7 @@
 import json
 from datetime import UTC, datetime
 
-from conftest import chinese
+from conftest import chinese, stored
 
 from memory.clipping import estimate_tokens
 from memory.models import Exchange, Memory, Scope
@@ -30,16 +30,7 @@ def exchange(*texts: str, reply: str | None = "好的，我记住了。") -> Exc
 
 
 def memory(i: int, text: str) -> Memory:
-    return Memory(
-        id=f"id-{i}",
-        user_id="u",
-        agent_id=None,
-        session_id=None,
-        text=text,
-        metadata={},
-        created_at=AT,
-        updated_at=AT,
-    )
+    return stored(f"id-{i}", text, AT)
 
 
 def estimated(messages: list[dict[str, str]]) -> int:
