@@ -305,10 +305,9 @@ def log_yield_decision(config: Config) -> None:
         logger.info("extraction does not yield to chat requests: %s", why)
     else:
         logger.info(
-            "extraction calls to upstream %r go one at a time, once no chat request to it"
-            " has been in flight for %g s (waiting at most %g s each): %s",
+            "extraction calls wait while chat requests to upstream %r are in flight"
+            " (at most %g s each): %s",
             upstream,
-            QUIET_SECONDS,
             config.memory.llm.yield_max_seconds,
             why,
         )
