@@ -4,6 +4,9 @@ Both servers run under uvicorn in background threads (their own event loops),
 so tests talk to them over real HTTP - streaming and disconnects included -
 and can still inspect the upstream's records and the hooks' calls directly.
 
+The gateway itself (`GatewayServer`, `gateway_config_for`) lives in
+tests/gateway_server.py, importable from any test module.
+
 Reuse from other test packages:
     gw = start_gateway(config, hooks=MyHooks())   # custom config and hooks
     upstream.script(lambda req: JSONReply(...))   # answer extraction calls
@@ -13,44 +16,15 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
 
 import httpx
-import msgspec
 import openai
 import pytest
 
-from gateway.app import create_app
 from gateway.config import Config
 from gateway.hooks import ChatHooks
+from tests.gateway_server import GatewayServer, gateway_config_for
 from tests.upstream import ScriptedUpstream, ServerThread
-
-
-class GatewayServer:
-    def __init__(self, config: Config, hooks: ChatHooks | None) -> None:
-        self.config = config
-        self.app = create_app(config, hooks=hooks)
-        self._server = ServerThread(self.app, uvloop=True)
-
-    def start(self) -> GatewayServer:
-        self._server.start()
-        return self
-
-    def stop(self) -> None:
-        self._server.stop()
-
-    @property
-    def url(self) -> str:
-        return self._server.url
-
-    @property
-    def base_url(self) -> str:
-        return self._server.url + "/v1"
-
-    def client(self, api_key: str = "sk-client", **kwargs: Any) -> openai.OpenAI:
-        return openai.OpenAI(
-            base_url=self.base_url, api_key=api_key, max_retries=0, timeout=30, **kwargs
-        )
 
 
 @pytest.fixture(scope="session")
@@ -68,23 +42,6 @@ def upstream(upstream_server: ScriptedUpstream) -> Iterator[ScriptedUpstream]:
     upstream_server.reset()
     yield upstream_server
     upstream_server.reset()
-
-
-def gateway_config_for(
-    upstream_url: str, data_dir: Path, *, memory: dict[str, Any] | None = None, **overrides: Any
-) -> Config:
-    """A Config whose default upstream is `upstream_url`; `overrides` are top-level sections.
-
-    Without a `memory` section the memory engine is off: a plain proxy. Pass
-    `memory={...}` (enabled unless it says otherwise) to test with memory.
-    """
-    raw: dict[str, Any] = {
-        "upstreams": [{"name": "scripted", "base_url": upstream_url, "default": True}],
-        "data_dir": str(data_dir),
-        "memory": {"enabled": False} if memory is None else memory,
-    }
-    raw.update(overrides)
-    return msgspec.convert(raw, Config)
 
 
 @pytest.fixture

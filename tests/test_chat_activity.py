@@ -36,8 +36,8 @@ from gateway.chat_activity import (
     yield_gate,
 )
 from gateway.config import Config
-from tests.conftest import GatewayServer, gateway_config_for
 from tests.extraction import is_extraction, llm_answer, wait_for
+from tests.gateway_server import GatewayServer, gateway_config_for
 from tests.reliability import memory_settings
 from tests.upstream import DONE, JSONReply, SSEReply, chunk, text_stream
 

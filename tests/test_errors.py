@@ -15,7 +15,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.conftest import GatewayServer, gateway_config_for
+from tests.gateway_server import GatewayServer, gateway_config_for
 from tests.reliability import memory_settings
 from tests.upstream import ScriptedUpstream
 

@@ -10,7 +10,7 @@ from gateway.config import UserKey
 from gateway.errors import GatewayError
 from gateway.identity import KeyMatcher, KeyRing, bearer_token, scope_for
 from memory.models import Scope
-from tests.conftest import gateway_config_for
+from tests.gateway_server import gateway_config_for
 from tests.recording import RecordingHooks
 
 MESSAGES = [{"role": "user", "content": "hi"}]

@@ -17,7 +17,6 @@ import httpx
 import openai
 import pytest
 
-from tests.conftest import GatewayServer, gateway_config_for
 from tests.extraction import (
     is_extraction,
     latest_exchange,
@@ -25,6 +24,7 @@ from tests.extraction import (
     stored_facts,
     wait_for,
 )
+from tests.gateway_server import GatewayServer, gateway_config_for
 from tests.upstream import JSONReply, Recorded, ScriptedUpstream
 
 ALICE = {"X-User-Id": "alice"}

@@ -22,8 +22,8 @@ import msgspec
 import pytest
 
 from gateway.config import Config
-from tests.conftest import GatewayServer
 from tests.extraction import is_extraction, llm_answer, wait_for
+from tests.gateway_server import GatewayServer
 from tests.upstream import JSONReply, Recorded, ScriptedUpstream, ServerThread
 
 LOCAL_KEY = "sk-local-fixed"

@@ -8,7 +8,7 @@ import httpx
 import openai
 import pytest
 
-from tests.conftest import gateway_config_for
+from tests.gateway_server import gateway_config_for
 from tests.upstream import DONE, HangReply, JSONReply, SSEReply, chunk
 
 MESSAGES = [{"role": "user", "content": "hello"}]

@@ -6,7 +6,7 @@ import httpx
 
 from gateway.config import Config, UpstreamConfig
 from gateway.routing import Router
-from tests.conftest import gateway_config_for
+from tests.gateway_server import gateway_config_for
 from tests.upstream import JSONReply
 
 

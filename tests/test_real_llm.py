@@ -35,7 +35,7 @@ import httpx
 import openai
 import pytest
 
-from tests.conftest import GatewayServer, gateway_config_for
+from tests.gateway_server import GatewayServer, gateway_config_for
 from tests.llama_server import (
     LlamaServer,
     LlamaServers,

@@ -18,7 +18,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tests.conftest import GatewayServer, gateway_config_for
+from tests.gateway_server import GatewayServer, gateway_config_for
 from tests.reliability import memory_settings
 from tests.upstream import ScriptedUpstream
 

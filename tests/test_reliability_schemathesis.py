@@ -18,7 +18,7 @@ import schemathesis
 from schemathesis.checks import not_a_server_error
 from schemathesis.generation import GenerationMode
 
-from tests.conftest import GatewayServer, gateway_config_for
+from tests.gateway_server import GatewayServer, gateway_config_for
 from tests.reliability import memory_settings, token_extractor
 from tests.upstream import ScriptedUpstream
 

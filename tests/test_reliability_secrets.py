@@ -18,8 +18,8 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.conftest import GatewayServer, gateway_config_for
 from tests.extraction import is_extraction, latest_exchange, llm_answer, wait_for
+from tests.gateway_server import GatewayServer, gateway_config_for
 from tests.reliability import GatewayProcess, free_port, memory_settings, token_extractor
 from tests.upstream import JSONReply, Recorded, ScriptedUpstream
 

@@ -21,8 +21,8 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.conftest import GatewayServer, gateway_config_for
 from tests.extraction import wait_for
+from tests.gateway_server import GatewayServer, gateway_config_for
 from tests.reliability import memory_settings, new_token, token_extractor
 from tests.upstream import ScriptedUpstream
 

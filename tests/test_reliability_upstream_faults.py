@@ -14,8 +14,8 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.conftest import GatewayServer, gateway_config_for
 from tests.extraction import is_extraction, wait_for
+from tests.gateway_server import GatewayServer, gateway_config_for
 from tests.reliability import (
     free_port,
     memory_settings,

@@ -9,7 +9,7 @@ import pytest
 
 from gateway.config import HTTPConfig
 from gateway.transport import AiohttpTransport, upstream_client
-from tests.conftest import gateway_config_for
+from tests.gateway_server import gateway_config_for
 from tests.upstream import ServerThread
 
 

@@ -3,8 +3,6 @@
 
 from datetime import UTC, datetime
 
-from conftest import chinese
-
 from memory.clipping import (
     OMISSION_MARKER,
     SEARCH_QUERY_HEAD_CHARS,
@@ -17,6 +15,7 @@ from memory.clipping import (
     search_query,
 )
 from memory.models import Exchange, Scope
+from tests.memory.helpers import chinese
 
 AT = datetime(2026, 3, 13, 9, 30, tzinfo=UTC)
 

@@ -24,7 +24,7 @@ CHILD = textwrap.dedent(
     from datetime import UTC, datetime
     from pathlib import Path
     sys.path.insert(0, sys.argv[1])
-    from conftest import HashEmbedder
+    from tests.memory.helpers import HashEmbedder
     from scripted_llm import ScriptedLLM
     from test_engine_crash import config, decision
     from memory.engine import MemoryEngine

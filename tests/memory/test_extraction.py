@@ -9,7 +9,6 @@ from pathlib import Path
 
 import httpx
 import pytest
-from conftest import stored
 from scripted_llm import Call, ScriptedLLM, completion, ops
 
 from memory.config import LLMConfig, MemoryConfig
@@ -25,6 +24,7 @@ from memory.extraction import (
 )
 from memory.extraction_state import read_state
 from memory.models import Exchange, Memory, Operation, Scope
+from tests.memory.helpers import stored
 
 AT = datetime(2026, 3, 13, 9, 30, tzinfo=UTC)  # a Friday
 

@@ -1,7 +1,6 @@
 """The job handler: an exchange's decision, saved before it is applied."""
 
 import pytest
-from conftest import exchange
 
 from memory.config import MemoryConfig
 from memory.extraction import ExtractionError
@@ -10,6 +9,7 @@ from memory.job_handler import JobHandler
 from memory.models import Operation
 from memory.spool import Job
 from memory.workers import Deferred, LeaseLost
+from tests.memory.helpers import exchange
 
 
 class Store:

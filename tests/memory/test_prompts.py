@@ -4,8 +4,6 @@
 import json
 from datetime import UTC, datetime
 
-from conftest import chinese, stored
-
 from memory.clipping import estimate_tokens
 from memory.models import Exchange, Memory, Scope
 from memory.prompts import (
@@ -16,6 +14,7 @@ from memory.prompts import (
     conversation_lines,
     prompt_budget,
 )
+from tests.memory.helpers import chinese, stored
 
 AT = datetime(2026, 3, 13, 9, 30, tzinfo=UTC)
 

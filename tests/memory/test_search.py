@@ -8,11 +8,11 @@ from datetime import UTC, datetime
 
 import numpy as np
 import pytest
-from conftest import HashEmbedder
 
 from memory.config import MaintenanceConfig, MemoryConfig, SearchConfig
 from memory.models import Operation, Scope
 from memory.store import MemoryStore
+from tests.memory.helpers import HashEmbedder
 
 ALICE = Scope(user_id="alice")
 BOB = Scope(user_id="bob")

@@ -7,10 +7,10 @@ import sys
 import textwrap
 
 import pytest
-from conftest import exchange
 
 from memory.models import Operation
 from memory.spool import Spool
+from tests.memory.helpers import exchange
 
 
 class Clock:

@@ -5,11 +5,11 @@ from __future__ import annotations
 from datetime import UTC, datetime, timedelta
 
 import pytest
-from conftest import HashEmbedder
 
 from memory.models import Scope
 from memory.schema import EmbedderMismatch
 from memory.store import MemoryStore, normalized_hash
+from tests.memory.helpers import HashEmbedder
 
 ALICE = Scope(user_id="alice")
 BOB = Scope(user_id="bob")

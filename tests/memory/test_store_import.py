@@ -7,10 +7,9 @@ from __future__ import annotations
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from conftest import HashEmbedder
-
 from memory.models import ImportResult, Memory, Scope
 from memory.store import MemoryStore
+from tests.memory.helpers import HashEmbedder
 
 ALICE = Scope(user_id="alice")
 BOB = Scope(user_id="bob")

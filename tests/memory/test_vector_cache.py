@@ -10,7 +10,6 @@ from datetime import UTC, datetime
 import lancedb
 import numpy as np
 import pytest
-from conftest import HashEmbedder
 
 from memory.changelog import MAX_IDS, ChangeLog, merged
 from memory.config import MemoryConfig, SearchConfig
@@ -20,6 +19,7 @@ from memory.search.ngram_index import NgramIndex, ngrams
 from memory.search.scope_cache import ScopeCache
 from memory.search.scope_index import ScopeIndex
 from memory.store import WRITES_LOCK, MemoryStore
+from tests.memory.helpers import HashEmbedder
 
 ALICE = Scope(user_id="alice")
 ALICE_BOT = Scope(user_id="alice", agent_id="bot")

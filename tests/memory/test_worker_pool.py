@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import asyncio
 
-from conftest import exchange
-
 from memory.config import SpoolConfig
 from memory.spool import Spool
 from memory.workers import WorkerPool
+from tests.memory.helpers import exchange
 
 
 async def test_an_idle_pool_polls_once_per_interval_and_finds_other_processes_jobs(tmp_path):
