@@ -118,8 +118,6 @@ class AiohttpTransport(httpx.AsyncBaseTransport):
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
         session = self._open()
-        timeout = request.extensions.get("timeout", {})
-        connect, pool = timeout.get("connect"), timeout.get("pool")
         headers = request.headers.multi_items()
         body: bytes | _RequestBody | None
         try:
@@ -128,32 +126,53 @@ class AiohttpTransport(httpx.AsyncBaseTransport):
             body = _RequestBody(request.stream)  # type: ignore[arg-type]
             # aiohttp frames a body of unknown length itself.
             headers = [(k, v) for k, v in headers if k.lower() != "transfer-encoding"]
-        try:
-            with _mapped(connecting=True):
-                response = await session.request(
-                    request.method,
-                    # Already encoded by httpx: sent exactly as it is, not re-quoted.
-                    yarl.URL(str(request.url), encoded=True),
-                    headers=headers,
-                    data=body,
-                    allow_redirects=False,
-                    compress=None,
-                    proxy=self._proxy_for(request.url),
-                    timeout=aiohttp.ClientTimeout(
-                        total=None,
-                        # aiohttp's `connect` spans the wait for a pooled connection
-                        # and the connection itself; httpx times them apart.
-                        connect=None if connect is None or pool is None else connect + pool,
-                        sock_connect=connect,
-                        sock_read=timeout.get("read"),
-                    ),
-                    # aiohttp has no write timeout: bodies are bounded
-                    # (server.max_body_bytes), and a stalled upload ends at sock_read.
+        # A pooled connection the server closed as it was taken (its keep-alive
+        # timeout ran out at that instant: uvicorn's is 5 s, gunicorn's 2 s) fails
+        # before any answer. A body in hand is sent once more, on another
+        # connection, as the openai SDK itself would; a streamed one cannot be.
+        for attempt in (1, 2):
+            try:
+                return await self._send(session, request, headers, body)
+            except httpx.TransportError as exc:
+                if isinstance(body, _RequestBody) and body.error is not None:
+                    raise body.error from None  # the client's body failed, not the upstream
+                if attempt == 2 or isinstance(body, _RequestBody) or not _dropped(exc):
+                    raise
+                logger.debug(
+                    "upstream %s dropped a pooled connection; sending again", request.url.host
                 )
-        except httpx.TransportError:
-            if isinstance(body, _RequestBody) and body.error is not None:
-                raise body.error from None  # the client's body failed, not the upstream
-            raise
+        raise AssertionError("unreachable")
+
+    async def _send(
+        self,
+        session: aiohttp.ClientSession,
+        request: httpx.Request,
+        headers: list[tuple[str, str]],
+        body: bytes | _RequestBody | None,
+    ) -> httpx.Response:
+        timeout = request.extensions.get("timeout", {})
+        connect, pool = timeout.get("connect"), timeout.get("pool")
+        with _mapped(connecting=True):
+            response = await session.request(
+                request.method,
+                # Already encoded by httpx: sent exactly as it is, not re-quoted.
+                yarl.URL(str(request.url), encoded=True),
+                headers=headers,
+                data=body,
+                allow_redirects=False,
+                compress=None,
+                proxy=self._proxy_for(request.url),
+                timeout=aiohttp.ClientTimeout(
+                    total=None,
+                    # aiohttp's `connect` spans the wait for a pooled connection
+                    # and the connection itself; httpx times them apart.
+                    connect=None if connect is None or pool is None else connect + pool,
+                    sock_connect=connect,
+                    sock_read=timeout.get("read"),
+                ),
+                # aiohttp has no write timeout: bodies are bounded
+                # (server.max_body_bytes), and a stalled upload ends at sock_read.
+            )
         return httpx.Response(
             status_code=response.status,
             headers=response.raw_headers,
@@ -204,6 +223,16 @@ class _ResponseStream(httpx.AsyncByteStream):
             self._response.release()  # the connection goes back to the pool
         else:
             self._response.close()  # the rest of the body would be read by the next user
+
+
+def _dropped(exc: httpx.TransportError) -> bool:
+    """Whether the connection broke before any answer without a new connection
+    being refused or timing out: what a pooled connection the server had just
+    closed does."""
+    cause = exc.__cause__
+    return isinstance(
+        cause, aiohttp.ServerDisconnectedError | aiohttp.ClientOSError
+    ) and not isinstance(cause, aiohttp.ClientConnectorError)
 
 
 @contextmanager

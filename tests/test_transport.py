@@ -4,6 +4,10 @@ the proxy tests, which all run over it; these pin what they cannot see."""
 
 from __future__ import annotations
 
+import asyncio
+import socket
+import struct
+
 import httpx
 import pytest
 
@@ -107,3 +111,77 @@ def test_upstream_requests_go_through_the_proxy_the_environment_names(
     assert reply.choices[0].message.content == "echo: hi"
     # (The test's own client honours HTTP_PROXY too: its call to the gateway is there as well.)
     assert ("POST", upstream.url + "/chat/completions") in proxy.seen
+
+
+class DroppingServer:
+    """An HTTP/1.1 server on loopback that answers the first request of each
+    connection and resets the connection when a second one comes: a server
+    whose keep-alive timeout ran out just as the client reused the connection."""
+
+    def __init__(self) -> None:
+        self.connections = 0
+        self.answered: list[bytes] = []
+
+    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.connections += 1
+        for served in range(2):
+            try:
+                head = await reader.readuntil(b"\r\n\r\n")
+            except asyncio.IncompleteReadError:
+                break
+            length = next(
+                (
+                    int(h.split(b":")[1])
+                    for h in head.split(b"\r\n")
+                    if h.lower().startswith(b"content-length:")
+                ),
+                0,
+            )
+            body = await reader.readexactly(length)
+            if served == 1:
+                sock = writer.get_extra_info("socket")
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                break
+            self.answered.append(body)
+            writer.write(
+                b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nContent-Type: text/plain\r\n\r\nok"
+            )
+            await writer.drain()
+        writer.close()
+
+
+@pytest.fixture
+async def dropping_server():
+    server = DroppingServer()
+    listener = await asyncio.start_server(server.handle, "127.0.0.1", 0)
+    server.url = f"http://127.0.0.1:{listener.sockets[0].getsockname()[1]}"
+    yield server
+    listener.close()
+    await listener.wait_closed()
+
+
+async def test_a_request_on_a_connection_the_server_just_dropped_is_sent_again(dropping_server):
+    async with httpx.AsyncClient(transport=AiohttpTransport(limits=httpx.Limits())) as client:
+        first = await client.post(dropping_server.url + "/v1/chat/completions", content=b"one")
+        second = await client.post(dropping_server.url + "/v1/chat/completions", content=b"two")
+    assert (first.status_code, first.text, second.status_code, second.text) == (
+        200,
+        "ok",
+        200,
+        "ok",
+    )
+    assert dropping_server.answered == [b"one", b"two"]
+    assert dropping_server.connections == 2
+
+
+async def test_a_streamed_body_is_not_sent_again(dropping_server):
+    """The stream is spent: the failure is the upstream's, as with httpcore."""
+
+    async def upload():
+        yield b"two"
+
+    async with httpx.AsyncClient(transport=AiohttpTransport(limits=httpx.Limits())) as client:
+        await client.post(dropping_server.url + "/v1/chat/completions", content=b"one")
+        with pytest.raises(httpx.TransportError):
+            await client.post(dropping_server.url + "/v1/chat/completions", content=upload())
+    assert dropping_server.answered == [b"one"]
