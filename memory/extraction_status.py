@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Literal
@@ -44,6 +45,7 @@ class ExtractionMonitor:
         *,
         key_source: str | None,
         state_path: Path | None,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._config = config
         self._spool = spool
@@ -51,6 +53,8 @@ class ExtractionMonitor:
         self._keys = keys
         self._key_source = key_source
         self._state_path = state_path
+        # Seconds, for when chats asked (tests pass their own).
+        self._clock = clock
         # The last reading for chat headers, and when a chat last asked.
         self._failing = False
         self._asked = float("-inf")
@@ -110,13 +114,13 @@ class ExtractionMonitor:
         never waits on the spool for it: it reads what a background task
         keeps at most STATUS_CACHE_SECONDS old, while chats ask (the task
         starts with the first ask and rests after a minute without one)."""
-        self._asked = time.monotonic()
+        self._asked = self._clock()
         if not self._closed and (self._refresh is None or self._refresh.done()):
             self._refresh = asyncio.create_task(self._keep(), name="extraction-status")
         return self._failing
 
     async def _keep(self) -> None:
-        while time.monotonic() - self._asked < STATUS_IDLE_SECONDS:
+        while self._clock() - self._asked < STATUS_IDLE_SECONDS:
             try:
                 outcomes = await self._spool.outcomes(self._config.llm.failing_window_seconds)
             except Exception:

@@ -1,11 +1,10 @@
 """One extraction call per exchange: what the model sees and what we accept back."""
 
+from __future__ import annotations
+
 import asyncio
 import contextlib
-import json
 import logging
-from datetime import UTC, datetime
-from pathlib import Path
 
 import httpx
 import pytest
@@ -14,32 +13,15 @@ from scripted_llm import Call, ScriptedLLM, completion, ops
 from memory.config import LLMConfig, MemoryConfig
 from memory.extraction import (
     DEFAULT_MODEL,
-    FOR_GOOD_CATEGORIES,
     KEYLESS,
     ExtractionError,
     ExtractionUnavailable,
     Extractor,
-    parse_json_answer,
-    validate_operations,
 )
 from memory.extraction_state import read_state
-from memory.models import Exchange, Memory, Operation, Scope
-from tests.memory.helpers import stored
-
-AT = datetime(2026, 3, 13, 9, 30, tzinfo=UTC)  # a Friday
-
-
-def memory(mid: str, text: str) -> Memory:
-    return stored(mid, text, AT)
-
-
-EXISTING = [memory("id-berlin", "User lives in Berlin"), memory("id-tea", "User likes green tea")]
-
-
-def exchange(text: str, reply: str | None = "Noted!") -> Exchange:
-    return Exchange(
-        scope=Scope(user_id="u"), messages=[{"role": "user", "content": text}], reply=reply, at=AT
-    )
+from memory.models import Operation
+from tests.memory.helpers import EXISTING, error, llama_refuses_json_schema, refusing
+from tests.memory.helpers import user_turn as exchange
 
 
 class Endpoint:
@@ -78,66 +60,9 @@ class Endpoint:
 
 
 @pytest.fixture
-async def make():
-    clients = []
-
-    def make(
-        server: ScriptedLLM | Endpoint,
-        *,
-        api_key: str | None = "sk-config-key",
-        state_path: Path | None = None,
-        call_gate=None,
-        **llm_config,
-    ) -> Extractor:
-        client = server.client()
-        clients.append(client)
-        config = MemoryConfig(llm=LLMConfig(api_key=api_key, **llm_config))
-        return Extractor(
-            config,
-            default_base_url="http://upstream.test/v1",
-            http_client=client,
-            state_path=state_path,
-            call_gate=call_gate,
-        )
-
-    yield make
-    for c in clients:
-        await c.aclose()
-
-
-@pytest.fixture
 def logs(caplog):
     caplog.set_level(logging.INFO, logger="memory.extraction")
     return caplog
-
-
-def error(status: int, message: str, code: str | None = None, **extra) -> httpx.Response:
-    """An upstream error in OpenAI's shape."""
-    body = {"message": message, "type": "invalid_request_error", "param": None, "code": code}
-    return httpx.Response(status, json={"error": body | extra})
-
-
-def llama_refuses_json_schema() -> httpx.Response:
-    """llama-cpp-python's answer to `response_format: json_schema`: a 500
-    carrying pydantic's validation error."""
-    return error(
-        500,
-        "1 validation error for CreateChatCompletionRequest\nresponse_format\n"
-        "  Input tag 'json_schema' found using 'type' does not match any of the expected"
-        " tags: 'text', 'json_object' [type=union_tag_invalid]",
-        type="internal_server_error",
-    )
-
-
-def refusing(*modes: str, answer=None, refusal=llama_refuses_json_schema):
-    """A responder that refuses the given response_format types (None: plain text)."""
-
-    def respond(call: Call):
-        if call.response_format in modes:
-            return refusal()
-        return answer if answer is not None else ops()
-
-    return respond
 
 
 async def test_operations_come_back_with_aliases_resolved_to_ids(make):
@@ -287,14 +212,6 @@ async def test_errors_that_are_not_about_the_format_do_not_trigger_fallback(make
     assert extractor.mode() is None
 
 
-async def test_server_errors_are_outages_for_the_spool_to_wait_out(make):
-    llm = ScriptedLLM([httpx.Response(503, json={"error": {"message": "overloaded"}})])
-    with pytest.raises(ExtractionUnavailable, match="503") as caught:
-        await make(llm).decide(exchange("a"), [], api_key=None)
-    assert caught.value.category == "unavailable"
-    assert len(llm.calls) == 1  # no SDK retries: the spool owns retrying
-
-
 async def test_an_answer_cut_off_by_max_tokens_is_rejected(make):
     llm = ScriptedLLM(
         [completion('{"operations": [{"op": "ADD", "text": "User li', finish_reason="length")]
@@ -318,61 +235,6 @@ async def test_a_200_that_is_not_a_usable_completion_is_an_untrustworthy_answer(
         await make(ScriptedLLM([reply])).decide(exchange("a"), [], api_key=None)
     assert not isinstance(caught.value, ExtractionUnavailable)
     assert caught.value.category == "invalid_answer"
-
-
-@pytest.mark.parametrize(
-    ("answer", "reason"),
-    [
-        ("I cannot help with that.", "not valid JSON"),
-        ('{"operations": [{"op": "ADD", "text": "User li', "not valid JSON"),
-        ('["ADD"]', "expected a JSON object"),
-        ('{"ops": []}', "operations"),
-        ('{"operations": {"op": "ADD"}}', "operations"),
-        ('{"operations": ["ADD"]}', "not an object"),
-        ('{"operations": [{"op": "MERGE", "id": "0"}]}', "unknown op"),
-        ('{"operations": [{"op": 1}]}', "unknown op"),
-        ('{"operations": [{"op": "ADD"}]}', "ADD without text"),
-        ('{"operations": [{"op": "ADD", "text": "   "}]}', "ADD without text"),
-        ('{"operations": [{"op": "ADD", "text": 42}]}', "text must be a string"),
-        ('{"operations": [{"op": "UPDATE", "id": "0"}]}', "UPDATE without text"),
-        ('{"operations": [{"op": "UPDATE", "id": "7", "text": "x"}]}', "unknown id"),
-        ('{"operations": [{"op": "DELETE", "id": "id-berlin"}]}', "unknown id"),
-        ('{"operations": [{"op": "DELETE"}]}', "needs the id"),
-        ('{"operations": [{"op": "DELETE", "id": ["0"]}]}', "needs the id"),
-        (
-            '{"operations": [{"op": "DELETE", "id": "0"},'
-            ' {"op": "UPDATE", "id": "0", "text": "x"}]}',
-            "more than one operation",
-        ),
-        ('{"operations": [{"op": "ADD", "text": "' + "x" * 2000 + '"}]}', "longer than"),
-    ],
-)
-def test_untrustworthy_answers_are_rejected_whole(answer, reason):
-    with pytest.raises(ExtractionError, match=reason) as caught:
-        validate_operations(parse_json_answer(answer), EXISTING)
-    assert caught.value.category == "invalid_answer"
-
-
-def test_a_valid_op_next_to_an_invalid_one_is_not_applied_alone():
-    answer = '{"operations": [{"op": "DELETE", "id": "0"}, {"op": "DELETE", "id": "9"}]}'
-    with pytest.raises(ExtractionError):
-        validate_operations(parse_json_answer(answer), EXISTING)
-
-
-def test_small_model_quirks_that_are_unambiguous_are_accepted():
-    answer = (
-        'Result: {"operations": [{"op": "update", "id": 0, "text": " User lives in Rome "}]} done'
-    )
-    assert validate_operations(parse_json_answer(answer), EXISTING) == [
-        Operation(op="UPDATE", memory_id="id-berlin", text="User lives in Rome")
-    ]
-
-
-def test_braces_inside_strings_do_not_confuse_the_tolerant_parser():
-    answer = 'x {"operations": [{"op": "ADD", "text": "User wrote {weird} text"}]} y'
-    assert validate_operations(parse_json_answer(answer), []) == [
-        Operation(op="ADD", text="User wrote {weird} text")
-    ]
 
 
 def test_prompt_templates_can_be_overridden_from_config():
@@ -413,119 +275,12 @@ async def test_a_500_naming_json_schema_is_a_refusal_and_json_object_is_tried(ma
     )
 
 
-async def test_a_5xx_whose_plain_text_body_names_the_format_is_a_refusal_too(make):
-    def grammar_crash() -> httpx.Response:
-        return httpx.Response(500, text="Internal error: failed to parse grammar from schema")
-
-    llm = ScriptedLLM(responder=refusing("json_schema", refusal=grammar_crash))
-    assert await make(llm).decide(exchange("a"), [], api_key=None) == []
-    assert [c.response_format for c in llm.calls] == ["json_schema", "json_object"]
-
-
-async def test_a_422_that_names_nothing_is_still_taken_as_a_refusal(make):
-    llm = ScriptedLLM(
-        responder=refusing("json_schema", refusal=lambda: httpx.Response(422, json={"detail": []}))
-    )
-    assert await make(llm).decide(exchange("a"), [], api_key=None) == []
-    assert [c.response_format for c in llm.calls] == ["json_schema", "json_object"]
-
-
 async def test_when_every_mode_is_refused_the_category_says_so(make):
     llm = ScriptedLLM(responder=refusing("json_schema", "json_object", None))
     with pytest.raises(ExtractionError, match="every structured-output mode") as caught:
         await make(llm).decide(exchange("a"), [], api_key=None)
     assert caught.value.category == "format_rejected"
     assert [c.response_format for c in llm.calls] == ["json_schema", "json_object", None]
-
-
-@pytest.mark.parametrize(
-    "reply",
-    [
-        # llama-cpp-python
-        error(
-            400,
-            "This model's maximum context length is 4096 tokens. However, you requested"
-            " 13060 tokens (12676 in the messages, 384 in the completion).",
-            code="context_length_exceeded",
-        ),
-        error(400, "the request exceeds the available context size (n_ctx: 4096)"),
-        error(400, "too many tokens in the prompt"),
-        error(400, "prompt is too long: 210000 tokens > 200000 maximum"),
-        # Worded as a 500 that also names the schema: still not a format problem.
-        error(500, "context length exceeded while applying the json_schema grammar"),
-    ],
-)
-async def test_a_prompt_too_long_is_final_and_never_tried_in_other_modes(make, reply):
-    llm = ScriptedLLM([reply])
-    with pytest.raises(ExtractionError) as caught:
-        await make(llm).decide(exchange("a"), [], api_key=None)
-    assert caught.value.category == "context_length"
-    assert "memory.llm.context_tokens" in caught.value.reason
-    assert len(llm.calls) == 1
-
-
-@pytest.mark.parametrize(
-    "reply",
-    [
-        # OpenAI
-        error(404, "The model `gpt-4o-mini` does not exist", code="model_not_found"),
-        # Ollama
-        httpx.Response(404, json={"error": 'model "gpt-4o-mini" not found, try pulling it first'}),
-        # vLLM
-        error(404, "The model `gpt-4o-mini` does not exist.", type="NotFoundError"),
-        # LiteLLM
-        error(400, "Invalid model name passed in model=gpt-4o-mini"),
-    ],
-)
-async def test_a_missing_model_is_final_and_names_the_settings_to_change(make, reply):
-    llm = ScriptedLLM([reply])
-    with pytest.raises(ExtractionError) as caught:
-        await make(llm).decide(exchange("a"), [], api_key=None)
-    assert caught.value.category == "model_not_found"
-    assert "'gpt-4o-mini' not found at http://upstream.test/v1/chat/completions" in str(
-        caught.value
-    )
-    for setting in ("memory.llm.model", "--extraction-model", "MEMORY_LLM_MODEL"):
-        assert setting in str(caught.value)
-    assert len(llm.calls) == 1
-
-
-async def test_a_404_that_names_no_model_suggests_the_missing_v1(make):
-    llm = ScriptedLLM([httpx.Response(404, text="404 page not found")])
-    with pytest.raises(ExtractionError) as caught:
-        await make(llm).decide(exchange("a"), [], api_key=None)
-    assert caught.value.category == "endpoint_not_found"
-    assert "http://upstream.test/v1/chat/completions" in str(caught.value)
-    assert "/v1" in str(caught.value).split("404")[1]
-    assert len(llm.calls) == 1
-
-
-@pytest.mark.parametrize(
-    ("status", "category"), [(401, "auth"), (403, "auth"), (429, "unavailable")]
-)
-async def test_a_refused_key_or_a_rate_limit_never_falls_through_the_modes(make, status, category):
-    llm = ScriptedLLM([error(status, "response_format is fine, your key is not")])
-    with pytest.raises(ExtractionError) as caught:
-        await make(llm).decide(exchange("a"), [], api_key=None)
-    assert caught.value.category == category
-    assert len(llm.calls) == 1
-
-
-async def test_a_rate_limit_counting_tokens_is_an_outage_not_a_long_prompt(make):
-    llm = ScriptedLLM([error(429, "Too many tokens per minute, please slow down")])
-    with pytest.raises(ExtractionUnavailable):
-        await make(llm).decide(exchange("a"), [], api_key=None)
-
-
-def test_the_categories_that_no_retry_can_fix():
-    assert set(FOR_GOOD_CATEGORIES) == {
-        "context_length",
-        "model_not_found",
-        "endpoint_not_found",
-        "auth",
-    }
-    assert ExtractionError("x").category == "error"
-    assert ExtractionUnavailable("x").category == "unavailable"
 
 
 # --- the learned mode, across restarts ---------------------------------------
@@ -816,40 +571,3 @@ async def test_the_last_success_and_the_last_error_are_kept_with_no_key_in_them(
     )
     assert "sk-user-secret-key" not in extractor.last_error
     assert "sk-user-secret-key" not in str(caught.value)
-
-
-# --- lenient JSON, strict operations -----------------------------------------------
-
-
-@pytest.mark.parametrize(
-    ("answer", "text"),
-    [
-        # llama.cpp's grammar lets raw newlines into strings.
-        ('{"operations": [{"op": "ADD", "text": "User likes\njazz"}]}', "User likes\njazz"),
-        ('```json\n{"operations": [{"op": "ADD", "text": "User is 34"}]}\n```', "User is 34"),
-        (
-            'Here you go: {"operations": [{"op": "ADD", "text": "User is 34"}]} Hope it helps!',
-            "User is 34",
-        ),
-        ('{"operations": [{"op": "ADD", "text": "User is 34",},],}', "User is 34"),
-        ('{"operations": [\n  {"op": "ADD", "text": "User is 34"},\n]\n}', "User is 34"),
-        # A comma before a brace inside a string is the user's text, not a typo.
-        (
-            '{"operations": [{"op": "ADD", "text": "User wrote \\"a,}\\" and [b,]"},]}',
-            'User wrote "a,}" and [b,]',
-        ),
-    ],
-)
-def test_json_that_small_models_get_slightly_wrong_is_read(answer, text):
-    assert validate_operations(parse_json_answer(answer), []) == [Operation(op="ADD", text=text)]
-
-
-def test_leniency_stops_at_the_json_the_operations_are_still_checked_strictly():
-    with pytest.raises(ExtractionError, match="unknown op") as caught:
-        validate_operations(parse_json_answer('{"operations": [{"op": "MERGE",},]}'), [])
-    assert caught.value.category == "invalid_answer"
-
-
-def test_json_dumps_of_the_answer_is_unchanged_by_the_comma_scan():
-    answer = {"operations": [{"op": "ADD", "text": "a, ] b ,} c", "id": None}]}
-    assert parse_json_answer(json.dumps(answer)) == answer

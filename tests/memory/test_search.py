@@ -1,5 +1,6 @@
 """Search: vector + full-text fused by rank, Chinese n-grams, fresh rows,
-cut-off, limits, and the real local embedder across languages."""
+cut-off, limits, the real local embedder across languages, and the scope
+cache answering like LanceDB (memory/search/searcher.py)."""
 
 from __future__ import annotations
 
@@ -10,9 +11,9 @@ import numpy as np
 import pytest
 
 from memory.config import MaintenanceConfig, MemoryConfig, SearchConfig
-from memory.models import Operation, Scope
+from memory.models import Memory, Operation, Scope
 from memory.store import MemoryStore
-from tests.memory.helpers import HashEmbedder
+from tests.memory.helpers import QUERIES, HashEmbedder, texts
 
 ALICE = Scope(user_id="alice")
 BOB = Scope(user_id="bob")
@@ -182,3 +183,77 @@ async def real_store(tmp_path, local_embedder, memory_config):
 async def test_the_local_embedder_answers_across_languages(real_store, query, fact):
     hits = await real_store.search(ALICE, query, limit=1)
     assert [h.memory.text for h in hits] == [fact]
+
+
+# ---------- through the scope cache ----------
+
+
+@pytest.mark.parametrize("query", QUERIES)
+async def test_cached_search_answers_like_lancedb(pair, query):
+    fast, slow = pair
+    got = await fast.search(ALICE, query, limit=5)
+    want = await slow.search(ALICE, query, limit=5)
+    assert fast._cache is not None and len(fast._cache) == 1
+    assert [h.memory for h in got] == [h.memory for h in want]
+    assert [h.similarity for h in got] == pytest.approx([h.similarity for h in want], abs=1e-4)
+
+
+async def test_every_kind_of_write_keeps_the_cache_exact(pair):
+    fast, slow = pair
+    assert await texts(fast, ALICE, "violin")  # the scope is now cached
+    added = await fast.add(ALICE, "Speaks fluent Portuguese")
+    assert (await texts(fast, ALICE, "Portuguese"))[0] == "Speaks fluent Portuguese"
+    await fast.update(ALICE, added.id, text="Speaks fluent Spanish")
+    assert (await texts(fast, ALICE, "Spanish"))[0] == "Speaks fluent Spanish"
+    assert "Speaks fluent Portuguese" not in await texts(fast, ALICE, "Portuguese")
+    violin = next(m for m in await fast.list(ALICE) if m.text == "Plays the violin")
+    await fast.apply(
+        ALICE,
+        [
+            Operation(op="UPDATE", memory_id=violin.id, text="Plays the cello"),
+            Operation(op="DELETE", memory_id=added.id),
+            Operation(op="ADD", text="Lives near the sea"),
+        ],
+        source="job-1",
+        actor="extractor",
+        at=datetime.now(UTC),
+    )
+    for query in ["violin", "cello", "Spanish", "sea", "上海"]:
+        # Same visible memories and best hit; lower ranks may differ by BM25
+        # statistics (LanceDB's span all users and its last index build).
+        got = await fast.search(ALICE, query, limit=50)
+        want = await slow.search(ALICE, query, limit=50)
+        assert {h.memory.id for h in got} == {h.memory.id for h in want}
+        assert got[0].memory == want[0].memory
+    assert "Plays the violin" not in await texts(fast, ALICE, "violin")
+    assert await fast.delete(ALICE, violin.id)  # the superseded row: nothing visible changes
+    assert (await texts(fast, ALICE, "cello"))[0] == "Plays the cello"
+    now = datetime.now(UTC)
+    await fast.import_memories(
+        ALICE,
+        [
+            Memory(
+                id="imp-1",
+                user_id="x",
+                agent_id=None,
+                session_id=None,
+                text="Imported fact",
+                metadata={},
+                created_at=now,
+                updated_at=now,
+            )
+        ],
+    )
+    assert (await texts(fast, ALICE, "Imported fact"))[0] == "Imported fact"
+    await fast.optimize()
+    assert (await texts(fast, ALICE, "Imported fact"))[0] == "Imported fact"
+    await fast.delete_all(ALICE)
+    assert await fast.search(ALICE, "violin") == []
+    assert await texts(fast, BOB, "violin") == ["Plays the violin in Shanghai"]
+
+
+async def test_related_uses_the_cache_and_stays_in_scope(pair):
+    fast, _ = pair
+    related = await fast.related(ALICE, "Plays the violin in Shanghai", 2)
+    assert related[0].text == "Plays the violin"
+    assert all(m.user_id == "alice" for m in related)
