@@ -10,6 +10,10 @@ one timer wakes one idle worker every `poll_interval`, rather than every idle
 worker's own timeout, which expired together and made all of them query the
 spool at once (a burst of 15-40 ms latencies every 2 s at c=1). A worker that
 was told when a job comes due (a backoff) waits for that on its own.
+
+The poll's timer (`poll_wait`), the clock and interval of the purge of done
+jobs are constructor arguments, so tests drive them tick by tick instead of
+sleeping through real intervals.
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ import contextlib
 import logging
 import random
 import time
-from collections.abc import Callable, Coroutine, Iterable
+from collections.abc import Awaitable, Callable, Coroutine, Iterable
 from typing import Any
 
 from memory.config import SpoolConfig
@@ -32,6 +36,8 @@ log = logging.getLogger("memory.workers")
 
 Handler = Callable[[Job], Coroutine[Any, Any, None]]
 MAX_ERROR_CHARS = 2000
+# How often a worker purges done jobs older than `keep_done_seconds`.
+PURGE_EVERY = 60.0
 
 
 class Deferred(Exception):
@@ -63,7 +69,12 @@ class WorkerPool:
         *,
         users: Callable[[], Iterable[str] | None] = lambda: None,
         erased: Handler | None = None,
+        poll_wait: Callable[[float], Awaitable[object]] = asyncio.sleep,
+        clock: Callable[[], float] = time.monotonic,
+        purge_every: float = PURGE_EVERY,
     ) -> None:
+        """`poll_wait(poll_interval)` is awaited between two polls; `clock`
+        (seconds) and `purge_every` pace the purge of done jobs."""
         self._spool = spool
         self._handler = handler
         # Undoes what a finished job wrote when its user was erased meanwhile.
@@ -82,7 +93,10 @@ class WorkerPool:
         self._inflight: dict[str, tuple[Job, asyncio.Task[None]]] = {}
         self._changed = asyncio.Event()
         self._stopping = False
+        self._clock = clock
+        self._purge_every = purge_every
         self._last_purge = 0.0
+        self._poll_wait = poll_wait
         # Consecutive "model unavailable" outcomes, for the outage backoff.
         self._outage_streak = 0
 
@@ -102,7 +116,7 @@ class WorkerPool:
 
     async def _poll(self) -> None:
         while not self._stopping:
-            await asyncio.sleep(self._config.poll_interval)
+            await self._poll_wait(self._config.poll_interval)
             self.notify()
 
     def notify(self) -> None:
@@ -183,8 +197,8 @@ class WorkerPool:
                     self._idle.remove(waker)
 
     async def _maybe_purge(self) -> None:
-        now = time.monotonic()
-        if now - self._last_purge < 60.0:
+        now = self._clock()
+        if now - self._last_purge < self._purge_every:
             return
         self._last_purge = now
         await self._spool.purge(self._config.keep_done_seconds)

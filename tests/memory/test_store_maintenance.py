@@ -61,11 +61,21 @@ async def test_a_failing_optimize_is_logged_and_the_loop_keeps_running(store, mo
         await maintenance.stop()
 
 
-async def test_stop_is_idempotent(store):
-    maintenance = Maintenance(store, MaintenanceConfig())
+async def test_stop_is_idempotent(store, tmp_path):
+    """Every shutdown path may stop maintenance: a second stop returns at once
+    and leaves it stopped, its task gone and the lock free for another process."""
+    lock = FileLock(tmp_path / "maintenance.lock")
+    maintenance = Maintenance(store, MaintenanceConfig(interval_seconds=0.05), lock)
     maintenance.start()
+    await wait_until(lambda: lock.held)
     await maintenance.stop()
-    await maintenance.stop()
+    async with asyncio.timeout(5):
+        await maintenance.stop()
+    assert not lock.held
+    assert not [t for t in asyncio.all_tasks() if t.get_name() == "memory-maintenance"]
+    other = FileLock(tmp_path / "maintenance.lock")
+    assert await other.acquire(blocking=False)  # another process may take over
+    other.release()
 
 
 async def test_one_process_maintains_a_shared_directory_and_another_takes_over(
