@@ -217,10 +217,11 @@ class MemoriesController(Controller):
         agent_id: AgentId = None,
     ) -> ImportResult:
         scope = scope_of(principal, user_id, agent_id)
-        raw = await request.body()
-        lines = [line for line in raw.splitlines() if line.strip()]
+        lines = (await request.body()).splitlines()
         try:
-            result = await engine.import_lines(scope, lines)
+            # Only an administrator's import keeps ids: whether an id is free
+            # would tell a per-user key about other users' memories.
+            result = await engine.import_lines(scope, lines, keep_ids=principal.user_id is None)
         except InvalidImport as exc:
             raise GatewayError(400, str(exc), code="invalid_import") from None
         return result

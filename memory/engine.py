@@ -543,11 +543,14 @@ class MemoryEngine:
         """Every memory of the scope as JSON lines (superseded ones included)."""
         return [_memory_encoder.encode(m).decode() for m in await self.store.export(scope)]
 
-    async def import_lines(self, scope: Scope, lines: Iterable[str | bytes]) -> ImportResult:
-        """Import JSON lines from `export` into `scope`'s user. A line that is
-        not a memory rejects the whole import (`InvalidImport`); memories the
-        store cannot hold are reported in the result with their line numbers
-        (blank lines counted, as an editor shows them)."""
+    async def import_lines(
+        self, scope: Scope, lines: Iterable[str | bytes], *, keep_ids: bool = False
+    ) -> ImportResult:
+        """Import JSON lines from `export` into `scope`'s user (`keep_ids`: see
+        `MemoryStore.import_memories`). A line that is not a memory rejects the
+        whole import (`InvalidImport`); memories the store cannot hold are
+        reported in the result with their line numbers (blank lines counted,
+        as an editor shows them)."""
         memories: builtins.list[Memory] = []
         numbers: builtins.list[int] = []
         for n, line in enumerate(lines, 1):
@@ -559,7 +562,7 @@ class MemoryEngine:
                 raise InvalidImport(f"line {n}: {exc}") from None
             memories.append(msgspec.structs.replace(m, text=self._redact(m.text)))
             numbers.append(n)
-        result = await self.store.import_memories(scope, memories)
+        result = await self.store.import_memories(scope, memories, keep_ids=keep_ids)
         for issue in (*result.skipped, *result.failed):
             issue.line = numbers[issue.line - 1]
         return result

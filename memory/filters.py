@@ -4,7 +4,13 @@ LanceDB filters are DataFusion SQL. A string literal is delimited by single
 quotes, a quote inside it is written twice, and backslashes are plain
 characters (no escape processing) - checked against LanceDB 0.40 in
 tests/memory/test_filters.py. Every value that reaches a filter goes through
-`literal`, and every store query is narrowed to one user by `scope_filter`.
+`literal`.
+
+Every store query is narrowed to one scope by `scope_filter` (the rule itself
+is in memory/scope.py), except the few named in `UNSCOPED`, which must look
+past one user and say why. They are built by `unscoped(name, ...)`, which
+refuses a name not listed; tests/memory/test_filters.py runs the store's
+whole API and fails on any query that is neither scoped nor listed.
 """
 
 from __future__ import annotations
@@ -16,6 +22,32 @@ from memory.models import Scope
 
 class UnsafeFilterValue(ValueError):
     """A value that cannot be written as a SQL string literal."""
+
+
+# The queries that are not narrowed to one scope, reviewed one by one: name ->
+# why it may look past one user, and why what it learns never reaches a user.
+UNSCOPED: dict[str, str] = {
+    "ready": "matches no row: it only checks that the table answers (/ready)",
+    "index_size": "counts every row to decide when the vector index pays off",
+    "users": "the user list with counts; the management API shows it to the admin only",
+    "count": "active memories of every user, for the admin's stats",
+    "import_owners": (
+        "which user holds an id an import would take, to keep the import off"
+        " other users' rows; the importer is never told whose it is or whether"
+        " it exists (memory/store/imports.py)"
+    ),
+}
+
+
+class Unscoped(str):
+    """A filter string that looks past one scope, tagged with its `UNSCOPED` name."""
+
+    name: str
+
+    def __new__(cls, name: str, text: str) -> Unscoped:
+        made = super().__new__(cls, text)
+        made.name = name
+        return made
 
 
 def literal(value: str) -> str:
@@ -35,7 +67,7 @@ def _in_list(column: str, values: Sequence[str]) -> str:
     return f"{column} IN ({', '.join(literal(v) for v in values)})"
 
 
-def build_filter(
+def _conditions(
     *,
     user_id: str | None = None,
     agent_id: str | None = None,
@@ -75,6 +107,18 @@ def build_filter(
     return " AND ".join(f"({p})" for p in parts)
 
 
+def unscoped(
+    name: str,
+    *,
+    ids: Sequence[str] | None = None,
+    active_only: bool = False,
+) -> Unscoped:
+    """The filter of the unscoped query `name` (a key of `UNSCOPED`)."""
+    if name not in UNSCOPED:
+        raise KeyError(f"{name!r} is not a reviewed unscoped query (memory/filters.py UNSCOPED)")
+    return Unscoped(name, _conditions(ids=ids, active_only=active_only))
+
+
 def scope_filter(
     scope: Scope,
     *,
@@ -88,7 +132,7 @@ def scope_filter(
     """The filter of everything `scope` may see: its user, narrowed to its agent
     when one is given. `session_id` is provenance, not a boundary: a user's
     long-term memories follow them across sessions."""
-    return build_filter(
+    return _conditions(
         user_id=scope.user_id,
         agent_id=scope.agent_id,
         ids=ids,

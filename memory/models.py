@@ -7,43 +7,12 @@ from typing import Any, Literal
 
 import msgspec
 
-from memory.errors import RejectedError
-
-MAX_ID_LENGTH = 256
-
-
-class InvalidScope(RejectedError, ValueError):
-    """An id that cannot name a user, agent or session."""
-
-
-def validate_id(kind: str, value: str) -> str:
-    """Reject ids that are empty, too long or carry control characters."""
-    if not value:
-        raise InvalidScope(f"{kind} must not be empty")
-    if len(value) > MAX_ID_LENGTH:
-        raise InvalidScope(f"{kind} is longer than {MAX_ID_LENGTH} characters")
-    if any(ord(c) < 32 or 127 <= ord(c) < 160 for c in value):
-        raise InvalidScope(f"{kind} contains control characters")
-    return value
-
-
-class Scope(msgspec.Struct, frozen=True, kw_only=True):
-    """Whose memories an operation may see or change.
-
-    Every store read and write takes one; the store turns it into the only
-    filter that touches the tables.
-    """
-
-    user_id: str
-    agent_id: str | None = None
-    session_id: str | None = None
-
-    def __post_init__(self) -> None:
-        validate_id("user_id", self.user_id)
-        if self.agent_id is not None:
-            validate_id("agent_id", self.agent_id)
-        if self.session_id is not None:
-            validate_id("session_id", self.session_id)
+# Scopes belong to this vocabulary too; they are defined beside the isolation rule.
+from memory.scope import MAX_ID_LENGTH as MAX_ID_LENGTH
+from memory.scope import InvalidScope as InvalidScope
+from memory.scope import Scope as Scope
+from memory.scope import ScopeKey as ScopeKey
+from memory.scope import validate_id as validate_id
 
 
 class Memory(msgspec.Struct, kw_only=True):

@@ -21,7 +21,7 @@ from typing import Any
 import msgspec
 import numpy as np
 
-from memory.models import Actor, HistoryEntry, Memory, Scope
+from memory.models import Actor, HistoryEntry, Memory
 
 # The columns read back into a `Memory` (LanceDB also stores `vector` and `hash`).
 MEMORY_COLUMNS = [
@@ -146,12 +146,6 @@ def to_entry(row: dict[str, Any]) -> HistoryEntry:
         at=row["at"],
         source=row["source"],
         actor=row["actor"],
-    )
-
-
-def in_scope(row: dict[str, Any], scope: Scope) -> bool:
-    return row["user_id"] == scope.user_id and (
-        scope.agent_id is None or row["agent_id"] == scope.agent_id
     )
 
 

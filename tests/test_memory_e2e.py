@@ -415,6 +415,56 @@ def test_the_management_api_requires_the_admin_key_when_one_is_set(
         assert http.get("/v1/memories/users", headers=admin).status_code == 200
 
 
+def test_an_import_with_a_per_user_key_cannot_probe_other_users_ids(
+    start_memory_gateway: Callable[..., GatewayServer],
+) -> None:
+    """An administrator's import of a user's export restores its ids; a
+    per-user key's import gets ids derived from its user, the same whether
+    or not another user holds the id it names."""
+    gateway = start_memory_gateway(
+        auth={"admin_key": "adm-secret", "keys": [{"key": "gk-alice", "user_id": "alice"}]}
+    )
+    admin = {"Authorization": "Bearer adm-secret"}
+    alice = {"Authorization": "Bearer gk-alice"}
+    with httpx.Client(base_url=gateway.url, timeout=30) as http:
+        bob_id = http.post(
+            "/v1/memories", headers=admin, json={"user_id": "bob", "text": "Bob's", "infer": False}
+        ).json()["results"][0]["id"]
+
+        def line(memory_id: str, text: str) -> str:
+            return json.dumps(
+                {
+                    "id": memory_id,
+                    "user_id": "alice",
+                    "agent_id": None,
+                    "session_id": None,
+                    "text": text,
+                    "metadata": {},
+                    "created_at": "2026-01-01T00:00:00Z",
+                    "updated_at": "2026-01-01T00:00:00Z",
+                }
+            )
+
+        body = f"{line(bob_id, 'probe')}\n\n{line('free-id', 'other probe')}\n{line('', 'x')}\n"
+        result = http.post("/v1/memories/import", headers=alice, content=body)
+        assert result.status_code == 200, result.text
+        assert result.json()["imported"] == 2
+        # Line numbers count the blank line, as an editor shows them.
+        assert [(f["line"], f["reason"]) for f in result.json()["failed"]] == [(4, "invalid_id")]
+        ids = {m["id"] for m in http.get("/v1/memories", headers=alice).json()["data"]}
+        assert ids.isdisjoint({bob_id, "free-id"})
+
+        restored = http.post(
+            "/v1/memories/import",
+            headers=admin,
+            params={"user_id": "alice"},
+            content=line("restored-id", "restored"),
+        )
+        assert restored.json()["imported"] == 1
+        got = http.get("/v1/memories/restored-id", headers=alice)
+        assert got.status_code == 200 and got.json()["text"] == "restored"
+
+
 def test_the_management_api_is_in_the_openapi_schema(admin: httpx.Client) -> None:
     schema = admin.get("/schema/openapi.json")
     assert schema.status_code == 200

@@ -20,7 +20,8 @@ from memory.filters import scope_filter
 from memory.heap import release_free_memory
 from memory.models import Scope
 from memory.rows import MEMORY_COLUMNS
-from memory.search.scope_index import Key, ScopeIndex
+from memory.scope import ScopeKey
+from memory.search.scope_index import ScopeIndex
 from memory.search.state import SearchState
 
 log = logging.getLogger(__name__)
@@ -82,7 +83,7 @@ class CacheCoherence(SearchState):
         per scope at a time; concurrent searches wait for the same one)."""
         assert self._cache is not None
         await self._check_version(shared=True)
-        key: Key = (scope.user_id, scope.agent_id)
+        key = scope.key
         entry = self._cache.get(key)
         if entry is not None:
             return entry
@@ -91,14 +92,14 @@ class CacheCoherence(SearchState):
             loading = asyncio.ensure_future(self._load(scope, key))
             self._loading[key] = loading
 
-            def done(future: asyncio.Future[ScopeIndex], key: Key = key) -> None:
+            def done(future: asyncio.Future[ScopeIndex], key: ScopeKey = key) -> None:
                 if self._loading.get(key) is future:
                     del self._loading[key]
 
             loading.add_done_callback(done)
         return await asyncio.shield(loading)
 
-    async def _load(self, scope: Scope, key: Key) -> ScopeIndex:
+    async def _load(self, scope: Scope, key: ScopeKey) -> ScopeIndex:
         assert self._cache is not None
         token = self._cache.token(scope.user_id)
         table = (

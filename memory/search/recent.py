@@ -15,8 +15,9 @@ from typing import Any
 import numpy as np
 
 from memory.models import Scope
+from memory.scope import ScopeKey
 from memory.search.coherence import CacheCoherence
-from memory.search.scope_index import Candidates, Key
+from memory.search.scope_index import Candidates
 
 # Recent searches' top lists kept for `related` (see there).
 RECENT_SEARCHES = 1024
@@ -24,8 +25,8 @@ RECENT_SEARCHES = 1024
 HANDED_MAX_CHARS = 4096
 
 
-def _recent_key(scope: Scope, text: str) -> tuple[Key, str]:
-    return (scope.user_id, scope.agent_id), text
+def _recent_key(scope: Scope, text: str) -> tuple[ScopeKey, str]:
+    return scope.key, text
 
 
 class Nearest:

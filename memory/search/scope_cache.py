@@ -13,7 +13,8 @@ from typing import Any
 
 import numpy as np
 
-from memory.search.scope_index import Key, ScopeIndex
+from memory.scope import ScopeKey, key_sees
+from memory.search.scope_index import ScopeIndex
 
 
 class ScopeCache:
@@ -26,8 +27,8 @@ class ScopeCache:
 
     def __init__(self, max_bytes: int) -> None:
         self.max_bytes = max_bytes
-        self._entries: OrderedDict[Key, ScopeIndex] = OrderedDict()
-        self._by_user: dict[str, set[Key]] = {}
+        self._entries: OrderedDict[ScopeKey, ScopeIndex] = OrderedDict()
+        self._by_user: dict[str, set[ScopeKey]] = {}
         self._epochs: dict[str, int] = {}
         self._generation = 0
         self.hits = 0
@@ -40,11 +41,11 @@ class ScopeCache:
     def nbytes(self) -> int:
         return sum(e.nbytes for e in self._entries.values())
 
-    def peek(self, key: Key) -> ScopeIndex | None:
+    def peek(self, key: ScopeKey) -> ScopeIndex | None:
         """The entry, if cached, without counting a hit or touching the LRU."""
         return self._entries.get(key)
 
-    def get(self, key: Key) -> ScopeIndex | None:
+    def get(self, key: ScopeKey) -> ScopeIndex | None:
         entry = self._entries.get(key)
         if entry is None:
             self.misses += 1
@@ -60,7 +61,7 @@ class ScopeCache:
     def token(self, user_id: str) -> tuple[int, int]:
         return (self._generation, self._epochs.get(user_id, 0))
 
-    def put(self, key: Key, entry: ScopeIndex, token: tuple[int, int]) -> bool:
+    def put(self, key: ScopeKey, entry: ScopeIndex, token: tuple[int, int]) -> bool:
         """Cache a freshly loaded entry unless a write made it stale or it is too big."""
         if token != self.token(key[0]) or entry.nbytes > self.max_bytes:
             return False
@@ -74,7 +75,7 @@ class ScopeCache:
             self._discard(old)
         return True
 
-    def _discard(self, key: Key) -> None:
+    def _discard(self, key: ScopeKey) -> None:
         if self._entries.pop(key, None) is not None:
             keys = self._by_user.get(key[0])
             if keys is not None:
@@ -82,7 +83,7 @@ class ScopeCache:
                 if not keys:
                     del self._by_user[key[0]]
 
-    def _touch(self, user_id: str) -> list[tuple[Key, ScopeIndex]]:
+    def _touch(self, user_id: str) -> list[tuple[ScopeKey, ScopeIndex]]:
         self._epochs[user_id] = self._epochs.get(user_id, 0) + 1
         return [(k, self._entries[k]) for k in self._by_user.get(user_id, ())]
 
@@ -96,7 +97,7 @@ class ScopeCache:
         for user_id, user_rows in by_user.items():
             for key, entry in self._touch(user_id):
                 for row in user_rows:
-                    visible = key[1] is None or row["agent_id"] == key[1]
+                    visible = key_sees(key, row)
                     if visible and row["superseded_by"] is None:
                         stored = {c: v for c, v in row.items() if c != "vector"}
                         entry.upsert(stored, np.asarray(row["vector"], dtype=np.float32))
@@ -118,7 +119,7 @@ class ScopeCache:
         self._entries.clear()
         self._by_user.clear()
 
-    def _compact(self, key: Key, entry: ScopeIndex) -> None:
+    def _compact(self, key: ScopeKey, entry: ScopeIndex) -> None:
         # Masked rows still cost a scan: reload once they outnumber live ones.
         if entry.dead > max(1024, len(entry)):
             self._discard(key)

@@ -22,8 +22,6 @@ from threadpoolctl import threadpool_limits
 from memory.search.arrow_rows import ArrowRow, RowReader
 from memory.search.ngram_index import NgramIndex
 
-Key = tuple[str, str | None]  # (user_id, agent_id)
-
 _GONE: dict[str, Any] = {}
 
 

@@ -20,8 +20,9 @@ from memory.changelog import ChangeLog
 from memory.config import MemoryConfig
 from memory.embedding import Embedder, QueryCache
 from memory.models import Scope
+from memory.scope import ScopeKey
 from memory.search.scope_cache import ScopeCache
-from memory.search.scope_index import Key, ScopeIndex
+from memory.search.scope_index import ScopeIndex
 
 if TYPE_CHECKING:
     from memory.search.recent import Nearest
@@ -35,8 +36,8 @@ class SearchState:
     _config: MemoryConfig
     _changes: ChangeLog
     _cache: ScopeCache | None
-    _loading: dict[Key, asyncio.Future[ScopeIndex]]
-    _recent: OrderedDict[tuple[Key, str], Nearest]
+    _loading: dict[ScopeKey, asyncio.Future[ScopeIndex]]
+    _recent: OrderedDict[tuple[ScopeKey, str], Nearest]
     _handed: QueryCache
     _scorer: ThreadPoolExecutor
     _text_scorer: ThreadPoolExecutor

@@ -21,13 +21,12 @@ import numpy as np
 
 from memory.filters import scope_filter
 from memory.models import Actor, HistoryEntry, Operation, Scope
-from memory.rows import in_scope, to_entry, utc
+from memory.rows import to_entry, utc
 from memory.store.plan import Plan, op_texts
 from memory.store.tables import Tables
 
-# Jobs written together by the group writer, and scope filters OR-ed in one query.
+# Jobs written together by the group writer.
 _APPLY_GROUP = 64
-_OR_CHUNK = 64
 
 
 class ApplyRequest:
@@ -153,10 +152,14 @@ class ApplyQueue(Tables):
             for p in plans
             if p.hashes and id(p) not in cached
         ]
-        entry_ids = [e for p in plans if not p.request.fresh for e in p.entry_ids.values()]
+        entry_filters = [
+            scope_filter(p.request.scope, ids=list(p.entry_ids.values()))
+            for p in plans
+            if not p.request.fresh and p.entry_ids
+        ]
         by_id = await self._rows_any(id_filters, vectors=True)
         by_hash = await self._rows_any(hash_filters)
-        recorded = await self._history_ids(entry_ids)
+        recorded = await self._history_ids(entry_filters)
         inserts: dict[str, dict[str, Any]] = {}
         supersede: dict[str, dict[str, Any]] = {}
         entries: list[list[dict[str, Any]]] = []
@@ -164,14 +167,12 @@ class ApplyQueue(Tables):
         missing: list[tuple[dict[str, Any], str]] = []
         for plan in plans:
             scope = plan.request.scope
-            existing = {r["id"]: r for r in by_id if in_scope(r, scope)}
+            existing = {r["id"]: r for r in by_id if scope.sees(r)}
             wanted = set(plan.hashes)
             active = cached.get(id(plan))
             if active is None:
                 active = {
-                    r["hash"]: r["id"]
-                    for r in by_hash
-                    if r["hash"] in wanted and in_scope(r, scope)
+                    r["hash"]: r["id"] for r in by_hash if r["hash"] in wanted and scope.sees(r)
                 }
             plan.decide(existing, active, recorded)
             for row in plan.inserts.values():
@@ -209,19 +210,9 @@ class ApplyQueue(Tables):
         out: dict[int, dict[str, str]] = {}
         for plan in plans:
             scope = plan.request.scope
-            entry = self._cache.peek((scope.user_id, scope.agent_id))
+            entry = self._cache.peek(scope.key)
             if plan.hashes and entry is not None:
                 found = entry.with_hashes(plan.hashes)
                 if found is not None:
                     out[id(plan)] = found
         return out
-
-    async def _rows_any(
-        self, filters: Sequence[str], *, vectors: bool = False
-    ) -> list[dict[str, Any]]:
-        """Rows matching any of `filters` (each one from `scope_filter`)."""
-        rows: list[dict[str, Any]] = []
-        for i in range(0, len(filters), _OR_CHUNK):
-            chunk = filters[i : i + _OR_CHUNK]
-            rows += await self._rows(" OR ".join(f"({f})" for f in chunk), vectors=vectors)
-        return rows

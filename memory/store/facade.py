@@ -36,7 +36,7 @@ from lancedb.query import ColumnOrdering
 from memory.changelog import ChangeLog
 from memory.config import MemoryConfig
 from memory.embedding import Embedder, EmbedderError, QueryCache
-from memory.filters import build_filter, scope_filter
+from memory.filters import scope_filter, unscoped
 from memory.models import Actor, HistoryEntry, Memory, Scope
 from memory.rows import (
     MEMORY_COLUMNS,
@@ -56,9 +56,10 @@ from memory.schema import (
     history_schema,
     memories_schema,
 )
+from memory.scope import ScopeKey
 from memory.search.recent import HANDED_MAX_CHARS, RECENT_SEARCHES, Nearest
 from memory.search.scope_cache import ScopeCache
-from memory.search.scope_index import Key, ScopeIndex
+from memory.search.scope_index import ScopeIndex
 from memory.store.apply import ApplyRequest
 from memory.store.commit import CHANGES_FILE, WRITES_LOCK
 from memory.store.imports import Imports
@@ -98,11 +99,11 @@ class MemoryStore(Imports):
         self._closed = False
         cache_bytes = config.search.cache_bytes
         self._cache = ScopeCache(cache_bytes) if cache_bytes > 0 else None
-        self._loading: dict[Key, asyncio.Future[ScopeIndex]] = {}
+        self._loading: dict[ScopeKey, asyncio.Future[ScopeIndex]] = {}
         # What recent searches found nearest by cosine, by (scope, query): the
         # extraction of a chat exchange asks `related` for the same text the
         # request searched with, moments later (see `related`).
-        self._recent: OrderedDict[tuple[Key, str], Nearest] = OrderedDict()
+        self._recent: OrderedDict[tuple[ScopeKey, str], Nearest] = OrderedDict()
         # Embeddings handed over by a serving process for `related` (see `expect_vector`).
         self._handed = QueryCache(RECENT_SEARCHES, max_chars=HANDED_MAX_CHARS)
         self._scorer = ThreadPoolExecutor(1, thread_name_prefix="memory-scoring")
@@ -319,7 +320,7 @@ class MemoryStore(Imports):
         # Counted batch by batch: only the distinct ids are held, not one per row.
         reader = await (
             self._memories.query()
-            .where(build_filter(active_only=True))
+            .where(unscoped("users", active_only=True))
             .select(["user_id"])
             .to_batches()
         )
@@ -331,5 +332,7 @@ class MemoryStore(Imports):
 
     async def count(self, scope: Scope | None = None) -> int:
         """Active memories of `scope`, or of everyone."""
-        where = scope_filter(scope, active_only=True) if scope else build_filter(active_only=True)
+        where = (
+            scope_filter(scope, active_only=True) if scope else unscoped("count", active_only=True)
+        )
         return await self._memories.count_rows(where)

@@ -16,7 +16,7 @@ from typing import Any
 import msgspec
 import numpy as np
 
-from memory.filters import build_filter
+from memory.filters import unscoped
 from memory.models import (
     ImportIssue,
     ImportReason,
@@ -76,22 +76,35 @@ def _screen(memories: Iterable[Memory], result: ImportResult) -> list[tuple[int,
     return accepted
 
 
-def _id_candidates(user_id: str, m: Memory) -> list[str]:
-    """The ids a memory may take, in order of preference."""
+def _lookups(user_id: str, m: Memory) -> list[str]:
+    """The ids whose owners decide where a memory goes (`_choose_id`)."""
     derived = _imported_id(user_id, m.id)
     return [m.id, derived] if m.user_id == user_id else [derived]
 
 
-def _choose_id(user_id: str, m: Memory, owners: Mapping[str, str]) -> tuple[str, bool]:
-    """The id the memory gets, and whether the user has it already. An id
-    held by another user is passed over; if every candidate is (someone
-    chose them on purpose), a random one is taken."""
-    for candidate in _id_candidates(user_id, m):
-        owner = owners.get(candidate)
-        if owner is None:
+def _choose_id(
+    user_id: str, m: Memory, owners: Mapping[str, str], keep_ids: bool
+) -> tuple[str, bool]:
+    """The id the memory gets, and whether the user has it already.
+
+    The user's own memory under its own id, or under its derived id, is
+    present. Otherwise it takes its own id when `keep_ids` and the id is
+    free, else its derived id. Whether an id is held by another user changes
+    the outcome only with `keep_ids` (an administrator, who may know): for
+    anyone else the derived id is taken whatever other users hold, so an
+    import tells nothing about their ids. An id held by someone else is
+    never taken; if every candidate is (someone chose them on purpose), a
+    random one is.
+    """
+    own = m.user_id == user_id
+    derived = _imported_id(user_id, m.id)
+    if own and owners.get(m.id) == user_id:
+        return m.id, True
+    if owners.get(derived) == user_id:
+        return derived, True
+    for candidate in [m.id, derived] if own and keep_ids else [derived]:
+        if candidate not in owners:
             return candidate, False
-        if owner == user_id:
-            return candidate, True
     return str(uuid.uuid4()), False
 
 
@@ -125,15 +138,19 @@ def _imported_row(
 class Imports(ApplyQueue):
     """`import_memories` and its id checks."""
 
-    async def import_memories(self, scope: Scope, memories: Iterable[Memory]) -> ImportResult:
+    async def import_memories(
+        self, scope: Scope, memories: Iterable[Memory], *, keep_ids: bool = False
+    ) -> ImportResult:
         """Insert memories under `scope`'s user, keeping texts, metadata and
         timestamps; the result accounts for every memory given.
 
-        A memory of the same user keeps its id, and one already present is
-        skipped: importing an export twice is harmless. A memory of another
-        user, or one whose id another user's row holds, gets an id derived
-        from the target user and its own (`_imported_id`), so that import is
-        idempotent too. No other user's row is ever overwritten.
+        A memory already present (the user's own, under its id or the id an
+        earlier import gave it) is skipped: importing an export twice is
+        harmless. With `keep_ids` (a restore by an administrator) the user's
+        own memories keep their ids where free; other memories, and all of
+        them without `keep_ids`, get an id derived from the target user and
+        their own (`_imported_id`), so that import is idempotent too. No
+        other user's row is ever overwritten (`_choose_id`).
 
         `superseded_by` follows a replacement in the import to its new id;
         a foreign one outside the import takes the id that replacement would
@@ -142,13 +159,11 @@ class Imports(ApplyQueue):
         """
         result = ImportResult()
         accepted = _screen(memories, result)
-        owners = await self._owners(
-            [c for _, m in accepted for c in _id_candidates(scope.user_id, m)]
-        )
+        owners = await self._owners([c for _, m in accepted for c in _lookups(scope.user_id, m)])
         planned: builtins.list[tuple[int, Memory, str]] = []
         final: dict[str, str] = {}
         for n, m in accepted:
-            memory_id, present = _choose_id(scope.user_id, m, owners)
+            memory_id, present = _choose_id(scope.user_id, m, owners, keep_ids)
             final[m.id] = memory_id
             if present:
                 result.skipped.append(_issue(n, m, "already_present", "already imported"))
@@ -203,7 +218,7 @@ class Imports(ApplyQueue):
         unique = builtins.list(dict.fromkeys(ids))
         for i in range(0, len(unique), _IN_CHUNK):
             chunk = unique[i : i + _IN_CHUNK]
-            query = self._memories.query().where(build_filter(ids=chunk))
+            query = self._memories.query().where(unscoped("import_owners", ids=chunk))
             for row in await query.select(["id", "user_id"]).to_list():
                 owners[row["id"]] = row["user_id"]
         return owners

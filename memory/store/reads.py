@@ -16,12 +16,22 @@ import numpy as np
 import pyarrow as pa
 
 from memory.embedding import EmbedderError
-from memory.filters import build_filter, scope_filter
+from memory.filters import scope_filter
 from memory.models import Scope
 from memory.rows import MEMORY_COLUMNS
 from memory.search.searcher import Searcher
 
 _IN_CHUNK = 500
+# Scope filters OR-ed in one query (a group of jobs reads what it needs at once).
+_OR_CHUNK = 64
+
+
+def _any_of(filters: Sequence[str]) -> list[str]:
+    """`filters` (each from `scope_filter`) OR-ed, a chunk per query."""
+    return [
+        " OR ".join(f"({f})" for f in filters[i : i + _OR_CHUNK])
+        for i in range(0, len(filters), _OR_CHUNK)
+    ]
 
 
 class StoreReads(Searcher):
@@ -60,13 +70,23 @@ class StoreReads(Searcher):
                 found[row["id"]] = row
         return found
 
-    async def _history_ids(self, ids: Sequence[str]) -> set[str]:
-        if not ids:
-            return set()
-        rows = (
-            await self._history.query().where(build_filter(ids=list(ids))).select(["id"]).to_list()
-        )
-        return {r["id"] for r in rows}
+    async def _history_ids(self, filters: Sequence[str]) -> set[str]:
+        """Ids of the history entries matching any of `filters` (each one from
+        `scope_filter`)."""
+        found: set[str] = set()
+        for where in _any_of(filters):
+            rows = await self._history.query().where(where).select(["id"]).to_list()
+            found.update(r["id"] for r in rows)
+        return found
+
+    async def _rows_any(
+        self, filters: Sequence[str], *, vectors: bool = False
+    ) -> list[dict[str, Any]]:
+        """Rows matching any of `filters` (each one from `scope_filter`)."""
+        rows: list[dict[str, Any]] = []
+        for where in _any_of(filters):
+            rows += await self._rows(where, vectors=vectors)
+        return rows
 
     async def _embed(self, texts: Sequence[str]) -> np.ndarray:
         vectors = await self._embedder.embed(texts)

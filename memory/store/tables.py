@@ -19,7 +19,7 @@ import lancedb
 from lancedb.index import FTS, BTree, IvfPq
 
 from memory.config import MemoryConfig
-from memory.filters import build_filter
+from memory.filters import unscoped
 from memory.locks import locked
 from memory.schema import HISTORY, MEMORIES
 from memory.store.commit import Commits
@@ -61,7 +61,7 @@ class Tables(Commits):
             if (column,) not in have:
                 await self._memories.create_index(column, config=BTree())
         if ("vector",) not in have:
-            rows = await self._memories.count_rows()
+            rows = await self._memories.count_rows(unscoped("index_size"))
             if rows >= self._config.maintenance.vector_index_min_rows:
                 await self._memories.create_index("vector", config=IvfPq(distance_type="cosine"))
         have_h = {tuple(i.columns) for i in await self._history.list_indices()}
@@ -95,7 +95,7 @@ class Tables(Commits):
         if self._closed:
             return False
         try:
-            await self._memories.count_rows(build_filter(ids=[]))
+            await self._memories.count_rows(unscoped("ready", ids=[]))
         except Exception:
             log.exception("memory store is not ready")
             return False

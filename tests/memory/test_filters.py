@@ -10,7 +10,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from memory.filters import UnsafeFilterValue, build_filter, literal, scope_filter
+from memory.filters import UNSCOPED, UnsafeFilterValue, Unscoped, literal, scope_filter, unscoped
+from memory.filters import _conditions as build_filter
 from memory.models import Scope
 
 HOSTILE = [
@@ -57,6 +58,15 @@ def test_literal_rejects_nul_and_non_strings():
 def test_scope_filter_narrows_to_user_and_agent_but_not_session():
     where = scope_filter(Scope(user_id="u", agent_id="a", session_id="s"))
     assert where == "(user_id = 'u') AND (agent_id = 'a')"
+
+
+def test_an_unscoped_filter_carries_its_reviewed_name_and_no_other_is_made():
+    where = unscoped("users", active_only=True)
+    assert isinstance(where, Unscoped) and where.name == "users"
+    assert where == "(superseded_by IS NULL)"
+    assert all(reason for reason in UNSCOPED.values())
+    with pytest.raises(KeyError, match="not a reviewed unscoped query"):
+        unscoped("everything")
 
 
 def test_build_filter_with_nothing_matches_everything_and_empty_list_nothing():

@@ -1,6 +1,7 @@
-"""Importing exported memories: into the same user (ids kept, idempotent) or
-into another one (fresh ids, links between the memories kept), never touching
-anybody else's rows, and saying what happened to every line."""
+"""Importing exported memories: into the same user (ids kept on a restore,
+idempotent) or into another one (fresh ids, links between the memories
+kept), never touching anybody else's rows, never telling a user about other
+users' ids, and saying what happened to every line."""
 
 from __future__ import annotations
 
@@ -78,15 +79,18 @@ async def test_importing_another_users_export_twice_adds_nothing_the_second_time
     assert await store.list(BOB) == first
 
 
-async def test_reimporting_into_the_same_user_keeps_ids_and_skips_those_present(
+async def test_a_restore_into_the_same_user_keeps_ids_and_skips_those_present(
     store, tmp_path, memory_config
 ):
     m = await store.add(ALICE, "Was born in Lyon", at=T0)
     exported = await store.export(ALICE)
-    assert reasons(await store.import_memories(ALICE, exported)) == [(1, m.id, "already_present")]
+    for keep_ids in (True, False):
+        again = await store.import_memories(ALICE, exported, keep_ids=keep_ids)
+        assert reasons(again) == [(1, m.id, "already_present")]
     other = await MemoryStore.open(tmp_path / "other", HashEmbedder(), memory_config)
     try:
-        assert await other.import_memories(ALICE, exported) == ImportResult(imported=1)
+        restored = await other.import_memories(ALICE, exported, keep_ids=True)
+        assert restored == ImportResult(imported=1)
         assert await other.list(ALICE) == exported
     finally:
         await other.close()
@@ -130,7 +134,7 @@ async def test_a_same_user_pointer_outside_the_import_is_kept(store):
     munich = await store.add(ALICE, "Lives in Munich")
     berlin = line("m-berlin", "Lives in Berlin")
 
-    await store.import_memories(ALICE, [replaced(berlin, by=munich)])
+    await store.import_memories(ALICE, [replaced(berlin, by=munich)], keep_ids=True)
 
     got = await store.get(ALICE, "m-berlin")
     assert got is not None and got.superseded_by == munich.id
@@ -140,7 +144,7 @@ async def test_an_id_another_user_has_is_never_overwritten_the_memory_gets_a_fre
     victim = await store.add(BOB, "Bob's private fact")
     forged = line(victim.id, "alice's own fact", user="alice")
 
-    result = await store.import_memories(ALICE, [forged])
+    result = await store.import_memories(ALICE, [forged], keep_ids=True)
 
     assert result == ImportResult(imported=1)
     got = await store.get(BOB, victim.id)
@@ -148,9 +152,33 @@ async def test_an_id_another_user_has_is_never_overwritten_the_memory_gets_a_fre
     assert await store.get(ALICE, victim.id) is None
     assert await texts(store, ALICE) == {"alice's own fact"}
     # Idempotent like any other import.
-    again = await store.import_memories(ALICE, [forged])
+    again = await store.import_memories(ALICE, [forged], keep_ids=True)
     assert reasons(again) == [(1, victim.id, "already_present")]
     assert await store.count(ALICE) == 1
+
+
+async def test_without_keep_ids_an_import_gives_the_same_ids_whatever_other_users_hold(
+    store, tmp_path, memory_config
+):
+    """A per-user key imports without `keep_ids`: if its result depended on
+    whether another user holds an id, a user could probe for others' ids."""
+    victim = await store.add(BOB, "Bob's private fact")
+    probes = [line(victim.id, "probe one"), line("no-such-id", "probe two")]
+    empty = await MemoryStore.open(tmp_path / "empty", HashEmbedder(), memory_config)
+    try:
+        for target in (store, empty):
+            assert await target.import_memories(ALICE, probes) == ImportResult(imported=2)
+        assert {m.id for m in await store.list(ALICE)} == {m.id for m in await empty.list(ALICE)}
+        assert {m.id for m in await store.list(ALICE)}.isdisjoint({victim.id, "no-such-id"})
+        got = await store.get(BOB, victim.id)
+        assert got is not None and got.text == "Bob's private fact"
+        again = await store.import_memories(ALICE, probes)
+        assert reasons(again) == [
+            (1, victim.id, "already_present"),
+            (2, "no-such-id", "already_present"),
+        ]
+    finally:
+        await empty.close()
 
 
 async def test_an_id_squatted_by_another_user_still_lets_the_memory_in(store):
@@ -158,9 +186,10 @@ async def test_an_id_squatted_by_another_user_still_lets_the_memory_in(store):
     await store.import_memories(BOB, [lyon])
     (imported,) = await store.list(BOB)
     await store.delete_all(BOB)
-    # Mallory takes the id Bob's import would give that memory.
+    # A restore of mallory's (ids kept) holds the id Bob's import would give
+    # that memory; without `keep_ids` nobody can choose an id.
     squat = line(imported.id, "mallory's fact", user="mallory")
-    await store.import_memories(Scope(user_id="mallory"), [squat])
+    await store.import_memories(Scope(user_id="mallory"), [squat], keep_ids=True)
 
     assert (await store.import_memories(BOB, [lyon])).imported == 1
 
