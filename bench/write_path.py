@@ -72,7 +72,7 @@ async def measure(args: argparse.Namespace, port: int, data: Path) -> dict:
     await engine.start()
     try:
         # Pay the embedder's and the table's lazy loading before the clock starts.
-        await engine.search(Scope(user_id="warm-up"), "warm-up")
+        await engine.store.search(Scope(user_id="warm-up"), "warm-up")
         urllib.request.urlopen(
             urllib.request.Request(f"http://127.0.0.1:{port}/stats/reset", method="POST")
         ).close()

@@ -36,7 +36,8 @@ from gateway.memories_schemas import (
     UsersResponse,
 )
 from gateway.memory_hooks import MemoryHooks
-from memory.engine import InvalidImport, MemoryEngine
+from memory.engine import MemoryEngine
+from memory.errors import InvalidImport
 from memory.models import ImportResult, InvalidScope, Memory, Scope, Stats
 from memory.spool import JobInfo
 
@@ -154,7 +155,7 @@ class MemoriesController(Controller):
         include_superseded: FromQuery[bool] = False,
     ) -> MemoryList:
         scope = scope_of(principal, user_id, agent_id)
-        memories = await engine.list(
+        memories = await engine.store.list(
             scope, limit=limit, offset=offset, include_superseded=include_superseded
         )
         return MemoryList(data=memories)
@@ -177,7 +178,7 @@ class MemoriesController(Controller):
         scope = scope_of(principal, data.user_id, data.agent_id)
         if data.limit is not None and not 1 <= data.limit <= 100:
             raise GatewayError(400, "limit must be between 1 and 100", param="limit")
-        hits = await engine.search(
+        hits = await engine.store.search(
             scope, data.query, limit=data.limit, include_superseded=data.include_superseded
         )
         return SearchResponse(
@@ -229,7 +230,7 @@ class MemoriesController(Controller):
     @get("/users", summary="Users with their memory counts (admin)")
     async def users(self, engine: Engine, principal: Caller) -> UsersResponse:
         admin_only(principal)
-        pairs = await engine.users()
+        pairs = await engine.store.users()
         return UsersResponse(data=[UserCount(user_id=u, memories=n) for u, n in pairs])
 
     @get("/stats", summary="Memory and spool counts (admin)")
@@ -272,7 +273,7 @@ class MemoriesController(Controller):
         user_id: UserId = None,
         agent_id: AgentId = None,
     ) -> Memory:
-        memory = await engine.get(scope_of(principal, user_id, agent_id), memory_id)
+        memory = await engine.store.get(scope_of(principal, user_id, agent_id), memory_id)
         if memory is None:
             raise _not_found(memory_id)
         return memory
@@ -310,7 +311,7 @@ class MemoriesController(Controller):
         user_id: UserId = None,
         agent_id: AgentId = None,
     ) -> Deleted:
-        if not await engine.delete(scope_of(principal, user_id, agent_id), memory_id):
+        if not await engine.store.delete(scope_of(principal, user_id, agent_id), memory_id):
             raise _not_found(memory_id)
         return Deleted(deleted=1)
 
@@ -323,7 +324,7 @@ class MemoriesController(Controller):
         user_id: UserId = None,
         agent_id: AgentId = None,
     ) -> HistoryResponse:
-        entries = await engine.history(scope_of(principal, user_id, agent_id), memory_id)
+        entries = await engine.store.history(scope_of(principal, user_id, agent_id), memory_id)
         if not entries:
             raise _not_found(memory_id)
         return HistoryResponse(data=entries)

@@ -104,7 +104,7 @@ class MemoryHooks:
             await engine.start()
             # The first query pays for lazy loading (model, table, indices); pay it
             # here rather than against the first user's retrieval deadline.
-            await engine.search(Scope(user_id=WARMUP_USER), "warm-up query")
+            await engine.store.search(Scope(user_id=WARMUP_USER), "warm-up query")
         except BaseException:
             await engine.close()
             raise
@@ -200,7 +200,7 @@ class MemoryHooks:
         """Search under the deadline; on timeout or failure go on without memories."""
         deadline = self.memory.injection.deadline_ms / 1000
         try:
-            return await asyncio.wait_for(self.engine.search(scope, query), deadline)
+            return await asyncio.wait_for(self.engine.store.search(scope, query), deadline)
         except TimeoutError:
             logger.warning("memory search exceeded its %.0f ms deadline", deadline * 1000)
         except Exception:

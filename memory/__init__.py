@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 _EXPORTS = {
     "MemoryEngine": "memory.engine",
     "AddResult": "memory.engine",
-    "InvalidImport": "memory.engine",
+    "InvalidImport": "memory.errors",
     "MemoryConfig": "memory.config",
     "ExtractionError": "memory.extraction",
     "JobInfo": "memory.spool",
@@ -47,7 +47,8 @@ __all__ = [
 
 if TYPE_CHECKING:
     from memory.config import MemoryConfig
-    from memory.engine import AddResult, InvalidImport, MemoryEngine
+    from memory.engine import AddResult, MemoryEngine
+    from memory.errors import InvalidImport
     from memory.extraction import ExtractionError
     from memory.models import (
         Exchange,

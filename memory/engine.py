@@ -40,8 +40,6 @@ from memory.messages import user_texts
 from memory.models import (
     Exchange,
     ExtractionStatus,
-    HistoryEntry,
-    Hit,
     ImportResult,
     Memory,
     Operation,
@@ -52,19 +50,6 @@ from memory.redaction import redact, redact_exchange
 from memory.spool import JobInfo, JobState, Spool
 from memory.store import MemoryStore
 from memory.workers import WorkerPool
-
-# Importable from here as before (`InvalidImport` is defined in memory/errors.py,
-# `related_query` in memory/job_handler.py).
-__all__ = [
-    "SPOOL_FILE",
-    "STORE_DIR",
-    "AddResult",
-    "InvalidImport",
-    "MemoryEngine",
-    "open_when_possible",
-    "record_chars",
-    "related_query",
-]
 
 log = logging.getLogger("memory.engine")
 T = TypeVar("T")
@@ -487,30 +472,7 @@ class MemoryEngine:
     def _redact(self, text: str) -> str:
         return redact(text) if self.config.redaction.enabled else text
 
-    # -- reading and editing --------------------------------------------------
-
-    async def search(
-        self,
-        scope: Scope,
-        query: str,
-        limit: int | None = None,
-        *,
-        min_score: float | None = None,
-        include_superseded: bool = False,
-    ) -> list[Hit]:
-        return await self.store.search(
-            scope, query, limit=limit, min_score=min_score, include_superseded=include_superseded
-        )
-
-    async def get(self, scope: Scope, memory_id: str) -> Memory | None:
-        return await self.store.get(scope, memory_id)
-
-    async def list(
-        self, scope: Scope, *, limit: int = 100, offset: int = 0, include_superseded: bool = False
-    ) -> builtins.list[Memory]:
-        return await self.store.list(
-            scope, limit=limit, offset=offset, include_superseded=include_superseded
-        )
+    # -- editing (reads go to `store` directly) -------------------------------
 
     async def update(
         self,
@@ -524,9 +486,6 @@ class MemoryEngine:
             text = self._redact(text)
         return await self.store.update(scope, memory_id, text=text, metadata=metadata)
 
-    async def delete(self, scope: Scope, memory_id: str) -> bool:
-        return await self.store.delete(scope, memory_id)
-
     async def delete_all(self, scope: Scope) -> int:
         """Forget a user (or one agent of theirs): memories, history and queued jobs."""
         await self.spool.delete_user(scope.user_id, scope.agent_id)
@@ -535,9 +494,6 @@ class MemoryEngine:
         if scope.agent_id is None:
             self.keys.forget(scope.user_id)
         return await self.store.delete_all(scope)
-
-    async def history(self, scope: Scope, memory_id: str) -> builtins.list[HistoryEntry]:
-        return await self.store.history(scope, memory_id)
 
     async def export(self, scope: Scope) -> builtins.list[str]:
         """Every memory of the scope as JSON lines (superseded ones included)."""
@@ -566,9 +522,6 @@ class MemoryEngine:
         for issue in (*result.skipped, *result.failed):
             issue.line = numbers[issue.line - 1]
         return result
-
-    async def users(self) -> builtins.list[tuple[str, int]]:
-        return await self.store.users()
 
     async def stats(self) -> Stats:
         memories, users, spool, extraction = await asyncio.gather(

@@ -214,7 +214,7 @@ def test_slow_retrieval_degrades_to_no_memories_and_the_answer_still_arrives(
 ) -> None:
     gateway = start_memory_gateway(memory={"injection": {"deadline_ms": 1}})
     engine = gateway.app.state.hooks.engine
-    real_search = engine.search
+    real_search = engine.store.search
 
     async def slow_search(*args: Any, **kwargs: Any) -> Any:
         import asyncio
@@ -222,7 +222,7 @@ def test_slow_retrieval_degrades_to_no_memories_and_the_answer_still_arrives(
         await asyncio.sleep(0.5)
         return await real_search(*args, **kwargs)
 
-    engine.search = slow_search
+    engine.store.search = slow_search
     response = ask(gateway.client(), "hello", ALICE, stream=True)
     assert response.headers["X-Memory-Status"] == "degraded"
     assert response.status_code == 200
@@ -255,7 +255,7 @@ def test_a_broken_store_degrades_instead_of_failing_the_chat(
     async def broken(*args: Any, **kwargs: Any) -> Any:
         raise OSError("disk on fire")
 
-    memory_gateway.app.state.hooks.engine.search = broken
+    memory_gateway.app.state.hooks.engine.store.search = broken
     response = ask(memory_gateway.client(), "hello", ALICE, stream=False)
     assert response.headers["X-Memory-Status"] == "degraded"
     assert response.parse().choices[0].message.content == "echo: hello"

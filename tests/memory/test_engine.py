@@ -53,7 +53,7 @@ async def open_engine(tmp_path, embedder):
 
 
 async def texts(engine: MemoryEngine, scope: Scope) -> list[str]:
-    return sorted(m.text for m in await engine.list(scope))
+    return sorted(m.text for m in await engine.store.list(scope))
 
 
 async def record(engine: MemoryEngine, scope: Scope, text: str, **kw):
@@ -85,9 +85,10 @@ async def test_add_update_delete_and_none_are_applied(open_engine):
     assert (await record(engine, ALICE, "Hi!")).state == "done"
     assert await texts(engine, ALICE) == ["User lives in Munich"]
     # The replaced fact is still answerable, and its history tells the story.
-    (munich,) = await engine.list(ALICE)
+    (munich,) = await engine.store.list(ALICE)
     events = [
-        (h.event, h.old_text, h.new_text, h.actor) for h in await engine.history(ALICE, munich.id)
+        (h.event, h.old_text, h.new_text, h.actor)
+        for h in await engine.store.history(ALICE, munich.id)
     ]
     assert ("UPDATE", "User lives in Berlin", "User lives in Munich", "extractor") in events
     assert await texts(engine, BOB) == []
@@ -121,8 +122,8 @@ async def test_one_users_jobs_apply_in_order_while_users_run_in_parallel(open_en
     # Sequential semantics: one fact per user, the last value, every step recorded once.
     assert await texts(engine, ALICE) == ["Counter is 10"]
     assert await texts(engine, BOB) == ["Counter is 10"]
-    (fact,) = await engine.list(ALICE)
-    values = [h.new_text for h in await engine.history(ALICE, fact.id)]
+    (fact,) = await engine.store.list(ALICE)
+    values = [h.new_text for h in await engine.store.history(ALICE, fact.id)]
     assert values == [f"Counter is {n}" for n in range(1, 11)]
     assert (await engine.stats()).spool.done == 20
 
@@ -169,7 +170,7 @@ async def test_a_chinese_fact_stays_chinese_end_to_end(open_engine):
     assert (await record(engine, ALICE, "我下个月搬到上海，我最喜欢喝乌龙茶")).state == "done"
     assert await texts(engine, ALICE) == ["用户下个月搬到上海", "用户最喜欢喝乌龙茶"]
     assert "\\u" not in llm.calls[0].prompt
-    hits = await engine.search(ALICE, "乌龙茶", min_score=0.0)
+    hits = await engine.store.search(ALICE, "乌龙茶", min_score=0.0)
     assert hits[0].memory.text == "用户最喜欢喝乌龙茶"
     exported = "\n".join(await engine.export(ALICE))
     assert "用户最喜欢喝乌龙茶" in exported
@@ -195,7 +196,7 @@ async def test_with_the_real_local_embedder_a_chinese_fact_is_found(tmp_path, lo
     try:
         await engine.start()
         assert (await record(engine, ALICE, "我对花生过敏。I drive a red Volvo.")).state == "done"
-        hits = await engine.search(ALICE, "我有什么食物过敏？", limit=1, min_score=0.0)
+        hits = await engine.store.search(ALICE, "我有什么食物过敏？", limit=1, min_score=0.0)
         assert [h.memory.text for h in hits] == ["用户对花生过敏"]
     finally:
         await engine.close()
@@ -319,13 +320,13 @@ async def test_delete_all_forgets_memories_history_and_queued_jobs(open_engine):
     await engine.record_exchange(exchange(ALICE, "I like jazz"))  # waits: no key yet
     assert (await engine.stats()).spool.pending == 1
     assert await engine.delete_all(ALICE) == 1
-    assert await engine.list(ALICE) == []
-    assert await engine.history(ALICE, m.id) == []
+    assert await engine.store.list(ALICE) == []
+    assert await engine.store.history(ALICE, m.id) == []
     assert await engine.jobs(user_id="alice") == []
     # The key arrives later: there is nothing left to run for alice.
     engine.provide_key("alice", "sk-user-abcdefghijklmnopqrstuvwxyz")
     assert await engine.drain(timeout=30)
-    assert await engine.list(ALICE) == [] and llm.calls == []
+    assert await engine.store.list(ALICE) == [] and llm.calls == []
     assert await texts(engine, BOB) == ["User lives in Paris"]
 
 
@@ -338,7 +339,7 @@ async def test_delete_all_during_a_running_extraction_leaves_nothing_behind(open
     await engine.delete_all(ALICE)
     llm.release()
     assert await engine.drain(timeout=30)
-    assert await engine.list(ALICE) == []
+    assert await engine.store.list(ALICE) == []
     assert await engine.jobs() == []
 
 
@@ -370,8 +371,8 @@ async def test_an_erase_in_another_process_during_a_jobs_write_leaves_nothing_be
     go.set()
     await finished
     assert [e.new_text for e in written] == ["User likes jazz"]  # it did land
-    assert await serving.list(ALICE) == [] and await worker.list(ALICE) == []
-    assert await serving.history(ALICE, written[0].memory_id) == []
+    assert await serving.store.list(ALICE) == [] and await worker.store.list(ALICE) == []
+    assert await serving.store.history(ALICE, written[0].memory_id) == []
     assert await serving.jobs() == []
 
 
@@ -427,7 +428,7 @@ async def test_metadata_given_to_an_inferred_add_goes_on_the_facts_it_adds(open_
     )
     assert (await engine.wait(second.job_id, timeout=30)).state == "done"
     # An update keeps the memory's metadata; a new fact gets its add's.
-    assert sorted((m.text, m.metadata) for m in await engine.list(ALICE)) == [
+    assert sorted((m.text, m.metadata) for m in await engine.store.list(ALICE)) == [
         ("User has three kids", {"src": "crm"}),
         ("User lives in Lyon", {"src": "import"}),
     ]

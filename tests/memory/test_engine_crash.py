@@ -24,7 +24,7 @@ CHILD = textwrap.dedent(
     from datetime import UTC, datetime
     from pathlib import Path
     sys.path.insert(0, sys.argv[1])
-    from tests.memory.helpers import HashEmbedder
+    from helpers import HashEmbedder
     from scripted_llm import ScriptedLLM
     from test_engine_crash import config, decision
     from memory.engine import MemoryEngine
@@ -123,16 +123,16 @@ async def test_a_sigkilled_worker_is_replaced_and_the_job_done_exactly_once(
         assert (info.state, info.attempts) == ("done", 2)
         # A decision stored before the kill is replayed, not asked for again.
         assert len(llm.calls) == (1 if phase == "deciding" else 0)
-        active = sorted(m.text for m in await engine.list(ALICE))
+        active = sorted(m.text for m in await engine.store.list(ALICE))
         assert active == ["User likes jazz", "User lives in Munich"]
-        everything = await engine.list(ALICE, include_superseded=True)
+        everything = await engine.store.list(ALICE, include_superseded=True)
         assert sorted(m.text for m in everything) == [
             "User likes jazz",
             "User lives in Berlin",
             "User lives in Munich",
         ]
         munich = next(m for m in everything if m.text == "User lives in Munich")
-        events = [(h.event, h.new_text) for h in await engine.history(ALICE, munich.id)]
+        events = [(h.event, h.new_text) for h in await engine.store.history(ALICE, munich.id)]
         assert events.count(("UPDATE", "User lives in Munich")) == 1
     finally:
         await engine.close()

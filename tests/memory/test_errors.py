@@ -3,8 +3,13 @@
 import pytest
 
 from memory.embedding import EmbedderError
-from memory.engine import InvalidImport
-from memory.errors import TRANSIENT, MemoryLibraryError, RejectedError, TransientError
+from memory.errors import (
+    TRANSIENT,
+    InvalidImport,
+    MemoryLibraryError,
+    RejectedError,
+    TransientError,
+)
 from memory.extraction import ExtractionError, ExtractionUnavailable
 from memory.models import InvalidScope
 

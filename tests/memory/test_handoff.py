@@ -75,9 +75,9 @@ async def test_an_exchange_hands_over_the_embedding_its_search_computed(tmp_path
         handoff=HandoffSender(sender_end),
     )
     try:
-        await engine.search(Scope(user_id="warm-up"), "warm-up")  # as the gateway's start-up
+        await engine.store.search(Scope(user_id="warm-up"), "warm-up")  # as the gateway's start-up
         turn = "I moved to Lisbon last spring"
-        await engine.search(ALICE, turn)
+        await engine.store.search(ALICE, turn)
         exchange = Exchange(
             scope=ALICE,
             messages=[{"role": "user", "content": turn}],

@@ -10,7 +10,7 @@ from datetime import UTC, datetime
 import pytest
 
 from memory.clipping import search_query
-from memory.engine import related_query
+from memory.job_handler import related_query
 from memory.models import Exchange, Operation, Scope
 from memory.spool import Spool
 
