@@ -116,9 +116,9 @@ def admin_of() -> Iterator[Callable[[GatewayServer], httpx.Client]]:
 
 def sdk(gateway: GatewayServer) -> openai.OpenAI:
     # A generation of a few hundred tokens, or one queued behind an extraction
-    # call, takes seconds on two cores: more than conftest's 30 s is not needed,
-    # but retries would hide what happened.
-    return openai.OpenAI(base_url=gateway.base_url, api_key="sk-client", max_retries=0, timeout=60)
+    # call, takes seconds on two cores; a 3,300-token prompt took over 60 s on
+    # a machine busy with other tests. Retries would hide what happened.
+    return openai.OpenAI(base_url=gateway.base_url, api_key="sk-client", max_retries=0, timeout=150)
 
 
 @dataclass

@@ -8,10 +8,12 @@ import asyncio
 from datetime import UTC, datetime
 
 import lancedb
+import pytest
 
 from memory.changelog import MAX_IDS, ChangeLog, merged
 from memory.locks import FileLock
 from memory.models import Operation
+from memory.search import coherence
 from memory.store import WRITES_LOCK, MemoryStore
 from tests.memory.helpers import ALICE, ALICE_BOT, BOB, QUERIES, HashEmbedder, cached, texts
 
@@ -109,7 +111,15 @@ async def test_another_process_writing_to_a_cached_user_updates_it_in_place(tmp_
         await first.close()
 
 
-async def test_maintenance_by_another_process_leaves_the_cache_in_place(tmp_path):
+@pytest.fixture
+def short_grace(monkeypatch):
+    """How long an unlogged version is waited for, shortened from a second."""
+    grace = 0.05
+    monkeypatch.setattr(coherence, "_UNLOGGED_GRACE", grace)
+    return grace
+
+
+async def test_maintenance_by_another_process_leaves_the_cache_in_place(tmp_path, short_grace):
     """Compaction changes no memory: it is logged as such, and other processes
     keep their cached users instead of reloading them all."""
     first = await MemoryStore.open(tmp_path / "m", HashEmbedder(), cached())
@@ -124,7 +134,7 @@ async def test_maintenance_by_another_process_leaves_the_cache_in_place(tmp_path
         await maintainer.add(BOB, "Plays the drums")
         await maintainer.optimize()
         assert len(await texts(first, ALICE, "violins")) == 5
-        await asyncio.sleep(1.1)  # past the grace an unlogged version would get
+        await asyncio.sleep(2 * short_grace)  # past the grace an unlogged version would get
         assert len(await texts(first, ALICE, "violins")) == 5
         assert first._cache.get(("alice", None)) is entry  # not dropped
         await maintainer.add(ALICE, "Speaks Korean")
@@ -152,7 +162,7 @@ async def test_maintenance_waits_for_a_commit_in_progress_elsewhere(tmp_path):
         await store.close()
 
 
-async def test_a_version_nobody_logged_drops_the_whole_cache_after_a_grace(tmp_path):
+async def test_a_version_nobody_logged_drops_the_whole_cache_after_a_grace(tmp_path, short_grace):
     """A writer that died between its commit and its log entry (or any write
     outside the store) leaves a gap: every cached user reloads."""
     store = await MemoryStore.open(tmp_path / "m", HashEmbedder(), cached())
@@ -164,9 +174,9 @@ async def test_a_version_nobody_logged_drops_the_whole_cache_after_a_grace(tmp_p
         db = await lancedb.connect_async(str(tmp_path / "m"))
         raw = await db.open_table("memories")
         await raw.delete(f"id = '{victim.id}'")  # behind the store's back: unlogged
-        # Its writer might log it any moment: waited for a second, no longer.
-        await texts(store, BOB, "drums")
-        await asyncio.sleep(1.1)
+        # Its writer might log it any moment: waited for the grace, no longer.
+        assert await texts(store, BOB, "drums")
+        await asyncio.sleep(2 * short_grace)
         assert await texts(store, BOB, "drums") == []
     finally:
         await store.close()
