@@ -106,12 +106,38 @@ class AuthConfig(_Settings):
     keys: list[UserKey] = msgspec.field(default_factory=list)
 
 
+# An HTTP header name (RFC 9110 token characters).
+_HEADER_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
+
+
 class IdentityConfig(_Settings):
-    user_header: str = "X-User-Id"
+    # The header(s) naming the user when no gateway key does, tried in order:
+    # one name, a list, or names separated by commas (for an environment
+    # variable), e.g. [X-OpenWebUI-User-Id, X-User-Id].
+    user_header: str | list[str] = "X-User-Id"
     agent_header: str = "X-Agent-Id"
     session_header: str = "X-Session-Id"
     # Read the user from the chat body's `user` field when no key or header names one.
     body_user_field: bool = True
+
+    def __post_init__(self) -> None:
+        if not self.user_headers:
+            raise ValueError("user_header: name at least one header")
+        fields = {
+            "user_header": self.user_headers,
+            "agent_header": [self.agent_header],
+            "session_header": [self.session_header],
+        }
+        for field_name, names in fields.items():
+            for name in names:
+                if not _HEADER_NAME.fullmatch(name):
+                    raise ValueError(f"{field_name}: {name!r} is not an HTTP header name")
+
+    @property
+    def user_headers(self) -> list[str]:
+        """`user_header` as the list of names it gives, in order."""
+        given = [self.user_header] if isinstance(self.user_header, str) else self.user_header
+        return [name.strip() for item in given for name in item.split(",") if name.strip()]
 
 
 @dataclass(frozen=True, slots=True)

@@ -123,13 +123,13 @@ class IdentityResolver:
     def __init__(self, auth: AuthConfig, identity: IdentityConfig) -> None:
         self.require_key = auth.require_key
         self.keys = KeyRing(auth.keys)
-        self.user_header = identity.user_header.lower()
+        self.user_headers = [name.lower() for name in identity.user_headers]
         self.agent_header = identity.agent_header.lower()
         self.session_header = identity.session_header.lower()
         self.body_user_field = identity.body_user_field
         # Consumed by the gateway; the upstream provider has no business seeing them.
         self.consumed_headers = frozenset(
-            {self.user_header, self.agent_header, self.session_header}
+            {*self.user_headers, self.agent_header, self.session_header}
         )
 
     def from_headers(self, headers: Mapping[str, str]) -> Identity:
@@ -149,8 +149,11 @@ class IdentityResolver:
         )
         if key is not None:
             ident.user_id, ident.via = key.user_id, "key"
-        elif (user := headers.get(self.user_header)) is not None:
-            ident.user_id, ident.via = _checked("user_id", user), "header"
+        else:
+            for name in self.user_headers:
+                if (user := headers.get(name)) is not None:
+                    ident.user_id, ident.via = _checked("user_id", user), "header"
+                    break
         return ident
 
     def from_body(self, ident: Identity, body: Mapping[str, object]) -> None:

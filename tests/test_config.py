@@ -189,6 +189,34 @@ def test_a_value_that_cannot_work_is_refused_naming_its_key(key, value, expected
     assert "\n" not in str(raised.value)
 
 
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        ("X-OpenWebUI-User-Id", ["X-OpenWebUI-User-Id"]),
+        ("X-OpenWebUI-User-Id, X-User-Id", ["X-OpenWebUI-User-Id", "X-User-Id"]),
+        (["X-OpenWebUI-User-Id", "X-User-Id"], ["X-OpenWebUI-User-Id", "X-User-Id"]),
+    ],
+)
+def test_the_user_header_is_one_name_a_list_or_names_separated_by_commas(value, expected):
+    config = load_config(None, env={}, overrides={"identity.user_header": value})
+    assert config.identity.user_headers == expected
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "expected"),
+    [
+        ("identity.user_header", [], "identity.user_header: name at least one header"),
+        ("identity.user_header", " , ", "identity.user_header: name at least one header"),
+        ("identity.user_header", "X User", "identity.user_header: 'X User' is not an HTTP header"),
+        ("identity.agent_header", "X:Agent", "identity.agent_header: 'X:Agent' is not an HTTP"),
+    ],
+)
+def test_a_header_name_that_cannot_be_one_is_refused(key, value, expected):
+    with pytest.raises(ConfigError) as raised:
+        load_config(None, env={}, overrides={key: value})
+    assert str(raised.value).startswith(expected)
+
+
 def test_max_tokens_must_leave_room_for_the_prompt():
     with pytest.raises(ConfigError) as raised:
         load_config(

@@ -127,6 +127,20 @@ def test_the_header_name_is_configurable(start_gateway, upstream, tmp_path, hook
     assert hooks.contexts[-1].identity.user_id == "dave"
 
 
+def test_several_user_headers_are_tried_in_order_and_none_reaches_the_upstream(
+    start_gateway, upstream, tmp_path, hooks
+):
+    """As set up for Open WebUI: its header first, the gateway's own after."""
+    identity = {"user_header": ["X-OpenWebUI-User-Id", "X-User-Id"]}
+    gw = _gateway(start_gateway, upstream, tmp_path, hooks, identity=identity)
+    _chat(gw, headers={"X-User-Id": "fallback", "X-OpenWebUI-User-Id": "webui-7"})
+    assert hooks.contexts[-1].identity.user_id == "webui-7"
+    _chat(gw, headers={"X-User-Id": "fallback"})
+    assert hooks.contexts[-1].identity.user_id == "fallback"
+    sent = {name.lower() for r in upstream.requests for name in r.headers}
+    assert not sent & {"x-openwebui-user-id", "x-user-id"}
+
+
 def test_body_user_field_identity(start_gateway, upstream, tmp_path, hooks):
     gw = _gateway(start_gateway, upstream, tmp_path, hooks)
     _chat(gw, user="erin")
