@@ -6,6 +6,10 @@ them into facts in the background (memory/job_handler.py). Which key a job
 sends to the extraction endpoint is kept in memory/extraction_keys.py: with
 no `memory.llm.api_key`, the key of the user's latest request, which the
 gateway hands over with `provide_key`.
+
+Reads (search, get, list, history, users) go to `engine.store` directly; what
+is here is the wiring and the ways in that involve more than the store:
+recording exchanges, adding with inference, erasing a user, import and export.
 """
 
 from __future__ import annotations

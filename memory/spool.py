@@ -22,6 +22,11 @@ while a commit is in progress share the next one, each in its own savepoint
 (concurrent workers do not queue behind each other's fsyncs), and none
 returns before its commit.
 API keys are never written here: jobs carry the (already redacted) exchange only.
+
+This is the longest module of the engine on purpose: it is one table's state
+machine, and every transition of a job (enqueue, claim, lease, decision,
+outcome, retry, erasure) is one transaction here, where they can be read
+side by side.
 """
 
 from __future__ import annotations
