@@ -1,14 +1,20 @@
-"""Who a `/v1/memories` call acts for, and in which scope.
+"""Who a memory-management call (the REST API, MCP) acts for, and in which scope.
 
 The admin key (`auth.admin_key`) may manage any user; a per-user gateway key
-only its own user; with no admin key configured, loopback clients act as
-admin. Keys are checked by the gateway's one key matcher and requests turned
-into scopes by its one resolver (both in gateway/identity.py).
+only its own user; with no admin key configured, a local client acts as
+admin. Local means more than a loopback peer address: a browser page can
+reach a loopback port under a foreign name (DNS rebinding) and a reverse
+proxy on the same machine makes every client look local, so the request
+must also address the gateway by a loopback name (`Host`), carry no foreign
+`Origin`, and bear no proxy's forwarding headers. Keys are checked by the
+gateway's one key matcher and requests turned into scopes by its one
+resolver (both in gateway/identity.py).
 """
 
 from __future__ import annotations
 
 import ipaddress
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -36,19 +42,29 @@ class Access:
         return self._admin is not None and self._admin.match(token) is not None
 
     def principal(self, request: Request[Any, Any, Any]) -> Principal:
-        token = bearer_token(request.headers.get("authorization"))
+        client = request.client
+        return self.principal_of(request.headers, client.host if client else None)
+
+    def principal_of(self, headers: Mapping[str, str], client_host: str | None) -> Principal:
+        """The caller, from its headers and peer address; 401 when it is nobody."""
+        token = bearer_token(headers.get("authorization"))
         if token is not None:
             if self._is_admin(token):
                 return Principal(user_id=None)
             key = self._keys.match(token)
             if key is not None:
                 return Principal(user_id=key.user_id)
-        if self._admin is None and is_loopback(request):
+        if self._admin is None and is_local(headers, client_host):
             return Principal(user_id=None)
         raise GatewayError(
             401,
             "the memory API needs the admin key or a per-user gateway key"
-            + ("" if self._admin is not None else " (or a loopback client)"),
+            + (
+                ""
+                if self._admin is not None
+                else " (or a local client: a loopback connection addressing the gateway"
+                " by a loopback name, with no foreign Origin and through no proxy)"
+            ),
             code="invalid_api_key",
             retryable=False,
         )
@@ -62,14 +78,34 @@ class Access:
         return None if self._keys.match(token) is not None else token
 
 
-def is_loopback(request: Request[Any, Any, Any]) -> bool:
-    client = request.client
-    if client is None:
+_LOOPBACK_NAMES = ("localhost", "127.0.0.1", "[::1]")
+_FORWARDING = ("forwarded", "x-forwarded-for", "x-forwarded-host", "x-real-ip")
+
+
+def _loopback_address(host: str | None) -> bool:
+    if host is None:
         return False
     try:
-        return ipaddress.ip_address(client.host).is_loopback
+        return ipaddress.ip_address(host).is_loopback
     except ValueError:
         return False
+
+
+def _loopback_name(authority: str) -> bool:
+    """Whether `host[:port]` names this machine's loopback interface."""
+    name = authority.rsplit(":", 1)[0] if not authority.endswith("]") else authority
+    return name.lower() in _LOOPBACK_NAMES or _loopback_address(name.strip("[]"))
+
+
+def is_local(headers: Mapping[str, str], client_host: str | None) -> bool:
+    """A client on this machine talking to the gateway directly (see the module
+    docstring for why the peer address alone is not enough)."""
+    if not _loopback_address(client_host) or not _loopback_name(headers.get("host", "")):
+        return False
+    origin = headers.get("origin")
+    if origin is not None and not _loopback_name(origin.split("://", 1)[-1]):
+        return False
+    return not any(name in headers for name in _FORWARDING)
 
 
 def scope_of(principal: Principal, user_id: str | None, agent_id: str | None = None) -> Scope:

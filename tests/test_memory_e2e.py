@@ -465,6 +465,31 @@ def test_an_import_with_a_per_user_key_cannot_probe_other_users_ids(
         assert got.status_code == 200 and got.json()["text"] == "restored"
 
 
+@pytest.mark.parametrize(
+    ("headers", "local"),
+    [
+        ({}, True),
+        ({"Host": "localhost:8080"}, True),
+        ({"Host": "[::1]:8080", "Origin": "http://127.0.0.1:3000"}, True),
+        ({"Host": "attacker.example:8080"}, False),  # a page that rebound its name
+        ({"Origin": "https://attacker.example"}, False),
+        ({"Origin": "null"}, False),
+        ({"X-Forwarded-For": "203.0.113.7"}, False),  # a proxy on this machine
+        ({"Forwarded": "for=203.0.113.7"}, False),
+    ],
+)
+def test_without_an_admin_key_only_a_local_client_is_admin(
+    admin: httpx.Client, headers: dict[str, str], local: bool
+) -> None:
+    """A loopback peer alone is not enough: a browser page under a rebound
+    name, or anyone behind a reverse proxy on this machine, arrives from
+    127.0.0.1 too."""
+    response = admin.get("/v1/memories/users", headers=headers)
+    assert response.status_code == (200 if local else 401), response.text
+    if not local:
+        assert "local client" in response.json()["error"]["message"]
+
+
 def test_the_management_api_is_in_the_openapi_schema(admin: httpx.Client) -> None:
     schema = admin.get("/schema/openapi.json")
     assert schema.status_code == 200
