@@ -67,9 +67,10 @@ def notices(config: Config) -> list[tuple[int, str]]:
         found.append(
             (
                 logging.INFO,
-                "no admin key: the management API (/v1/memories) answers loopback clients"
-                " only; to use it from outside this machine (e.g. from the Docker host) set"
-                " GATEWAY_ADMIN_KEY (auth.admin_key).",
+                "no admin key: the management API (/v1/memories) answers local clients"
+                " only (loopback, addressed as localhost, through no proxy); to use it from"
+                " outside this machine (e.g. from the Docker host) or behind a reverse proxy,"
+                " set GATEWAY_ADMIN_KEY (auth.admin_key).",
             )
         )
     return found
@@ -144,9 +145,7 @@ def _memory(config: Config) -> list[str]:
 def _auth(config: Config) -> str:
     auth = config.auth
     require = "on" if auth.require_key else "off (requests without a gateway key are served)"
-    admin = (
-        "set" if auth.admin_key else "not set (the management API answers loopback clients only)"
-    )
+    admin = "set" if auth.admin_key else "not set (the management API answers local clients only)"
     return f"require_key {require}; {len(auth.keys)} per-user key(s); admin key {admin}"
 
 

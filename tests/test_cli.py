@@ -504,7 +504,7 @@ def test_no_open_relay_warning_on_loopback_with_required_keys_or_without_a_key(e
 def test_without_an_admin_key_an_open_port_says_how_to_reach_the_management_api():
     [(level, text)] = notices(_config({"GATEWAY_HOST": "0.0.0.0"}))
     assert level == logging.INFO
-    assert "answers loopback clients only" in text
+    assert "answers local clients only" in text
     assert "set GATEWAY_ADMIN_KEY" in text
     assert notices(_config({"GATEWAY_HOST": "0.0.0.0", "GATEWAY_ADMIN_KEY": "k"})) == []
     assert notices(_config()) == []
