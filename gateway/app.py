@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -13,6 +14,7 @@ from gateway.config import Config
 from gateway.errors import exception_handlers
 from gateway.hooks import ChatHooks, NoHooks
 from gateway.logs import logging_config
+from gateway.mcp_server import MemoryTools, create_mcp_server, mcp_route, running
 from gateway.memories_access import Access
 from gateway.memories_api import MemoriesController
 from gateway.memory_hooks import MemoryHooks
@@ -53,6 +55,14 @@ def create_app(
         else:
             hooks = NoHooks()
     proxy = Proxy(config, hooks, activity)
+    access = Access(config.auth.admin_key, proxy.identity.keys)
+    mcp_handlers = []
+    mcp = None
+    if isinstance(hooks, MemoryHooks):
+        memory_hooks = hooks
+        tools = MemoryTools(lambda: memory_hooks.opened, access, proxy.identity)
+        mcp = create_mcp_server(tools)
+        mcp_handlers.append(mcp_route(mcp, tools))
 
     @asynccontextmanager
     async def lifespan(app: Litestar) -> AsyncIterator[None]:
@@ -63,14 +73,17 @@ def create_app(
             if owns_process:
                 freeze_startup_objects()
             try:
-                yield
+                async with contextlib.AsyncExitStack() as stack:
+                    if mcp is not None:
+                        await stack.enter_async_context(running(mcp))
+                    yield
             finally:
                 await hooks.shutdown()
         finally:
             await proxy.close()
 
     app = Litestar(
-        route_handlers=[*handlers, MemoriesController, swagger_ui_assets()],
+        route_handlers=[*handlers, MemoriesController, *mcp_handlers, swagger_ui_assets()],
         lifespan=[lifespan],
         exception_handlers=exception_handlers,
         request_max_body_size=config.server.max_body_bytes,
@@ -83,5 +96,5 @@ def create_app(
     app.state.proxy = proxy
     app.state.chat_activity = activity
     app.state.hooks = hooks
-    app.state.memory_access = Access(config.auth.admin_key, proxy.identity.keys)
+    app.state.memory_access = access
     return app

@@ -124,6 +124,8 @@ class IdentityResolver:
         self.require_key = auth.require_key
         self.keys = KeyRing(auth.keys)
         self.user_headers = [name.lower() for name in identity.user_headers]
+        # As configured, for messages that tell a caller which header to send.
+        self.user_header_name = identity.user_headers[0]
         self.agent_header = identity.agent_header.lower()
         self.session_header = identity.session_header.lower()
         self.body_user_field = identity.body_user_field
@@ -149,12 +151,20 @@ class IdentityResolver:
         )
         if key is not None:
             ident.user_id, ident.via = key.user_id, "key"
-        else:
-            for name in self.user_headers:
-                if (user := headers.get(name)) is not None:
-                    ident.user_id, ident.via = _checked("user_id", user), "header"
-                    break
+        elif (user := self._header_user(headers)) is not None:
+            ident.user_id, ident.via = user, "header"
         return ident
+
+    def _header_user(self, headers: Mapping[str, str]) -> str | None:
+        for name in self.user_headers:
+            if (user := headers.get(name)) is not None:
+                return _checked("user_id", user)
+        return None
+
+    def named_in_headers(self, headers: Mapping[str, str]) -> tuple[str | None, str | None]:
+        """The user and agent the identity headers name (validated), whoever
+        the caller is: for callers whose key does not name the user itself."""
+        return self._header_user(headers), _checked("agent_id", headers.get(self.agent_header))
 
     def from_body(self, ident: Identity, body: Mapping[str, object]) -> None:
         """Fall back to the chat body's `user` field when nothing else named the user.

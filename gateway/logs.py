@@ -13,10 +13,14 @@ if TYPE_CHECKING:
     from litestar.logging.config import LoggingConfig
 
 
+# Libraries that log every request at INFO: noise, and latency on the hot path
+# (the MCP SDK logs each stateless call's session twice).
+_CHATTY = ("httpx", "httpx2", "httpcore", "mcp")
+
+
 def quiet_http_loggers() -> None:
-    """httpx logs every request at INFO: noise, and latency on the hot path."""
     level = max(logging.WARNING, logging.getLogger().level)
-    for name in ("httpx", "httpx2", "httpcore"):
+    for name in _CHATTY:
         logging.getLogger(name).setLevel(level)
 
 
@@ -34,4 +38,5 @@ def logging_config(config: Config) -> LoggingConfig:
     return LoggingConfig(
         formatters={"standard": {"format": config.log_format}},
         root={"handlers": ["queue_listener"], "level": config.server.python_log_level},
+        loggers={name: {"level": "WARNING"} for name in _CHATTY},
     )
