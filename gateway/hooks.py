@@ -15,6 +15,8 @@ from typing import Any, Protocol, runtime_checkable
 
 from litestar.datastructures import Headers
 
+from gateway.apis import ChatApi
+from gateway.apis.chat_completions import CHAT_COMPLETIONS
 from gateway.identity import Identity
 from memory.models import Scope
 
@@ -26,6 +28,9 @@ class ChatContext:
     identity: Identity
     request_headers: Headers
     stream: bool
+    # Which chat API the request speaks: where its user's words are and
+    # where memories go in.
+    api: ChatApi = CHAT_COMPLETIONS
     # The name of the upstream the request goes to.
     upstream: str | None = None
     # Hooks may add headers (e.g. X-Memory-Status); they are sent on streams too.
@@ -63,7 +68,7 @@ class ChatHooks(Protocol):
         ...
 
     async def before_forward(self, ctx: ChatContext, body: dict[str, Any]) -> bool:
-        """Rewrite `body["messages"]` (replace the list, don't mutate it) and return True,
+        """Rewrite the working copy `body` (through `ctx.api`) and return True,
         or return False to forward the client's original bytes."""
         ...
 

@@ -166,23 +166,28 @@ class IdentityResolver:
         the caller is: for callers whose key does not name the user itself."""
         return self._header_user(headers), _checked("agent_id", headers.get(self.agent_header))
 
-    def from_body(self, ident: Identity, body: Mapping[str, object]) -> None:
-        """Fall back to the chat body's `user` field when nothing else named the user.
+    def from_body(
+        self, ident: Identity, body: Mapping[str, object], fields: tuple[str, ...] = ("user",)
+    ) -> None:
+        """Fall back to the body's user field (the first of `fields` present)
+        when nothing else named the user.
 
-        A `user` that is not a string is a 400: taken as "no user", the
+        A value that is not a string is a 400: taken as "no user", the
         request would silently go without memory. JSON null means unset.
         """
         if ident.user_id is not None or not self.body_user_field:
             return
-        user = body.get("user")
-        if user is None:
+        for name in fields:
+            user = body.get(name)
+            if user is None:
+                continue
+            if not isinstance(user, str):
+                raise GatewayError(
+                    400,
+                    f"Invalid type for '{name}': expected a string, got {_json_type(user)}.",
+                    param=name,
+                    code="invalid_type",
+                    retryable=False,
+                )
+            ident.user_id, ident.via = _checked(name, user), "body"
             return
-        if not isinstance(user, str):
-            raise GatewayError(
-                400,
-                f"Invalid type for 'user': expected a string, got {_json_type(user)}.",
-                param="user",
-                code="invalid_type",
-                retryable=False,
-            )
-        ident.user_id, ident.via = _checked("user", user), "body"

@@ -23,7 +23,6 @@ from gateway.errors import GatewayError
 from gateway.hooks import ChatContext, CompletedExchange
 from gateway.identity import scope_for
 from memory import injection
-from memory import messages as chat_messages
 from memory.clipping import search_query
 from memory.engine import MemoryEngine, open_when_possible
 from memory.errors import TRANSIENT
@@ -178,10 +177,9 @@ class MemoryHooks:
             "ok; extraction=failing" if self._engine.extraction_failing() else "ok"
         )
         headers["X-Memory-Injected"] = "0"
-        messages = body.get("messages")
-        if mode == "write" or not isinstance(messages, list):
+        if mode == "write":
             return False
-        query = search_query(chat_messages.last_user_text(messages))
+        query = search_query(ctx.api.query(body))
         if not query:
             return False
         hits = await self._recall(scope, query, headers)
@@ -190,8 +188,7 @@ class MemoryHooks:
         text, used = injection.render(hits, self.memory.injection.max_chars)
         if text is None:
             return False
-        message = {"role": "system", "content": text}
-        body["messages"] = injection.place(messages, message, self.memory.injection.position)
+        ctx.api.inject(body, text, self.memory.injection.position)
         headers["X-Memory-Injected"] = str(len(used))
         headers["X-Memory-Ids"] = _bounded_ids(used)
         return True
@@ -220,8 +217,7 @@ class MemoryHooks:
         key = self._extraction_key(ctx)
         turns: list[dict[str, Any]] = []
         if ctx.memory_mode in ("auto", "write"):
-            messages = exchange.request_body.get("messages")
-            turns = chat_messages.new_turns(messages if isinstance(messages, list) else [])
+            turns = ctx.api.new_turns(exchange.request_body)
         if not turns:
             self.engine.provide_key(scope.user_id, key)
             return

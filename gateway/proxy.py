@@ -19,6 +19,8 @@ from litestar.background_tasks import BackgroundTask
 from litestar.response.base import ASGIResponse
 from litestar.response.streaming import ASGIStreamingResponse
 
+from gateway.apis import ChatApi
+from gateway.apis.chat_completions import CHAT_COMPLETIONS
 from gateway.chat_activity import ChatActivity
 from gateway.config import Config
 from gateway.errors import GatewayError
@@ -27,7 +29,6 @@ from gateway.hooks import ChatContext, ChatHooks, NoHooks
 from gateway.identity import IdentityResolver
 from gateway.relay import Recorder, release, stream_chat
 from gateway.routing import Router, Upstream
-from gateway.sse import parse_completion
 from gateway.transport import upstream_client
 from gateway.upstream_errors import upstream_error
 
@@ -108,7 +109,11 @@ class Proxy:
 
     # -- chat completions -------------------------------------------------
 
-    async def chat(self, request: Request[Any, Any, Any]) -> ASGIResponse:
+    async def chat(
+        self, request: Request[Any, Any, Any], api: ChatApi = CHAT_COMPLETIONS
+    ) -> ASGIResponse:
+        """A request of one of the chat APIs (`api`): memories in, answer out
+        untouched, the exchange recorded. Other methods pass through."""
         if request.method != "POST":
             return await self.passthrough(request)
         identity = self.identity.from_headers(request.headers)
@@ -122,16 +127,15 @@ class Proxy:
             ) from None
         if not isinstance(body, dict):
             raise _bad_request("the request body must be a JSON object", code="invalid_json")
-        messages = body.get("messages")
-        if not isinstance(messages, list):
-            raise _bad_request("'messages' must be a list", param="messages", code="invalid_type")
-        self.identity.from_body(identity, body)
+        api.check(body)
+        self.identity.from_body(identity, body, api.user_fields)
         upstream = self.router.pick(body.get("model"))
         stream = body.get("stream") is True
         ctx = ChatContext(
             identity=identity,
             request_headers=request.headers,
             stream=stream,
+            api=api,
             upstream=upstream.name,
         )
 
@@ -141,7 +145,7 @@ class Proxy:
         # disconnects, cancellation).
         lease = self.activity.begin(upstream.name)
         try:
-            work = {**body, "messages": list(messages)}
+            work = api.working_copy(body)
             rewritten = await self.hooks.before_forward(ctx, work)
             content = msgspec.json.encode(work) if rewritten else raw
             headers, ctx.upstream_api_key = upstream_request_headers(
@@ -170,7 +174,7 @@ class Proxy:
             await response.aclose()
         recorder = self._recorder
         if recorder is not None and not stream and response.is_success:
-            completion = parse_completion(data)
+            completion = api.parse(data)
             if completion is not None:
                 await recorder.complete(
                     ctx, body, completion.text, completion.finish_reason, completion.tool_calls

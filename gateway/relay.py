@@ -1,9 +1,10 @@
 """The chat answer on its way back: relayed untouched, watched, and handed on.
 
-`stream_chat` relays a streamed answer chunk by chunk while an `SSEParser`
-reads a copy; `Recorder` hands the finished exchange to the after-completion
-seam (streamed or not) and counts streams the server cut short. `release`
-closes a relayed response whatever way it ended.
+`stream_chat` relays a streamed answer chunk by chunk while a parser (the
+request's API's, gateway/apis/) reads a copy; `Recorder` hands the finished
+exchange to the after-completion seam (streamed or not) and counts streams
+the server cut short. `release` closes a relayed response whatever way it
+ended.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from gateway.chat_activity import ChatLease
 from gateway.forward import client_response_headers
 from gateway.hooks import ChatContext, ChatHooks, CompletedExchange
 from gateway.routing import Upstream
-from gateway.sse import SSEParser, sse_error_event
+from gateway.sse import sse_error_event
 from gateway.upstream_errors import upstream_error
 
 logger = logging.getLogger("gateway")
@@ -85,7 +86,7 @@ def stream_chat(
     """Relay a successful streamed answer; with a `recorder`, watch a copy and
     hand the exchange on once `[DONE]` arrives. The lease is released when the
     relay ends, however it ends."""
-    parser = SSEParser()
+    parser = ctx.api.parser()
     feed = parser.feed if recorder is not None else None
 
     async def record() -> None:

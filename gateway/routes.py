@@ -1,4 +1,4 @@
-"""The gateway's HTTP surface: health, readiness, chat, and every other /v1/ path."""
+"""The gateway's HTTP surface: health, readiness, the chat APIs, and every other /v1/ path."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ from litestar import Request, Response, get, route
 from litestar.enums import HttpMethod
 from litestar.response.base import ASGIResponse
 
+from gateway.apis.responses import RESPONSES
 from gateway.proxy import Proxy
 
 ALL_METHODS = [
@@ -48,9 +49,14 @@ async def chat_completions(request: Request[Any, Any, Any]) -> ASGIResponse:
     return await _proxy(request).chat(request)
 
 
+@route("/v1/responses", http_method=ALL_METHODS, include_in_schema=False)
+async def responses(request: Request[Any, Any, Any]) -> ASGIResponse:
+    return await _proxy(request).chat(request, RESPONSES)
+
+
 @route("/v1/{path:path}", http_method=ALL_METHODS, include_in_schema=False)
 async def passthrough(request: Request[Any, Any, Any]) -> ASGIResponse:
     return await _proxy(request).passthrough(request)
 
 
-handlers = [health, ready, chat_completions, passthrough]
+handlers = [health, ready, chat_completions, responses, passthrough]

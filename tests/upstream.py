@@ -279,7 +279,88 @@ def default_models(request: Recorded) -> Reply:
     return JSONReply({"object": "list", "data": models}, headers=dict(STANDARD_HEADERS))
 
 
+def response_object(text: str, *, model: str, status: str = "completed") -> dict[str, Any]:
+    """A Responses API response whose output is one assistant message."""
+    return {
+        "id": "resp_scripted",
+        "object": "response",
+        "created_at": 1_700_000_000,
+        "status": status,
+        "model": model,
+        "output": [
+            {
+                "id": "msg_scripted",
+                "type": "message",
+                "role": "assistant",
+                "status": "completed",
+                "content": [{"type": "output_text", "text": text, "annotations": []}],
+            }
+        ],
+        "parallel_tool_calls": True,
+        "tool_choice": "auto",
+        "tools": [],
+        "usage": {
+            "input_tokens": 5,
+            "output_tokens": 2,
+            "total_tokens": 7,
+            "input_tokens_details": {"cached_tokens": 0},
+            "output_tokens_details": {"reasoning_tokens": 0},
+        },
+    }
+
+
+def response_event(event: dict[str, Any]) -> bytes:
+    """One Responses stream event: named, as OpenAI sends them."""
+    data = msgspec.json.encode(event).decode()
+    return f"event: {event['type']}\ndata: {data}\n\n".encode()
+
+
+def responses_stream(words: list[str], *, model: str) -> list[bytes | dict[str, Any]]:
+    """A complete streamed response, event by event as OpenAI sends one: the
+    message item and its text part opened, one text delta per word, both
+    closed, then `response.completed` with the whole response."""
+    text = "".join(words)
+    final = response_object(text, model=model)
+    started = {**final, "status": "in_progress", "output": []}
+    item = {**final["output"][0], "status": "in_progress", "content": []}
+    empty = {"type": "output_text", "text": "", "annotations": []}
+    part = {"item_id": "msg_scripted", "output_index": 0, "content_index": 0}
+    events: list[dict[str, Any]] = [
+        {"type": "response.created", "response": started},
+        {"type": "response.in_progress", "response": started},
+        {"type": "response.output_item.added", "output_index": 0, "item": item},
+        {"type": "response.content_part.added", **part, "part": empty},
+    ]
+    events += [{"type": "response.output_text.delta", **part, "delta": w} for w in words]
+    events += [
+        {"type": "response.output_text.done", **part, "text": text},
+        {"type": "response.content_part.done", **part, "part": {**empty, "text": text}},
+        {"type": "response.output_item.done", "output_index": 0, "item": final["output"][0]},
+        {"type": "response.completed", "response": final},
+    ]
+    return [response_event({**e, "sequence_number": i}) for i, e in enumerate(events)]
+
+
+def _input_text(given: Any) -> str:
+    if isinstance(given, str):
+        return given
+    if isinstance(given, list):
+        return _last_user_text([i for i in given if isinstance(i, dict)])
+    return ""
+
+
+def default_responses(request: Recorded) -> Reply:
+    """Echoes the last user input, like `default_chat`, as the Responses API answers."""
+    body = request.json
+    model = body.get("model", "test-model")
+    text = "echo: " + _input_text(body.get("input"))
+    if body.get("stream"):
+        return SSEReply(responses_stream([text[:6], text[6:]], model=model))
+    return JSONReply(response_object(text, model=model), headers=dict(STANDARD_HEADERS))
+
+
 DEFAULTS: dict[tuple[str, str], Callable[[Recorded], Reply]] = {
+    ("POST", "/v1/responses"): default_responses,
     ("POST", "/v1/chat/completions"): default_chat,
     ("POST", "/v1/embeddings"): default_embeddings,
     ("GET", "/v1/models"): default_models,
