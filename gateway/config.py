@@ -87,6 +87,10 @@ class UpstreamConfig(_Settings):
     # takes every model no other upstream claims.
     models: list[str] = msgspec.field(default_factory=list)
     default: bool = False
+    # The API it speaks: `openai` (chat completions, responses and the rest of
+    # /v1/) or `anthropic` (/v1/messages; base_url ends in /v1 as well, e.g.
+    # https://api.anthropic.com/v1). /v1/messages goes only to `anthropic` ones.
+    api: Literal["openai", "anthropic"] = "openai"
 
 
 class UserKey(_Settings):

@@ -1,8 +1,10 @@
-"""Errors the gateway makes itself, in OpenAI's shape.
+"""Errors the gateway makes itself, in the shape of the API that was called.
 
-Clients are OpenAI SDKs: they only understand `{"error": {...}}` bodies, so
-every error we produce - ours or Litestar's (404, 405, 413, validation) - is
-rendered that way. Upstream errors never come through here: they pass through
+OpenAI SDKs only understand `{"error": {message, type, param, code}}` bodies,
+so every error we produce - ours or Litestar's (404, 405, 413, validation) -
+is rendered that way; under `/v1/messages` (Anthropic Messages) it is
+Anthropic's `{"type": "error", "error": {type, message}}`, whose type names
+are the same. Upstream errors never come through here: they pass through
 unchanged.
 
 Litestar's validation errors carry what was wrong in `extra` (one entry per
@@ -70,35 +72,51 @@ def error_type(status: int) -> str:
     return _TYPES.get(status, "api_error" if status >= 500 else "invalid_request_error")
 
 
+ANTHROPIC_PATHS = "/v1/messages"
+
+
 def error_body(
-    message: str, *, type: str, param: str | None = None, code: str | None = None
+    message: str,
+    *,
+    type: str,
+    param: str | None = None,
+    code: str | None = None,
+    anthropic: bool = False,
 ) -> bytes:
+    if anthropic:
+        return msgspec.json.encode({"type": "error", "error": {"type": type, "message": message}})
     return msgspec.json.encode(
         {"error": {"message": message, "type": type, "param": param, "code": code}}
     )
 
 
-def error_response(exc: GatewayError) -> Response[bytes]:
+def _anthropic(request: Request[Any, Any, Any] | None) -> bool:
+    return request is not None and request.url.path.startswith(ANTHROPIC_PATHS)
+
+
+def error_response(
+    exc: GatewayError, request: Request[Any, Any, Any] | None = None
+) -> Response[bytes]:
     headers = {}
     if exc.retryable is not None:
-        # The openai SDK retries 408/409/429/5xx unless told this cannot help.
+        # The openai and anthropic SDKs retry 408/409/429/5xx unless told this cannot help.
         headers["x-should-retry"] = "true" if exc.retryable else "false"
+    body = error_body(
+        exc.message, type=exc.type, param=exc.param, code=exc.code, anthropic=_anthropic(request)
+    )
     return Response(
-        content=error_body(exc.message, type=exc.type, param=exc.param, code=exc.code),
-        status_code=exc.status,
-        media_type="application/json",
-        headers=headers,
+        content=body, status_code=exc.status, media_type="application/json", headers=headers
     )
 
 
-def _gateway_error(_: Request[Any, Any, Any], exc: GatewayError) -> Response[bytes]:
-    return error_response(exc)
+def _gateway_error(request: Request[Any, Any, Any], exc: GatewayError) -> Response[bytes]:
+    return error_response(exc, request)
 
 
 _CODES = {404: "not_found", 405: "method_not_allowed", 413: "request_too_large"}
 
 
-def _http_exception(_: Request[Any, Any, Any], exc: HTTPException) -> Response[bytes]:
+def _http_exception(request: Request[Any, Any, Any], exc: HTTPException) -> Response[bytes]:
     status = exc.status_code
     message = exc.detail or "error"
     if status == 413:
@@ -107,7 +125,9 @@ def _http_exception(_: Request[Any, Any, Any], exc: HTTPException) -> Response[b
     if 400 <= status < 500:
         # Sending the same request again cannot fix it.
         headers["x-should-retry"] = "false"
-    body = error_body(message, type=error_type(status), code=_CODES.get(status))
+    body = error_body(
+        message, type=error_type(status), code=_CODES.get(status), anthropic=_anthropic(request)
+    )
     return Response(
         content=body, status_code=status, media_type="application/json", headers=headers
     )

@@ -50,9 +50,10 @@ def upstream_request_headers(
 
     `raw` are ASGI headers (lower-case names). The key sent upstream is, in
     order: the gateway key's own upstream key, the upstream's configured key,
-    else the client's Authorization unchanged - but a gateway key itself never
-    leaves the gateway. The key actually sent (None when none was) is
-    returned with the headers.
+    else the client's Authorization (and, to an Anthropic upstream, its
+    `x-api-key`) unchanged - but a gateway key itself never leaves the
+    gateway. An Anthropic upstream gets a key it is given as `x-api-key`.
+    The key actually sent (None when none was) is returned with the headers.
     """
     drop = _REQUEST_DROP | consumed
     if keep_length:
@@ -66,8 +67,15 @@ def upstream_request_headers(
     key = identity.key.upstream_api_key if identity.key is not None else None
     key = key or upstream.api_key
     sent: str | None = None
+    anthropic = upstream.api == "anthropic"
+    if identity.key is not None or (anthropic and key):
+        # The client's x-api-key is a gateway key (it stays here), or is replaced.
+        out = [(name, value) for name, value in out if name != b"x-api-key"]
     if key:
-        out.append((b"authorization", b"Bearer " + key.encode("latin-1")))
+        if anthropic:
+            out.append((b"x-api-key", key.encode("latin-1")))
+        else:
+            out.append((b"authorization", b"Bearer " + key.encode("latin-1")))
         sent = key
     elif identity.key is None:
         for name, value in raw:
@@ -77,6 +85,8 @@ def upstream_request_headers(
                 if token[:7].lower() == "bearer ":
                     sent = token[7:].strip() or None
                 break
+        if anthropic and sent is None:
+            sent = next((v.decode("latin-1") for n, v in raw if n == b"x-api-key"), None)
     if identity_encoding:
         # The copy of the answer is parsed for the after-completion seam.
         out.append((b"accept-encoding", b"identity"))

@@ -42,6 +42,8 @@ class ChatContext:
     # request's memory mode and, when memory applies to it, its scope.
     memory_mode: str | None = None
     memory_scope: Scope | None = None
+    # Whether the reply goes to extraction with the user's turns (X-Memory-Record).
+    record_reply: bool = True
 
 
 @dataclass(slots=True)

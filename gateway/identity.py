@@ -136,7 +136,10 @@ class IdentityResolver:
 
     def from_headers(self, headers: Mapping[str, str]) -> Identity:
         """Resolve everything the headers say; 401 for an unknown key when keys are required."""
-        key = self.keys.match(bearer_token(headers.get("authorization")))
+        # Anthropic clients send their key as `x-api-key` (Claude Code's
+        # ANTHROPIC_API_KEY); OpenAI clients as a bearer token.
+        token = bearer_token(headers.get("authorization")) or headers.get("x-api-key")
+        key = self.keys.match(token)
         if key is None and self.require_key:
             raise GatewayError(
                 401,

@@ -35,6 +35,8 @@ logger = logging.getLogger("gateway.memory")
 Mode = Literal["auto", "read", "write", "off"]
 MODES: frozenset[str] = frozenset({"auto", "read", "write", "off"})
 MODE_HEADER = "x-memory-mode"
+RECORD_HEADER = "x-memory-record"
+RECORDS = frozenset({"exchange", "user"})
 # Response headers have practical size limits; ids beyond this are left out.
 MAX_IDS_HEADER = 1024
 WARMUP_USER = "memory-gateway-warmup"
@@ -156,9 +158,27 @@ class MemoryHooks:
             )
         return cast(Mode, mode)
 
+    def _record_reply(self, ctx: ChatContext) -> bool:
+        value = ctx.request_headers.get(RECORD_HEADER)
+        record: str
+        if value is None:
+            record = self.memory.record_by_path.get(ctx.api.path, self.memory.record)
+        else:
+            record = value.strip().lower()
+            if record not in RECORDS:
+                raise GatewayError(
+                    400,
+                    f"X-Memory-Record must be exchange or user (got {value[:40]!r})",
+                    param="X-Memory-Record",
+                    code="invalid_memory_record",
+                    retryable=False,
+                )
+        return record == "exchange"
+
     async def before_forward(self, ctx: ChatContext, body: dict[str, Any]) -> bool:
         mode = self._mode(ctx)
         ctx.memory_mode = mode
+        ctx.record_reply = self._record_reply(ctx)
         headers = ctx.response_headers
         user_id = ctx.identity.user_id
         if user_id is None:
@@ -226,7 +246,7 @@ class MemoryHooks:
                 Exchange(
                     scope=scope,
                     messages=turns,
-                    reply=exchange.reply_text or None,
+                    reply=(exchange.reply_text or None) if ctx.record_reply else None,
                     at=datetime.now(UTC),
                 ),
                 api_key=key,

@@ -28,7 +28,7 @@ from gateway.forward import client_response_headers, upstream_request_headers
 from gateway.hooks import ChatContext, ChatHooks, NoHooks
 from gateway.identity import IdentityResolver
 from gateway.relay import Recorder, release, stream_chat
-from gateway.routing import Router, Upstream
+from gateway.routing import Api, Router, Upstream
 from gateway.transport import upstream_client
 from gateway.upstream_errors import upstream_error
 
@@ -115,7 +115,7 @@ class Proxy:
         """A request of one of the chat APIs (`api`): memories in, answer out
         untouched, the exchange recorded. Other methods pass through."""
         if request.method != "POST":
-            return await self.passthrough(request)
+            return await self.passthrough(request, api.upstream_api)
         identity = self.identity.from_headers(request.headers)
         raw = await request.body()
         try:
@@ -129,7 +129,7 @@ class Proxy:
             raise _bad_request("the request body must be a JSON object", code="invalid_json")
         api.check(body)
         self.identity.from_body(identity, body, api.user_fields)
-        upstream = self.router.pick(body.get("model"))
+        upstream = self.router.pick(body.get("model"), api.upstream_api)
         stream = body.get("stream") is True
         ctx = ChatContext(
             identity=identity,
@@ -189,7 +189,11 @@ class Proxy:
 
     # -- everything else under /v1/ --------------------------------------
 
-    async def passthrough(self, request: Request[Any, Any, Any]) -> ASGIResponse:
+    async def passthrough(
+        self, request: Request[Any, Any, Any], api: Api = "openai"
+    ) -> ASGIResponse:
+        """Relay verbatim to the upstream of the body's model among those
+        speaking `api` (/v1/messages/count_tokens goes to an Anthropic one)."""
         identity = self.identity.from_headers(request.headers)
         raw_headers: list[tuple[bytes, bytes]] = request.scope["headers"]  # type: ignore[assignment]
         length: int | None = None
@@ -220,7 +224,7 @@ class Proxy:
             model = _peek_model(content) if content else None
         elif length is not None or chunked:
             content = _body_chunks(request)
-        upstream = self.router.pick(model)
+        upstream = self.router.pick(model, api)
         headers, _ = upstream_request_headers(
             raw_headers,
             upstream=upstream,

@@ -23,7 +23,6 @@ from gateway.chat_activity import ChatLease
 from gateway.forward import client_response_headers
 from gateway.hooks import ChatContext, ChatHooks, CompletedExchange
 from gateway.routing import Upstream
-from gateway.sse import sse_error_event
 from gateway.upstream_errors import upstream_error
 
 logger = logging.getLogger("gateway")
@@ -116,12 +115,12 @@ def stream_chat(
                 tail = chunk if len(chunk) >= 4 else (tail + chunk)[-4:]
                 yield chunk
         except httpx.HTTPError as exc:
-            # Never a fake [DONE]: the SDK raises on an `error` event.
+            # Never a fake end: the SDKs raise on an `error` event.
             error = upstream_error(exc, upstream, "stream")
             # A partial event is terminated first, so the error stands alone.
             between = tail.endswith((b"\n\n", b"\r\n\r\n", b"\r\r"))
-            yield (b"" if between else b"\n\n") + sse_error_event(
-                error.message, code=error.code or "upstream_error"
+            yield (b"" if between else b"\n\n") + ctx.api.stream_error(
+                error.message, error.code or "upstream_error"
             )
             return
         finally:

@@ -9,6 +9,7 @@ from litestar import Request, Response, get, route
 from litestar.enums import HttpMethod
 from litestar.response.base import ASGIResponse
 
+from gateway.apis.anthropic_messages import ANTHROPIC_MESSAGES
 from gateway.apis.responses import RESPONSES
 from gateway.proxy import Proxy
 
@@ -54,9 +55,20 @@ async def responses(request: Request[Any, Any, Any]) -> ASGIResponse:
     return await _proxy(request).chat(request, RESPONSES)
 
 
+@route("/v1/messages", http_method=ALL_METHODS, include_in_schema=False)
+async def messages(request: Request[Any, Any, Any]) -> ASGIResponse:
+    return await _proxy(request).chat(request, ANTHROPIC_MESSAGES)
+
+
+@route("/v1/messages/{path:path}", http_method=ALL_METHODS, include_in_schema=False)
+async def messages_other(request: Request[Any, Any, Any]) -> ASGIResponse:
+    """`count_tokens` and the message batches: verbatim, to an Anthropic upstream."""
+    return await _proxy(request).passthrough(request, "anthropic")
+
+
 @route("/v1/{path:path}", http_method=ALL_METHODS, include_in_schema=False)
 async def passthrough(request: Request[Any, Any, Any]) -> ASGIResponse:
     return await _proxy(request).passthrough(request)
 
 
-handlers = [health, ready, chat_completions, responses, passthrough]
+handlers = [health, ready, chat_completions, responses, messages, messages_other, passthrough]

@@ -158,6 +158,12 @@ class MemoryConfig(_Settings):
     enabled: bool = True
     # Default `X-Memory-Mode` when a request names none.
     mode: Literal["auto", "read", "write", "off"] = "auto"
+    # Default `X-Memory-Record`: what a recorded exchange gives extraction,
+    # `exchange` (the user's new turns and the reply) or `user` (the user's
+    # turns alone: a coding agent's replies are about its work, not the user).
+    record: Literal["exchange", "user"] = "exchange"
+    # `record` per API path, e.g. {"/v1/messages": "user"} for coding agents.
+    record_by_path: dict[str, Literal["exchange", "user"]] = msgspec.field(default_factory=dict)
     embedder: EmbedderConfig = msgspec.field(default_factory=EmbedderConfig)
     llm: LLMConfig = msgspec.field(default_factory=LLMConfig)
     search: SearchConfig = msgspec.field(default_factory=SearchConfig)

@@ -359,7 +359,75 @@ def default_responses(request: Recorded) -> Reply:
     return JSONReply(response_object(text, model=model), headers=dict(STANDARD_HEADERS))
 
 
+def anthropic_message(text: str, *, model: str, stop_reason: str = "end_turn") -> dict[str, Any]:
+    """An Anthropic Messages answer with one text block."""
+    return {
+        "id": "msg_scripted",
+        "type": "message",
+        "role": "assistant",
+        "model": model,
+        "content": [{"type": "text", "text": text}],
+        "stop_reason": stop_reason,
+        "stop_sequence": None,
+        "usage": {"input_tokens": 5, "output_tokens": 2},
+    }
+
+
+def anthropic_event(event: dict[str, Any]) -> bytes:
+    data = msgspec.json.encode(event).decode()
+    return f"event: {event['type']}\ndata: {data}\n\n".encode()
+
+
+def anthropic_stream(words: list[str], *, model: str) -> list[bytes | dict[str, Any]]:
+    """A complete streamed message as Anthropic sends one, a ping included."""
+    start = {**anthropic_message("", model=model), "content": [], "stop_reason": None}
+    events: list[dict[str, Any]] = [
+        {"type": "message_start", "message": start},
+        {"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}},
+        {"type": "ping"},
+    ]
+    events += [
+        {"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": w}}
+        for w in words
+    ]
+    events += [
+        {"type": "content_block_stop", "index": 0},
+        {
+            "type": "message_delta",
+            "delta": {"stop_reason": "end_turn", "stop_sequence": None},
+            "usage": {"output_tokens": len(words)},
+        },
+        {"type": "message_stop"},
+    ]
+    return [anthropic_event(e) for e in events]
+
+
+def _anthropic_text(content: Any) -> str:
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        return " ".join(b.get("text", "") for b in content if isinstance(b, dict))
+    return ""
+
+
+def default_messages(request: Recorded) -> Reply:
+    """Echoes the last user message, as Anthropic's Messages API answers."""
+    body = request.json
+    model = body.get("model", "claude-test")
+    users = [m for m in body.get("messages", []) if m.get("role") == "user"]
+    text = "echo: " + (_anthropic_text(users[-1].get("content")) if users else "")
+    if body.get("stream"):
+        return SSEReply(anthropic_stream([text[:6], text[6:]], model=model))
+    return JSONReply(anthropic_message(text, model=model), headers={"request-id": "req_scripted"})
+
+
+def default_count_tokens(request: Recorded) -> Reply:
+    return JSONReply({"input_tokens": len(request.body) // 4})
+
+
 DEFAULTS: dict[tuple[str, str], Callable[[Recorded], Reply]] = {
+    ("POST", "/v1/messages"): default_messages,
+    ("POST", "/v1/messages/count_tokens"): default_count_tokens,
     ("POST", "/v1/responses"): default_responses,
     ("POST", "/v1/chat/completions"): default_chat,
     ("POST", "/v1/embeddings"): default_embeddings,

@@ -12,12 +12,15 @@ from __future__ import annotations
 
 from typing import Any, Protocol
 
+from gateway.routing import Api
 from gateway.sse import Completion, SSEParser
 
 
 class ChatApi(Protocol):
     # The path it is served at, for messages and logs.
     path: str
+    # Which upstreams it may go to (`api:` of an upstream in gateway.yaml).
+    upstream_api: Api
     # Body fields naming the user, tried in order after keys and headers.
     user_fields: tuple[str, ...]
 
@@ -47,4 +50,8 @@ class ChatApi(Protocol):
 
     def parse(self, data: bytes) -> Completion | None:
         """A whole (non-streamed) answer, or None when it is not one."""
+        ...
+
+    def stream_error(self, message: str, code: str) -> bytes:
+        """The event that ends a relayed stream the upstream broke off."""
         ...

@@ -7,13 +7,15 @@ from __future__ import annotations
 from typing import Any
 
 from gateway.errors import GatewayError
-from gateway.sse import Completion, SSEParser, parse_completion
+from gateway.routing import Api
+from gateway.sse import Completion, SSEParser, parse_completion, sse_error_event
 from memory import injection
 from memory import messages as chat_messages
 
 
 class ChatCompletions:
     path: str = "/v1/chat/completions"
+    upstream_api: Api = "openai"
     user_fields: tuple[str, ...] = ("user",)
 
     def check(self, body: dict[str, Any]) -> None:
@@ -45,6 +47,10 @@ class ChatCompletions:
 
     def parse(self, data: bytes) -> Completion | None:
         return parse_completion(data)
+
+    def stream_error(self, message: str, code: str) -> bytes:
+        # Never a fake [DONE]: the SDK raises on an `error` event.
+        return sse_error_event(message, code=code)
 
 
 CHAT_COMPLETIONS = ChatCompletions()

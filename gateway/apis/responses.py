@@ -21,6 +21,7 @@ from typing import Any
 import msgspec
 
 from gateway.errors import GatewayError
+from gateway.routing import Api
 from gateway.sse import Completion, SSEParser
 from memory import injection
 
@@ -119,6 +120,7 @@ class ResponsesStream(SSEParser):
 
 class Responses:
     path: str = "/v1/responses"
+    upstream_api: Api = "openai"
     # The Responses API's own user identifier first; `user` is its deprecated name.
     user_fields: tuple[str, ...] = ("safety_identifier", "user")
 
@@ -191,6 +193,10 @@ class Responses:
         except msgspec.DecodeError:
             return None
         return _output(response)
+
+    def stream_error(self, message: str, code: str) -> bytes:
+        payload = {"type": "error", "code": code, "message": message, "param": None}
+        return b"event: error\ndata: " + msgspec.json.encode(payload) + b"\n\n"
 
 
 RESPONSES = Responses()
