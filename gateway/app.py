@@ -15,6 +15,7 @@ from gateway.errors import exception_handlers
 from gateway.hooks import ChatHooks, NoHooks
 from gateway.logs import logging_config
 from gateway.mcp_server import MemoryTools, create_mcp_server, mcp_route, running
+from gateway.mem0_api import mem0_router
 from gateway.memories_access import Access
 from gateway.memories_api import MemoriesController
 from gateway.memory_hooks import MemoryHooks
@@ -83,7 +84,13 @@ def create_app(
             await proxy.close()
 
     app = Litestar(
-        route_handlers=[*handlers, MemoriesController, *mcp_handlers, swagger_ui_assets()],
+        route_handlers=[
+            *handlers,
+            MemoriesController,
+            mem0_router,
+            *mcp_handlers,
+            swagger_ui_assets(),
+        ],
         lifespan=[lifespan],
         exception_handlers=exception_handlers,
         request_max_body_size=config.server.max_body_bytes,

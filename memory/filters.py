@@ -36,6 +36,12 @@ UNSCOPED: dict[str, str] = {
         " other users' rows; the importer is never told whose it is or whether"
         " it exists (memory/store/imports.py)"
     ),
+    "id_owner": (
+        "which user holds one memory id, for an id-only call of the mem0"
+        " Platform API (gateway/mem0_api.py) that names no user; only the admin"
+        " reaches it (a per-user key is scoped to its own user), and the call"
+        " then runs in the owner's scope"
+    ),
 }
 
 

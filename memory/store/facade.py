@@ -330,6 +330,19 @@ class MemoryStore(Imports):
                 counts[c["values"]] += c["counts"]
         return sorted(counts.items(), key=lambda x: (-x[1], x[0]))
 
+    async def owner(self, memory_id: str) -> str | None:
+        """The user holding `memory_id`, whoever it is: for an administrator's
+        call that names only an id (the mem0 API), which must then act in that
+        user's scope. Never for a per-user caller."""
+        rows = (
+            await self._memories.query()
+            .where(unscoped("id_owner", ids=[memory_id]))
+            .select(["user_id"])
+            .limit(1)
+            .to_list()
+        )
+        return str(rows[0]["user_id"]) if rows else None
+
     async def count(self, scope: Scope | None = None) -> int:
         """Active memories of `scope`, or of everyone."""
         where = (

@@ -116,7 +116,7 @@ def test_ids_that_cannot_name_a_user_are_refused(bad):
 # Every query that looks past one scope, reviewed: memory/filters.py says why
 # each may. A new one fails `test_every_store_query_is_scoped_or_a_reviewed_unscoped_one`
 # until it is added there and here.
-REVIEWED_UNSCOPED = {"ready", "index_size", "users", "count", "import_owners"}
+REVIEWED_UNSCOPED = {"ready", "index_size", "users", "count", "import_owners", "id_owner"}
 
 
 def _depths(text: str) -> list[int]:
@@ -238,6 +238,8 @@ async def test_every_store_query_is_scoped_or_a_reviewed_unscoped_one(
         await store.import_memories(bob, exported)
         await store.import_memories(alice, exported, keep_ids=True)
         await store.users()
+        assert await store.owner(rome.id) == "alice"
+        assert await store.owner("no-such-id") is None
         await store.count(alice)
         await store.count()
         await store.ready()
