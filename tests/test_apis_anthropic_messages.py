@@ -321,3 +321,32 @@ def test_a_coding_agent_route_can_record_only_what_the_user_typed(
             model="claude-test", max_tokens=9, messages=[{"role": "user", "content": "x"}]
         )
     assert "X-Memory-Record" in str(raised.value)
+
+
+def test_a_fact_told_through_one_api_is_injected_through_every_other_for_that_user_only(
+    start_claude_gateway: Callable[..., GatewayServer], upstream: ScriptedUpstream
+) -> None:
+    """Told through Responses; recalled in Messages and in Chat Completions."""
+    gateway = start_claude_gateway()
+    openai_client = gateway.client()
+    openai_client.responses.create(
+        model="test-model", input="I just moved to Oslo.", extra_headers={"X-User-Id": "alice"}
+    )
+    wait_for_memory(gateway, "alice", "Lives in Oslo")
+    ask = [{"role": "user", "content": "Where do I live?"}]
+    for user in ("alice", "bob"):
+        claude(gateway, default_headers={"X-User-Id": user}).messages.create(
+            model="claude-test", max_tokens=9, messages=ask
+        )
+        openai_client.chat.completions.create(
+            model="test-model", messages=ask, extra_headers={"X-User-Id": user}
+        )
+        to_claude, to_chat = (
+            [r for r in upstream.requests if r.path == path and not is_extraction(r)][
+                -1
+            ].body.decode()
+            for path in ("/v1/messages", "/v1/chat/completions")
+        )
+        told = user == "alice"
+        assert ("Lives in Oslo" in to_claude) is told
+        assert ("Lives in Oslo" in to_chat) is told
