@@ -95,6 +95,89 @@ def _stream_body(model: str, chunks: int) -> bytes:
     return bytes(out)
 
 
+def _framed(events: list[bytes]) -> bytes:
+    """SSE events pre-framed as HTTP chunks (one per event), terminated."""
+    out = bytearray()
+    for data in events:
+        out += b"%x\r\n%s\r\n" % (len(data), data)
+    return bytes(out + b"0\r\n\r\n")
+
+
+def _named(event: dict[str, Any]) -> bytes:
+    return b"event: %s\ndata: %s\n\n" % (event["type"].encode(), _encoder.encode(event))
+
+
+def _response(content: str, model: str) -> dict[str, Any]:
+    """A Responses API answer with one assistant message."""
+    return {
+        "id": "resp_bench",
+        "object": "response",
+        "created_at": 0,
+        "status": "completed",
+        "model": model,
+        "output": [
+            {
+                "id": "msg_bench",
+                "type": "message",
+                "role": "assistant",
+                "status": "completed",
+                "content": [{"type": "output_text", "text": content, "annotations": []}],
+            }
+        ],
+        "usage": {"input_tokens": 20, "output_tokens": 16, "total_tokens": 36},
+    }
+
+
+def _responses_stream(model: str, chunks: int) -> bytes:
+    words = REPLY.split(" ")
+    part: dict[str, Any] = {"item_id": "msg_bench", "output_index": 0, "content_index": 0}
+    created = {**_response("", model), "output": []}
+    events: list[dict[str, Any]] = [{"type": "response.created", "response": created}]
+    events += [
+        {"type": "response.output_text.delta", **part, "delta": words[i % len(words)] + " "}
+        for i in range(chunks)
+    ]
+    events.append({"type": "response.completed", "response": _response(REPLY, model)})
+    return _framed([_named({**e, "sequence_number": i}) for i, e in enumerate(events)])
+
+
+def _message(content: str, model: str) -> dict[str, Any]:
+    """An Anthropic Messages answer with one text block."""
+    return {
+        "id": "msg_bench",
+        "type": "message",
+        "role": "assistant",
+        "model": model,
+        "content": [{"type": "text", "text": content}],
+        "stop_reason": "end_turn",
+        "stop_sequence": None,
+        "usage": {"input_tokens": 20, "output_tokens": 16},
+    }
+
+
+def _messages_stream(model: str, chunks: int) -> bytes:
+    words = REPLY.split(" ")
+    start = {**_message("", model), "content": [], "stop_reason": None}
+    events: list[dict[str, Any]] = [
+        {"type": "message_start", "message": start},
+        {"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}},
+    ]
+    events += [
+        {
+            "type": "content_block_delta",
+            "index": 0,
+            "delta": {"type": "text_delta", "text": words[i % len(words)] + " "},
+        }
+        for i in range(chunks)
+    ]
+    events += [
+        {"type": "content_block_stop", "index": 0},
+        {"type": "message_delta", "delta": {"stop_reason": "end_turn"}, "usage": {}},
+        {"type": "message_stop"},
+    ]
+    return _framed([_named(e) for e in events])
+
+
 def _extraction_answer(body: dict[str, Any], add: bool) -> str:
     if not add:
         return '{"operations": []}'
@@ -209,6 +292,27 @@ class FakeUpstream:
             c.chat += 1
             self.respond(transport, 200, _completion(REPLY, model))
             return
+        for suffix, answer, stream in (
+            ("/responses", _response, _responses_stream),
+            ("/messages", _message, _messages_stream),
+        ):
+            if path.endswith(suffix) and method == "POST":
+                body = _decoder.decode(raw) if raw else {}
+                model = str(body.get("model", "bench-model"))
+                if body.get("stream"):
+                    c.stream += 1
+                    key = suffix + model
+                    payload = self._streams.get(key)
+                    if payload is None:
+                        payload = self._streams[key] = stream(model, self.chunks)
+                    transport.write(
+                        b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n"
+                        b"cache-control: no-cache\r\ntransfer-encoding: chunked\r\n\r\n" + payload
+                    )
+                else:
+                    c.chat += 1
+                    self.respond(transport, 200, _encoder.encode(answer(REPLY, model)))
+                return
         if path == "/stats" and method == "GET":
             self.respond(transport, 200, _encoder.encode(c))
             return

@@ -32,29 +32,51 @@ CITIES = ["Paris", "Lisbon", "Kyoto", "Oslo", "Lima", "Cairo", "Austin", "Hanoi"
 TOPICS = ["trip", "dentist", "sister", "garden", "bike", "thesis", "diet", "band", "move", "job"]
 
 
-def body(model: str, stream: bool, i: int) -> bytes:
-    """A realistic chat body (a system prompt, a turn of history, a question);
-    its question is the i-th."""
+# What the last event of a complete stream of each API contains.
+STREAM_ENDS = (b"[DONE]", b"response.completed", b"message_stop")
+# The path each API is served at (`--api`).
+PATHS = {
+    "chat": "/v1/chat/completions",
+    "responses": "/v1/responses",
+    "messages": "/v1/messages",
+}
+SYSTEM = "You are a helpful assistant."
+HISTORY = [
+    {"role": "user", "content": "Hi, I need some help planning."},
+    {"role": "assistant", "content": "Of course, what would you like to plan?"},
+]
+
+
+def body(model: str, stream: bool, i: int, api: str = "chat") -> bytes:
+    """A realistic request of `api` (a system prompt, a turn of history, a
+    question); its question is the i-th."""
     city, topic = CITIES[i % len(CITIES)], TOPICS[(i // len(CITIES)) % len(TOPICS)]
-    payload: dict[str, Any] = {
-        "model": model,
-        "messages": [
-            {"role": "system", "content": "You are a helpful assistant."},
-            {"role": "user", "content": "Hi, I need some help planning."},
-            {"role": "assistant", "content": "Of course, what would you like to plan?"},
-            {"role": "user", "content": f"What do you remember about my {topic} and {city}? ({i})"},
-        ],
-        "temperature": 0,
+    question = {
+        "role": "user",
+        "content": f"What do you remember about my {topic} and {city}? ({i})",
     }
+    payload: dict[str, Any]
+    if api == "responses":
+        payload = {"model": model, "instructions": SYSTEM, "input": [*HISTORY, question]}
+    elif api == "messages":
+        payload = {
+            "model": model,
+            "max_tokens": 256,
+            "system": SYSTEM,
+            "messages": [*HISTORY, question],
+        }
+    else:
+        messages = [{"role": "system", "content": SYSTEM}, *HISTORY, question]
+        payload = {"model": model, "messages": messages, "temperature": 0}
     if stream:
         payload["stream"] = True
     return msgspec.json.encode(payload)
 
 
-def bodies(model: str, stream: bool, n: int = 64) -> list[bytes]:
+def bodies(model: str, stream: bool, n: int = 64, api: str = "chat") -> list[bytes]:
     """Distinct bodies, cycled: after the first n requests every question has
     been asked before (and its embedding is in the gateway's query cache)."""
-    return [body(model, stream, i) for i in range(n)]
+    return [body(model, stream, i, api) for i in range(n)]
 
 
 def request_bytes(host: str, port: int, path: str, body: bytes, headers: dict[str, str]) -> bytes:
@@ -116,14 +138,14 @@ async def one(
                 first = False
             last = data
         if stream:
-            ok = ok and b"[DONE]" in last
+            ok = ok and any(end in last for end in STREAM_ENDS)
     else:
         length = int(headers.get("content-length", "0"))
         if length:
             data = await reader.readexactly(length)
             ttfb = time.perf_counter() - t0
             if stream:
-                ok = ok and b"[DONE]" in data
+                ok = ok and any(end in data for end in STREAM_ENDS)
     return status, time.perf_counter() - t0, ttfb, ok, keep
 
 
@@ -134,7 +156,7 @@ async def run(args: argparse.Namespace) -> Result:
         headers[k.strip()] = v.strip()
     reqs = [
         request_bytes(args.host, args.port, args.path, b, headers)
-        for b in bodies(args.model, args.stream)
+        for b in bodies(args.model, args.stream, api=args.api)
     ]
     # --fresh: question numbers from a random start, so that no question of
     # this run was asked in an earlier one either.
@@ -158,7 +180,7 @@ async def run(args: argparse.Namespace) -> Result:
             await start.wait()
             while time.perf_counter() < deadline[0]:
                 if args.fresh:
-                    new = body(args.model, args.stream, next(fresh))
+                    new = body(args.model, args.stream, next(fresh), args.api)
                     req = request_bytes(args.host, args.port, args.path, new, headers)
                 else:
                     req = reqs[i % len(reqs)]
@@ -222,7 +244,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, required=True)
-    parser.add_argument("--path", default="/v1/chat/completions")
+    parser.add_argument(
+        "--api", choices=sorted(PATHS), default="chat", help="the request shape (and its path)"
+    )
+    parser.add_argument("--path", default=None, help="default: the --api's path")
     parser.add_argument("--model", default="bench-model")
     parser.add_argument("--key", default="sk-bench-not-a-real-key")
     parser.add_argument("--user", default="bench-user")
@@ -238,6 +263,7 @@ def main() -> None:
         help="every measured request asks a question never asked before (no cached embedding)",
     )
     args = parser.parse_args()
+    args.path = args.path or PATHS[args.api]
     try:
         import uvloop
 

@@ -254,6 +254,13 @@ def main() -> None:
     parser.add_argument("--duration", type=float, default=3.0, help="seconds per measurement")
     parser.add_argument("--memories", type=int, default=10_000)
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 16])
+    parser.add_argument(
+        "--apis",
+        nargs="+",
+        choices=["chat", "responses", "messages"],
+        default=["chat"],
+        help="the APIs to send the load to (LiteLLM is measured on chat only)",
+    )
     parser.add_argument("--no-litellm", action="store_true")
     parser.add_argument("--no-memory", action="store_true", help="skip the memory-on gateway")
     parser.add_argument(
@@ -333,14 +340,18 @@ def main() -> None:
                 notes.append(f"LiteLLM not measured: {str(exc)[:500]}")
                 print(notes[-1], flush=True)
 
-        cases = [(c, s) for c in args.concurrency for s in (False, True)]
+        cases = [(a, c, s) for a in args.apis for c in args.concurrency for s in (False, True)]
         raw: dict[str, dict[str, list[dict]]] = {}
         for rnd in range(args.rounds):
-            for c, stream in cases:
+            for api, c, stream in cases:
                 case = f"c={c} {'stream' if stream else 'non-stream'}"
+                if args.apis != ["chat"]:
+                    case = f"{api} {case}"
                 for name, (port, extra) in targets.items():
+                    if api != "chat" and name == "litellm proxy":
+                        continue
                     fresh = ["--fresh"] if args.fresh else []
-                    r = load(port, c, stream, args.duration, [*extra, *fresh])
+                    r = load(port, c, stream, args.duration, [*extra, *fresh, "--api", api])
                     if "memory on" in name:
                         r["drain_s"] = drain(port)
                     raw.setdefault(case, {}).setdefault(name, []).append(r)

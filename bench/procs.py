@@ -151,7 +151,13 @@ def start_gateway(
     config = {
         "server": {"host": "127.0.0.1", "port": port, "log_level": "warning", **(server or {})},
         "upstreams": [
-            {"name": "fake", "base_url": f"http://127.0.0.1:{upstream_port}/v1", "default": True}
+            {"name": "fake", "base_url": f"http://127.0.0.1:{upstream_port}/v1", "default": True},
+            # The same fake, for /v1/messages (bench/overhead.py --apis messages).
+            {
+                "name": "fake-anthropic",
+                "base_url": f"http://127.0.0.1:{upstream_port}/v1",
+                "api": "anthropic",
+            },
         ],
         "data_dir": str(data_dir),
         "memory": memory,
