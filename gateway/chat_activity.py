@@ -113,16 +113,35 @@ class ChatLease:
             self._activity._add(at, -1)
 
 
+def _server(base_url: str) -> str:
+    """scheme://host:port of a base URL: what a server is, whatever its path."""
+    parts = urlsplit(base_url)
+    port = parts.port or (443 if parts.scheme == "https" else 80)
+    return f"{parts.scheme}://{(parts.hostname or '').lower()}:{port}"
+
+
 class ChatActivity:
-    """Chat requests in flight per upstream, across the gateway's processes."""
+    """Chat requests in flight per upstream server, across the gateway's processes."""
 
     def __init__(
-        self, upstreams: Sequence[str], counters: Counters | None = None, slot: int = 0
+        self,
+        upstreams: Sequence[str],
+        counters: Counters | None = None,
+        slot: int = 0,
+        servers: Sequence[str] | None = None,
     ) -> None:
         """`counters` shared with the other processes (None: this process only);
-        this process counts its requests in slot `slot` (a serving worker's index)."""
+        this process counts its requests in slot `slot` (a serving worker's index).
+        `servers`: each upstream's server; upstreams on one server (an
+        `anthropic` and an `openai` entry for the same local server) share a count."""
         self.upstreams = list(upstreams)
-        self._index = {name: i for i, name in enumerate(self.upstreams)}
+        first: dict[str, int] = {}
+        self._index = {
+            name: first.setdefault(server, i)
+            for i, (name, server) in enumerate(
+                zip(self.upstreams, servers or self.upstreams, strict=True)
+            )
+        }
         width = len(self.upstreams)
         size = slot_size(width)
         if counters is None:
@@ -144,7 +163,8 @@ class ChatActivity:
     def for_config(
         cls, config: Config, counters: Counters | None = None, slot: int = 0
     ) -> ChatActivity:
-        return cls([u.name for u in config.upstreams], counters, slot)
+        servers = [_server(u.base_url) for u in config.upstreams]
+        return cls([u.name for u in config.upstreams], counters, slot, servers)
 
     def begin(self, upstream: str) -> ChatLease:
         """A chat request to `upstream` is being sent; release the lease once its

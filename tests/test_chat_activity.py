@@ -16,6 +16,7 @@ import threading
 import time
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -81,6 +82,25 @@ def test_a_lease_counts_one_request_until_released_once():
     second.release()
     other.release()
     assert (activity.in_flight("a"), activity.in_flight("b")) == (0, 0)
+
+
+def test_upstreams_on_one_server_share_their_count():
+    """An `anthropic` and an `openai` entry for the same local server: a
+    chat through either keeps extraction off that server."""
+    config = gateway_config_for(
+        "http://127.0.0.1:8000/v1",
+        Path("/unused"),
+        upstreams=[
+            {"name": "local", "base_url": "http://127.0.0.1:8000/v1", "default": True},
+            {"name": "local-claude", "base_url": "http://127.0.0.1:8000/v1/", "api": "anthropic"},
+            {"name": "hosted", "base_url": "https://api.openai.com/v1"},
+        ],
+    )
+    activity = ChatActivity.for_config(config)
+    lease = activity.begin("local-claude")
+    assert (activity.in_flight("local"), activity.in_flight("hosted")) == (1, 0)
+    lease.release()
+    assert activity.in_flight("local") == 0
 
 
 def test_each_process_writes_its_own_slot_and_readers_add_them_up():
