@@ -107,9 +107,19 @@ def cannot_listen(host: str, port: int, exc: OSError) -> str:
 
 def _upstream(config: Config, u: UpstreamConfig) -> str:
     default = u is config.default_upstream
+    anthropic = [x for x in config.upstreams if x.api == "anthropic"]
+    # Where /v1/messages goes when no anthropic upstream claims the model
+    # (gateway/routing.py): the default upstream if it is one, else the first.
+    messages_default = None
+    if anthropic:
+        first = config.default_upstream
+        messages_default = first if first.api == "anthropic" else anthropic[0]
     models = ", ".join(u.models)
     if default:
         models = f"{models} + every model no other upstream claims" if models else "every model"
+    elif u is messages_default:
+        every = "every /v1/messages model no other anthropic upstream claims"
+        models = f"{models} + {every}" if models else every
     elif not models:
         models = "none (it gets no requests)"
     key = (
@@ -118,6 +128,8 @@ def _upstream(config: Config, u: UpstreamConfig) -> str:
         else "none (the client's own key is passed through)"
     )
     role = " (default)" if default else ""
+    if u.api == "anthropic":
+        role += " (api: anthropic)"
     return f"{u.name}{role}: {public_url(u.base_url)}; models: {models}; api_key: {key}"
 
 

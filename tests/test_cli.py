@@ -517,3 +517,21 @@ def test_start_up_logs_one_info_block_then_the_warnings(caplog):
     records = [(r.name, r.levelno, r.getMessage()) for r in caplog.records]
     assert records[0] == ("gateway.startup", logging.INFO, describe(config, None))
     assert [level for _, level, _ in records[1:]] == [logging.WARNING, logging.INFO]
+
+
+def test_the_start_up_summary_says_where_anthropic_requests_go():
+    from gateway.startup import describe
+
+    config = load_config(
+        None,
+        env={},
+        overrides={
+            "upstreams": [
+                {"name": "openai", "base_url": "https://api.openai.com/v1", "default": True},
+                {"name": "claude", "base_url": "https://api.anthropic.com/v1", "api": "anthropic"},
+            ]
+        },
+    )
+    text = describe(config, None)
+    assert "upstream claude (api: anthropic): https://api.anthropic.com/v1" in text
+    assert "every /v1/messages model no other anthropic upstream claims" in text
