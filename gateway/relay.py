@@ -65,7 +65,7 @@ class Recorder:
         n = self.cut_streams
         if n == 10 ** (len(str(n)) - 1):
             logger.warning(
-                "a stream from upstream %s ended with [DONE] but no finish_reason (%d so far):"
+                "a stream from upstream %s ended without a finish reason (%d so far):"
                 " the answer was cut short, and that exchange is not recorded for memory;"
                 " a one-slot server interrupting it for another request? (llama-cpp-python:"
                 " --interrupt_requests False; docs/memory.md, local model servers)",
@@ -83,8 +83,9 @@ def stream_chat(
     recorder: Recorder | None,
 ) -> ASGIResponse:
     """Relay a successful streamed answer; with a `recorder`, watch a copy and
-    hand the exchange on once `[DONE]` arrives. The lease is released when the
-    relay ends, however it ends."""
+    hand the exchange on once the stream's end arrives (`[DONE]`, or the
+    API's terminal event). The lease is released when the relay ends,
+    however it ends."""
     parser = ctx.api.parser()
     feed = parser.feed if recorder is not None else None
 
