@@ -132,7 +132,8 @@ def test_a_stream_cut_short_by_the_server_is_not_recorded_and_is_logged_sparingl
         assert response.status_code == 200 and response.text.endswith("data: [DONE]\n\n")
     _settle()
     assert hooks.completions == []
-    warnings = [r.getMessage() for r in caplog.records if "without a finish reason" in r.getMessage()]
+    cut = "without a finish reason"
+    warnings = [r.getMessage() for r in caplog.records if cut in r.getMessage()]
     assert len(warnings) == 2
     assert "(1 so far)" in warnings[0] and "(10 so far)" in warnings[1]
     assert "--interrupt_requests False" in warnings[0]
