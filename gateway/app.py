@@ -13,6 +13,8 @@ from gateway.chat_activity import ChatActivity, yield_gate
 from gateway.config import Config
 from gateway.errors import exception_handlers
 from gateway.hooks import ChatHooks, NoHooks
+from gateway.key_store import KeyStore
+from gateway.keys_api import KeysController
 from gateway.logs import logging_config
 from gateway.mcp_server import MemoryTools, create_mcp_server, mcp_route, running
 from gateway.mem0_api import mem0_router
@@ -55,7 +57,8 @@ def create_app(
             hooks = memory
         else:
             hooks = NoHooks()
-    proxy = Proxy(config, hooks, activity)
+    issued_keys = KeyStore(config.data_path, config.auth.keys_secret)
+    proxy = Proxy(config, hooks, activity, issued_keys)
     access = Access(config.auth.admin_key, proxy.identity.keys)
     mcp_handlers = []
     mcp = None
@@ -69,6 +72,7 @@ def create_app(
     async def lifespan(app: Litestar) -> AsyncIterator[None]:
         await proxy.start()
         app.state.client = proxy.client
+        await issued_keys.start()
         try:
             await hooks.startup()
             if owns_process:
@@ -81,12 +85,14 @@ def create_app(
             finally:
                 await hooks.shutdown()
         finally:
+            await issued_keys.close()
             await proxy.close()
 
     app = Litestar(
         route_handlers=[
             *handlers,
             MemoriesController,
+            KeysController,
             mem0_router,
             *mcp_handlers,
             swagger_ui_assets(),
@@ -104,4 +110,5 @@ def create_app(
     app.state.chat_activity = activity
     app.state.hooks = hooks
     app.state.memory_access = access
+    app.state.issued_keys = issued_keys
     return app

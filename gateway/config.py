@@ -108,6 +108,9 @@ class AuthConfig(_Settings):
     # Protects the management API; when empty only loopback clients may use it.
     admin_key: str | None = None
     keys: list[UserKey] = msgspec.field(default_factory=list)
+    # Encrypts the upstream keys of keys issued through `POST /v1/keys`
+    # (gateway/key_store.py); from the environment, never stored with them.
+    keys_secret: str | None = None
 
 
 # An HTTP header name (RFC 9110 token characters).

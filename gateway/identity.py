@@ -17,6 +17,8 @@ from typing import Generic, Literal, TypeVar
 
 from gateway.config import AuthConfig, IdentityConfig, UserKey
 from gateway.errors import GatewayError
+from gateway.key_store import PREFIX as ISSUED_PREFIX
+from gateway.key_store import KeyStore
 from memory.models import InvalidScope, Scope, validate_id
 
 Via = Literal["key", "header", "body"]
@@ -69,10 +71,18 @@ class KeyMatcher(Generic[T]):
 
 
 class KeyRing(KeyMatcher[UserKey]):
-    """The gateway-issued keys, each naming its user."""
+    """The gateway-issued keys, each naming its user: gateway.yaml's, and
+    those issued at run time (`issued`, gateway/key_store.py)."""
 
-    def __init__(self, keys: list[UserKey]) -> None:
+    def __init__(self, keys: list[UserKey], issued: KeyStore | None = None) -> None:
         super().__init__((k.key, k) for k in keys)
+        self.issued = issued
+
+    def match(self, token: str | None) -> UserKey | None:
+        found = super().match(token)
+        if found is None and token is not None and self.issued is not None:
+            found = self.issued.match(token)
+        return found
 
 
 def scope_for(
@@ -120,9 +130,11 @@ def _json_type(value: object) -> str:
 
 
 class IdentityResolver:
-    def __init__(self, auth: AuthConfig, identity: IdentityConfig) -> None:
+    def __init__(
+        self, auth: AuthConfig, identity: IdentityConfig, issued: KeyStore | None = None
+    ) -> None:
         self.require_key = auth.require_key
-        self.keys = KeyRing(auth.keys)
+        self.keys = KeyRing(auth.keys, issued)
         self.user_headers = [name.lower() for name in identity.user_headers]
         # As configured, for messages that tell a caller which header to send.
         self.user_header_name = identity.user_headers[0]
@@ -140,6 +152,14 @@ class IdentityResolver:
         # ANTHROPIC_API_KEY); OpenAI clients as a bearer token.
         token = bearer_token(headers.get("authorization")) or headers.get("x-api-key")
         key = self.keys.match(token)
+        if key is None and token is not None and token.startswith(ISSUED_PREFIX):
+            # One of ours, revoked or expired: never passed upstream as the client's own.
+            raise GatewayError(
+                401,
+                "this gateway key is revoked or expired",
+                code="invalid_api_key",
+                retryable=False,
+            )
         if key is None and self.require_key:
             raise GatewayError(
                 401,

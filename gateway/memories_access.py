@@ -115,7 +115,11 @@ def scope_of(principal: Principal, user_id: str | None, agent_id: str | None = N
 
 def admin_only(principal: Principal) -> None:
     if principal.user_id is not None:
-        raise GatewayError(403, "only the admin key may list users or manage the spool")
+        raise GatewayError(
+            403,
+            "only the admin key may do this (list users, manage the spool or keys);"
+            " a per-user key manages its own user's memories",
+        )
 
 
 async def provide_principal(request: Request[Any, Any, Any]) -> Principal:

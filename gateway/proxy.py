@@ -27,6 +27,7 @@ from gateway.errors import GatewayError
 from gateway.forward import client_response_headers, upstream_request_headers
 from gateway.hooks import ChatContext, ChatHooks, NoHooks
 from gateway.identity import IdentityResolver
+from gateway.key_store import KeyStore
 from gateway.relay import Recorder, release, stream_chat
 from gateway.routing import Api, Router, Upstream
 from gateway.transport import upstream_client
@@ -73,6 +74,7 @@ class Proxy:
         config: Config,
         hooks: ChatHooks,
         activity: ChatActivity | None = None,
+        issued_keys: KeyStore | None = None,
     ) -> None:
         self.config = config
         # Chat requests in flight per upstream, which extraction yields to
@@ -80,7 +82,7 @@ class Proxy:
         self.activity = activity if activity is not None else ChatActivity.for_config(config)
         self.hooks = hooks
         self.router = Router(config)
-        self.identity = IdentityResolver(config.auth, config.identity)
+        self.identity = IdentityResolver(config.auth, config.identity, issued_keys)
         self._consumed = frozenset(h.encode() for h in self.identity.consumed_headers)
         self._max_body = config.server.max_body_bytes
         self._client: httpx.AsyncClient | None = None
