@@ -22,6 +22,7 @@ from litestar import Request
 
 from gateway.errors import GatewayError
 from gateway.identity import KeyMatcher, KeyRing, bearer_token, scope_for
+from gateway.key_store import PREFIX as ISSUED_PREFIX
 from memory.models import Scope
 
 
@@ -54,6 +55,14 @@ class Access:
             key = self._keys.match(token)
             if key is not None:
                 return Principal(user_id=key.user_id)
+            if token.startswith(ISSUED_PREFIX):
+                # A user's revoked or expired key does not fall back to local admin.
+                raise GatewayError(
+                    401,
+                    "this gateway key is revoked or expired",
+                    code="invalid_api_key",
+                    retryable=False,
+                )
         if self._admin is None and is_local(headers, client_host):
             return Principal(user_id=None)
         raise GatewayError(

@@ -196,3 +196,15 @@ def test_a_key_issued_through_one_process_works_in_another_within_a_second(
     assert time.monotonic() - started < 1.5
     httpx.delete(first.url + f"/v1/keys/{created['id']}", headers=ADMIN)
     until(lambda: not works(second), timeout=5)
+
+
+def test_a_revoked_key_from_a_local_client_is_not_taken_for_the_local_admin(
+    start_keyed_gateway: Callable[..., GatewayServer],
+) -> None:
+    gateway = start_keyed_gateway(admin_key=None)
+    created = httpx.post(gateway.url + "/v1/keys", json={"user_id": "alice"}).json()
+    httpx.delete(gateway.url + f"/v1/keys/{created['id']}")
+    headers = {"Authorization": f"Bearer {created['key']}"}
+    response = httpx.get(gateway.url + "/v1/keys", headers=headers)
+    assert response.status_code == 401
+    assert "revoked or expired" in response.json()["error"]["message"]
