@@ -1,7 +1,9 @@
 """`memory-gateway serve`: load the configuration, bind the port, then run the
 app under uvicorn (in one process, or in `server.workers` processes under a
 supervisor). `memory-gateway health`: ask a running gateway's /health, with
-the port found the way `serve` finds it.
+the port found the way `serve` finds it. `memory-gateway memories|keys ...`:
+manage a running gateway's memories and keys (gateway/admin_cli.py, with its
+own exit statuses).
 
 Exit statuses: 0 stopped cleanly (or healthy), 1 cannot listen (or not
 healthy), 2 the configuration cannot be used, 3 the app failed to start."""
@@ -20,6 +22,7 @@ import uuid
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from gateway import admin_cli
 from gateway.config import Config, ConfigError, load_config
 from gateway.logs import setup_logging
 from gateway.startup import address, cannot_listen, log_startup
@@ -71,7 +74,20 @@ def _parser() -> argparse.ArgumentParser:
         help="exit 0 if the gateway that `serve` with this configuration runs is healthy",
     )
     _config_flags(health)
+    admin_cli.add_commands(commands, _connection_flags)
     return parser
+
+
+def _connection_flags(command: argparse.ArgumentParser) -> None:
+    _config_flags(command)
+    command.add_argument(
+        "--url", help="the gateway (default: where `serve` with this configuration listens)"
+    )
+    command.add_argument(
+        "--admin-key",
+        help="the admin key (default: $GATEWAY_ADMIN_KEY; none needed locally"
+        " when no admin key is set)",
+    )
 
 
 def _config_flags(command: argparse.ArgumentParser) -> None:
@@ -258,10 +274,25 @@ def _get_problem(url: str) -> str | None:
     return None if status == 200 else f"answered {status}"
 
 
+def admin(args: argparse.Namespace) -> int:
+    """`memories` and `keys`: calls to a running gateway (gateway/admin_cli.py)."""
+    url = args.url
+    if url is None:
+        try:
+            config = config_from_args(args)
+        except ConfigError as exc:
+            print(f"memory-gateway: configuration error: {exc}", file=sys.stderr)
+            return 2
+        url = f"http://{address(_probe_host(config.server.host), config.server.port)}"
+    return admin_cli.main(args, url)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.command == "health":
         return health(args)
+    if args.command in ("memories", "keys"):
+        return admin(args)
     source = config_path(args)
     try:
         config = config_from_args(args)
