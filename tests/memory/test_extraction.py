@@ -237,21 +237,6 @@ async def test_a_200_that_is_not_a_usable_completion_is_an_untrustworthy_answer(
     assert caught.value.category == "invalid_answer"
 
 
-def test_prompt_templates_can_be_overridden_from_config():
-    from memory.prompts import build_messages
-
-    messages = build_messages(
-        exchange("hello"),
-        EXISTING,
-        {
-            "extraction_system": "SYS",
-            "extraction_user": 'On $date: {"x": 1}\n$memories\n$conversation',
-        },
-    )
-    assert messages[0] == {"role": "system", "content": "SYS"}
-    assert messages[1]["content"].startswith('On 2026-03-13: {"x": 1}\n{"id": "0"')
-
-
 # --- refusals: which fall through to the next mode, which are final ----------
 
 

@@ -14,7 +14,7 @@ from memory.prompts import (
     conversation_lines,
     prompt_budget,
 )
-from tests.memory.helpers import chinese, stored
+from tests.memory.helpers import EXISTING, chinese, stored, user_turn
 
 AT = datetime(2026, 3, 13, 9, 30, tzinfo=UTC)
 
@@ -217,3 +217,16 @@ def test_assistant_messages_of_a_conversation_given_to_the_api_are_shown_in_plac
     )
     assert [line["role"] for line in conversation_lines(e)] == ["user", "assistant", "user"]
     assert "You said you love the sea" in build_messages(e, [])[1]["content"]
+
+
+def test_prompt_templates_can_be_overridden_from_config():
+    messages = build_messages(
+        user_turn("hello"),
+        EXISTING,
+        {
+            "extraction_system": "SYS",
+            "extraction_user": 'On $date: {"x": 1}\n$memories\n$conversation',
+        },
+    )
+    assert messages[0] == {"role": "system", "content": "SYS"}
+    assert messages[1]["content"].startswith('On 2026-03-13: {"x": 1}\n{"id": "0"')

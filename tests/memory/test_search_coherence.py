@@ -10,11 +10,9 @@ from datetime import UTC, datetime
 import lancedb
 import pytest
 
-from memory.changelog import MAX_IDS, ChangeLog, merged
-from memory.locks import FileLock
 from memory.models import Operation
 from memory.search import coherence
-from memory.store import WRITES_LOCK, MemoryStore
+from memory.store import MemoryStore
 from tests.memory.helpers import ALICE, ALICE_BOT, BOB, QUERIES, HashEmbedder, cached, texts
 
 
@@ -145,23 +143,6 @@ async def test_maintenance_by_another_process_leaves_the_cache_in_place(tmp_path
         await first.close()
 
 
-async def test_maintenance_waits_for_a_commit_in_progress_elsewhere(tmp_path):
-    """Writers hold the store's write lock shared while they commit and log;
-    maintenance takes it exclusively, so no foreign version lands in its span."""
-    store = await MemoryStore.open(tmp_path / "m", HashEmbedder(), cached())
-    try:
-        await store.add(ALICE, "Plays the violin")
-        writer = FileLock(tmp_path / "m" / WRITES_LOCK, shared=True)
-        assert await writer.acquire()
-        optimizing = asyncio.ensure_future(store.optimize())
-        await asyncio.sleep(0.3)
-        assert not optimizing.done()
-        writer.release()
-        await asyncio.wait_for(optimizing, 30)
-    finally:
-        await store.close()
-
-
 async def test_a_version_nobody_logged_drops_the_whole_cache_after_a_grace(tmp_path, short_grace):
     """A writer that died between its commit and its log entry (or any write
     outside the store) leaves a gap: every cached user reloads."""
@@ -224,18 +205,3 @@ async def test_the_duplicate_check_of_a_cached_scope_needs_no_lancedb_read(tmp_p
     finally:
         await other.close()
         await store.close()
-
-
-def test_the_change_log_names_rows_up_to_a_bound_then_the_whole_user(tmp_path):
-    log = ChangeLog(tmp_path / "changes.sqlite3")
-    try:
-        log.record(7, {"alice": {"a", "b"}, "bob": None})
-        log.record(8, {"alice": {f"m{i}" for i in range(MAX_IDS + 1)}})
-        logged = log.logged(1, 10)
-        assert logged == {7: {"alice": frozenset({"a", "b"}), "bob": None}, 8: {"alice": None}}
-        assert merged({7: logged[7]}) == {"alice": {"a", "b"}, "bob": None}
-        assert merged(logged) == {"alice": None, "bob": None}
-        log.record_unchanged([9, 10])
-        assert log.logged(9, 10) == {9: {}, 10: {}}
-    finally:
-        log.close()

@@ -10,7 +10,8 @@ from memory.config import MaintenanceConfig
 from memory.locks import FileLock
 from memory.maintenance import Maintenance
 from memory.models import Scope
-from memory.store import MemoryStore
+from memory.store import WRITES_LOCK, MemoryStore
+from tests.memory.helpers import HashEmbedder, cached
 
 ALICE = Scope(user_id="alice")
 
@@ -142,3 +143,20 @@ async def test_optimizing_again_and_again_leaves_no_file_open_behind(store, tmp_
         await writes_then_optimize(round)
     assert open_store_files() <= before + 2
     assert await store.count(Scope(user_id="user-7")) == 10
+
+
+async def test_maintenance_waits_for_a_commit_in_progress_elsewhere(tmp_path):
+    """Writers hold the store's write lock shared while they commit and log;
+    maintenance takes it exclusively, so no foreign version lands in its span."""
+    store = await MemoryStore.open(tmp_path / "m", HashEmbedder(), cached())
+    try:
+        await store.add(ALICE, "Plays the violin")
+        writer = FileLock(tmp_path / "m" / WRITES_LOCK, shared=True)
+        assert await writer.acquire()
+        optimizing = asyncio.ensure_future(store.optimize())
+        await asyncio.sleep(0.3)
+        assert not optimizing.done()
+        writer.release()
+        await asyncio.wait_for(optimizing, 30)
+    finally:
+        await store.close()
