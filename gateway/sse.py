@@ -139,6 +139,18 @@ class SSEParser:
             self._data.append(value[1:] if value.startswith(b" ") else value)
         # Comments (": keep-alive") and event/id/retry fields carry no text.
 
+    def _json_event(self, data: bytes) -> dict[str, Any] | None:
+        """An event's data as a JSON object, for APIs whose events say their
+        `type` in it; None (and `invalid` set) when it is not one."""
+        try:
+            event = msgspec.json.decode(data)
+        except msgspec.DecodeError:
+            event = None
+        if not isinstance(event, dict):
+            self.invalid = True
+            return None
+        return event
+
     def _event(self, data: bytes) -> None:
         if data == b"[DONE]":
             self.done = True

@@ -6,12 +6,16 @@ anything to remember or search for (images, audio and files are ignored).
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable
 from typing import Any
 
 
-def content_text(content: Any) -> str:
-    """The text of a message content: a string, or its text parts joined."""
+def content_text(
+    content: Any, kinds: Collection[str] = ("text",), untyped: str | None = "text"
+) -> str:
+    """The text of a message content: a string, or its text parts joined.
+    `kinds`: the part types that carry text (the Responses API has several);
+    `untyped`: the type a part without one counts as (None: none)."""
     if isinstance(content, str):
         return content
     if isinstance(content, list):
@@ -19,7 +23,7 @@ def content_text(content: Any) -> str:
             part["text"]
             for part in content
             if isinstance(part, dict)
-            and part.get("type", "text") == "text"
+            and part.get("type", untyped) in kinds
             and isinstance(part.get("text"), str)
         )
     return ""

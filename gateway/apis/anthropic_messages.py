@@ -21,21 +21,13 @@ import msgspec
 from gateway.errors import GatewayError
 from gateway.routing import Api
 from gateway.sse import Completion, SSEParser
+from memory.messages import content_text
 
 
 def _text(content: Any) -> str:
-    """The text of a message's content: a string, or its text blocks joined."""
-    if isinstance(content, str):
-        return content
-    if isinstance(content, list):
-        return "\n".join(
-            block["text"]
-            for block in content
-            if isinstance(block, dict)
-            and block.get("type") == "text"
-            and isinstance(block.get("text"), str)
-        )
-    return ""
+    """The text of a message's content: a string, or its text blocks joined
+    (a block names its type: one without is not text)."""
+    return content_text(content, untyped=None)
 
 
 def _bad(message: str, param: str) -> GatewayError:
@@ -49,13 +41,8 @@ class MessagesStream(SSEParser):
     __slots__ = ()
 
     def _event(self, data: bytes) -> None:
-        try:
-            event = msgspec.json.decode(data)
-        except msgspec.DecodeError:
-            self.invalid = True
-            return
-        if not isinstance(event, dict):
-            self.invalid = True
+        event = self._json_event(data)
+        if event is None:
             return
         kind = event.get("type")
         if kind == "content_block_delta":

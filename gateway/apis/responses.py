@@ -24,6 +24,7 @@ from gateway.errors import GatewayError
 from gateway.routing import Api
 from gateway.sse import Completion, SSEParser
 from memory import injection
+from memory.messages import content_text
 
 # Content parts that carry text, in input items and in output messages.
 _TEXT_PARTS = frozenset({"input_text", "output_text", "text"})
@@ -33,17 +34,7 @@ _CALL_SUFFIX = "_call"
 
 def _text(content: Any) -> str:
     """The text of an item's content: a string, or its text parts joined."""
-    if isinstance(content, str):
-        return content
-    if isinstance(content, list):
-        return "\n".join(
-            part["text"]
-            for part in content
-            if isinstance(part, dict)
-            and part.get("type", "input_text") in _TEXT_PARTS
-            and isinstance(part.get("text"), str)
-        )
-    return ""
+    return content_text(content, _TEXT_PARTS, untyped="input_text")
 
 
 def _is_user_message(item: Any) -> bool:
@@ -92,13 +83,8 @@ class ResponsesStream(SSEParser):
         return super().text
 
     def _event(self, data: bytes) -> None:
-        try:
-            event = msgspec.json.decode(data)
-        except msgspec.DecodeError:
-            self.invalid = True
-            return
-        if not isinstance(event, dict):
-            self.invalid = True
+        event = self._json_event(data)
+        if event is None:
             return
         kind = event.get("type")
         if kind == "response.output_text.delta" and isinstance(event.get("delta"), str):
