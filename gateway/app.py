@@ -11,6 +11,7 @@ from litestar import Litestar
 
 from gateway.chat_activity import ChatActivity, yield_gate
 from gateway.config import Config
+from gateway.console import console_router
 from gateway.errors import exception_handlers
 from gateway.hooks import ChatHooks, NoHooks
 from gateway.key_store import KeyStore
@@ -21,8 +22,12 @@ from gateway.mem0_api import mem0_router
 from gateway.memories_access import Access
 from gateway.memories_api import MemoriesController
 from gateway.memory_hooks import MemoryHooks
+from gateway.metrics import Metrics
+from gateway.metrics_api import metrics_endpoint
+from gateway.observe import RequestObserver
 from gateway.openapi import openapi_config, swagger_ui_assets
 from gateway.proxy import Proxy
+from gateway.recent_requests import RecentRequests
 from gateway.routes import handlers
 from memory.handoff import HandoffSender
 from memory.heap import freeze_startup_objects
@@ -48,9 +53,12 @@ def create_app(
     processes (gateway/chat_activity.py); without it, this process's own."""
     if activity is None:
         activity = ChatActivity.for_config(config)
+    metrics = Metrics() if config.metrics.enabled else None
     if hooks is None:
         if config.memory.enabled:
-            memory = MemoryHooks(config, handoff, upstream_client=lambda: proxy.client)
+            memory = MemoryHooks(
+                config, handoff, upstream_client=lambda: proxy.client, metrics=metrics
+            )
             # Extraction run in this process yields to the chats counted here
             # and in the other serving workers.
             memory.call_gate = yield_gate(config, activity)
@@ -58,7 +66,7 @@ def create_app(
         else:
             hooks = NoHooks()
     issued_keys = KeyStore(config.data_path, config.auth.keys_secret)
-    proxy = Proxy(config, hooks, activity, issued_keys)
+    proxy = Proxy(config, hooks, activity, issued_keys, metrics)
     access = Access(config.auth.admin_key, proxy.identity.keys)
     mcp_handlers = []
     mcp = None
@@ -93,7 +101,9 @@ def create_app(
             *handlers,
             MemoriesController,
             KeysController,
+            metrics_endpoint,
             mem0_router,
+            console_router,
             *mcp_handlers,
             swagger_ui_assets(),
         ],
@@ -105,7 +115,12 @@ def create_app(
         debug=False,
         logging_config=logging_config(config),
     )
+    recent = RecentRequests()
+    # Every request is counted and timed, whatever answers it (router, error handlers).
+    app.asgi_handler = RequestObserver(app.asgi_handler, metrics, recent)
     app.state.config = config
+    app.state.metrics = metrics
+    app.state.recent_requests = recent
     app.state.proxy = proxy
     app.state.chat_activity = activity
     app.state.hooks = hooks

@@ -260,9 +260,12 @@ def _probe_host(host: str) -> str:
 
 def _get_problem(url: str) -> str | None:
     """None when `url` answers 200, else what went wrong."""
+    # Straight to the gateway on this machine: a container's HTTP_PROXY must
+    # not carry the health check elsewhere.
+    direct = urllib.request.build_opener(urllib.request.ProxyHandler({}))
     try:
         # The URL is built above: http, to the configured port.
-        with urllib.request.urlopen(url, timeout=HEALTH_TIMEOUT) as response:  # noqa: S310
+        with direct.open(url, timeout=HEALTH_TIMEOUT) as response:
             status = response.status
     except urllib.error.HTTPError as exc:
         status = exc.code

@@ -113,6 +113,15 @@ class AuthConfig(_Settings):
     keys_secret: str | None = None
 
 
+class MetricsConfig(_Settings):
+    """Prometheus metrics at `/metrics` (docs/operations.md)."""
+
+    enabled: bool = True
+    # A bearer key that may read /metrics and nothing else (Prometheus'
+    # `authorization: credentials`), besides the admin key and local clients.
+    key: str | None = None
+
+
 # An HTTP header name (RFC 9110 token characters).
 _HEADER_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
 
@@ -173,6 +182,7 @@ class Config(_Settings):
     identity: IdentityConfig = msgspec.field(default_factory=IdentityConfig)
     data_dir: str = "./memory-gateway-data"
     memory: MemoryConfig = msgspec.field(default_factory=MemoryConfig)
+    metrics: MetricsConfig = msgspec.field(default_factory=MetricsConfig)
 
     def __post_init__(self) -> None:
         if not self.upstreams:

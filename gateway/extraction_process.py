@@ -80,8 +80,10 @@ async def _extract_with(
     chat_counters: Counters | None = None,
 ) -> int:
     from gateway.chat_activity import ChatActivity, yield_gate
+    from gateway.metrics import Metrics
     from memory.engine import MemoryEngine
     from memory.handoff import HandoffReceiver
+    from memory.observer import NO_OBSERVER
 
     loop = asyncio.get_running_loop()
     stopping = asyncio.Event()
@@ -105,6 +107,7 @@ async def _extract_with(
             extraction_key=config.extraction.api_key,
             key_source=config.extraction.key_source,
             call_gate=gate,
+            observer=Metrics().observer() if config.metrics.enabled else NO_OBSERVER,
         )
 
     opening = asyncio.ensure_future(_open(open_engine))

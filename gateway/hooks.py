@@ -31,8 +31,9 @@ class ChatContext:
     # Which chat API the request speaks: where its user's words are and
     # where memories go in.
     api: ChatApi = CHAT_COMPLETIONS
-    # The name of the upstream the request goes to.
+    # The name of the upstream the request goes to, and the model asked for.
     upstream: str | None = None
+    model: str | None = None
     # Hooks may add headers (e.g. X-Memory-Status); they are sent on streams too.
     response_headers: dict[str, str] = field(default_factory=dict)
     # The key sent upstream (set by the proxy once headers are built), for
@@ -44,6 +45,9 @@ class ChatContext:
     memory_scope: Scope | None = None
     # Whether the reply goes to extraction with the user's turns (X-Memory-Record).
     record_reply: bool = True
+    # What became of the exchange, for the request's debug log line: the
+    # spool job it became, or why there is none.
+    recorded: str | None = None
 
 
 @dataclass(slots=True)

@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import time
 from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any, Literal, cast
@@ -22,6 +23,7 @@ from gateway.config import Config
 from gateway.errors import GatewayError
 from gateway.hooks import ChatContext, CompletedExchange
 from gateway.identity import scope_for
+from gateway.metrics import Metrics
 from memory import injection
 from memory.clipping import search_query
 from memory.engine import MemoryEngine, open_when_possible
@@ -29,6 +31,7 @@ from memory.errors import TRANSIENT
 from memory.extraction import KEYLESS, CallGate
 from memory.handoff import HandoffSender
 from memory.models import Exchange, Hit, Scope
+from memory.observer import NO_OBSERVER
 
 logger = logging.getLogger("gateway.memory")
 
@@ -51,8 +54,10 @@ class MemoryHooks:
         handoff: HandoffSender | None = None,
         *,
         upstream_client: Callable[[], httpx.AsyncClient] | None = None,
+        metrics: Metrics | None = None,
     ) -> None:
         self.config = config
+        self.metrics = metrics
         self.memory = config.memory
         # The proxy's client: the extraction model's calls share its pool.
         self._upstream_client = upstream_client
@@ -100,6 +105,7 @@ class MemoryHooks:
             extraction_key=self._extraction.api_key,
             key_source=self._extraction.key_source,
             call_gate=self.call_gate,
+            observer=self.metrics.observer() if self.metrics is not None else NO_OBSERVER,
         )
         try:
             await engine.start()
@@ -216,12 +222,19 @@ class MemoryHooks:
     async def _recall(self, scope: Scope, query: str, headers: dict[str, str]) -> list[Hit]:
         """Search under the deadline; on timeout or failure go on without memories."""
         deadline = self.memory.injection.deadline_ms / 1000
+        started = time.perf_counter()
+        outcome = "ok"
         try:
             return await asyncio.wait_for(self.engine.store.search(scope, query), deadline)
         except TimeoutError:
+            outcome = "timeout"
             logger.warning("memory search exceeded its %.0f ms deadline", deadline * 1000)
         except Exception:
+            outcome = "error"
             logger.exception("memory search failed; answering without memories")
+        finally:
+            if self.metrics is not None:
+                self.metrics.retrieved(outcome, time.perf_counter() - started)
         headers["X-Memory-Status"] = "degraded"
         return []
 
@@ -240,9 +253,10 @@ class MemoryHooks:
             turns = ctx.api.new_turns(exchange.request_body)
         if not turns:
             self.engine.provide_key(scope.user_id, key)
+            ctx.recorded = "nothing new"
             return
         try:
-            await self.engine.record_exchange(
+            ctx.recorded = await self.engine.record_exchange(
                 Exchange(
                     scope=scope,
                     messages=turns,
@@ -253,6 +267,7 @@ class MemoryHooks:
             )
         except Exception as exc:
             self.engine.provide_key(scope.user_id, key)
+            ctx.recorded = "refused by the spool"
             # Fail open: the answer still goes out. But an exchange that never
             # reached the spool is lost for memory, and the operator must know
             # (a full disk is the usual cause).

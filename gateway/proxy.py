@@ -8,6 +8,7 @@ as soon as it arrives.
 
 from __future__ import annotations
 
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -28,6 +29,8 @@ from gateway.forward import client_response_headers, upstream_request_headers
 from gateway.hooks import ChatContext, ChatHooks, NoHooks
 from gateway.identity import IdentityResolver
 from gateway.key_store import KeyStore
+from gateway.metrics import Metrics
+from gateway.observe import CHAT_STATE
 from gateway.relay import Recorder, release, stream_chat
 from gateway.routing import Api, Router, Upstream
 from gateway.transport import upstream_client
@@ -75,8 +78,10 @@ class Proxy:
         hooks: ChatHooks,
         activity: ChatActivity | None = None,
         issued_keys: KeyStore | None = None,
+        metrics: Metrics | None = None,
     ) -> None:
         self.config = config
+        self._metrics = metrics
         # Chat requests in flight per upstream, which extraction yields to
         # (gateway/chat_activity.py); this process's own when not given.
         self.activity = activity if activity is not None else ChatActivity.for_config(config)
@@ -87,7 +92,7 @@ class Proxy:
         self._max_body = config.server.max_body_bytes
         self._client: httpx.AsyncClient | None = None
         # A plain proxy has nobody to hand the exchange to: skip reading the copy.
-        self._recorder = None if isinstance(hooks, NoHooks) else Recorder(hooks)
+        self._recorder = None if isinstance(hooks, NoHooks) else Recorder(hooks, metrics)
 
     @property
     def client(self) -> httpx.AsyncClient:
@@ -104,10 +109,14 @@ class Proxy:
             self._client = None
 
     async def _send(self, request: httpx.Request, upstream: Upstream) -> httpx.Response:
+        started = time.perf_counter()
         try:
             return await self.client.send(request, stream=True)
         except httpx.TransportError as exc:
             raise upstream_error(exc, upstream, "send") from None
+        finally:
+            if self._metrics is not None:
+                self._metrics.upstream(upstream.name, time.perf_counter() - started)
 
     # -- chat completions -------------------------------------------------
 
@@ -139,7 +148,10 @@ class Proxy:
             stream=stream,
             api=api,
             upstream=upstream.name,
+            model=model if isinstance(model := body.get("model"), str) else None,
         )
+        # For the request's metrics, log line and the console (gateway/observe.py).
+        request.scope["state"][CHAT_STATE] = ctx
 
         # In flight from its arrival (its memory lookup included, so an
         # extraction call cannot slip in just ahead of it) until the answer is

@@ -22,6 +22,7 @@ from litestar.response.streaming import ASGIStreamingResponse
 from gateway.chat_activity import ChatLease
 from gateway.forward import client_response_headers
 from gateway.hooks import ChatContext, ChatHooks, CompletedExchange
+from gateway.metrics import Metrics
 from gateway.routing import Upstream
 from gateway.upstream_errors import upstream_error
 
@@ -31,8 +32,9 @@ logger = logging.getLogger("gateway")
 class Recorder:
     """Hands finished exchanges to the hooks; counts cut-short streams."""
 
-    def __init__(self, hooks: ChatHooks) -> None:
+    def __init__(self, hooks: ChatHooks, metrics: Metrics | None = None) -> None:
         self.hooks = hooks
+        self._metrics = metrics
         # Streams that ended without a finish_reason (see `cut_stream`).
         self.cut_streams = 0
 
@@ -62,6 +64,8 @@ class Recorder:
         """Count streams that ended without a finish_reason; say so at the
         1st, 10th, 100th... so a busy one-slot server does not flood the log."""
         self.cut_streams += 1
+        if self._metrics is not None:
+            self._metrics.stream_cut(upstream.name)
         n = self.cut_streams
         if n == 10 ** (len(str(n)) - 1):
             logger.warning(

@@ -34,6 +34,7 @@ from typing import Any
 
 from gateway.chat_activity import clear_slot, shared_counters
 from gateway.config import Config
+from gateway.metrics import cleanup_multiprocess, multiprocess_dir, prepare_multiprocess
 from gateway.startup import cannot_listen
 from memory.handoff import channel
 
@@ -123,6 +124,10 @@ class Supervisor:
             )
             self._counter_slots[name] = index
         status = 0
+        shared_metrics = None
+        if self.config.metrics.enabled:
+            given = multiprocess_dir() is not None
+            shared_metrics = prepare_multiprocess()
         try:
             for name in self._slots:
                 self._spawn(name)
@@ -144,6 +149,8 @@ class Supervisor:
                     end.close()
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
+            if shared_metrics is not None:
+                cleanup_multiprocess(shared_metrics, created=not given)
         return status
 
     def _restart_dead(self) -> list[str]:

@@ -50,6 +50,7 @@ from memory.models import (
     Scope,
     Stats,
 )
+from memory.observer import NO_OBSERVER, Observer
 from memory.redaction import redact, redact_exchange
 from memory.spool import JobInfo, JobState, Spool
 from memory.store import MemoryStore
@@ -133,6 +134,7 @@ class MemoryEngine:
         extraction_key: str | None = None,
         key_source: str | None = None,
         state_path: Path | None = None,
+        observer: Observer = NO_OBSERVER,
     ) -> None:
         self.config = config
         # Marking the jobs that wait for a key (`receive`).
@@ -161,6 +163,7 @@ class MemoryEngine:
             extractor=extractor,
             keys=self.keys,
             redact=self._redact,
+            observer=observer,
         )
         self.workers = WorkerPool(
             spool,
@@ -189,6 +192,7 @@ class MemoryEngine:
         extraction_key: str | None = None,
         key_source: str | None = None,
         call_gate: CallGate | None = None,
+        observer: Observer = NO_OBSERVER,
     ) -> MemoryEngine:
         """Open (or create) the store and the spool under `data_dir`. Call `start()` next.
 
@@ -196,7 +200,8 @@ class MemoryEngine:
         end (`receive` there), not here. `extraction_key` is the key configured
         for the extraction endpoint (`key_source` says where it came from);
         `call_gate` is entered around each extraction call (the gateway
-        lets chats to a one-slot local server go first)."""
+        lets chats to a one-slot local server go first); `observer` hears of
+        extraction's token usage and decisions (the gateway's metrics)."""
         data_dir = Path(data_dir)
         owns_embedder = embedder is None
         if embedder is None:
@@ -225,6 +230,7 @@ class MemoryEngine:
             api_key=config.llm.api_key or extraction_key,
             state_path=state_path,
             call_gate=call_gate,
+            observer=observer,
         )
         return cls(
             config,
@@ -238,6 +244,7 @@ class MemoryEngine:
             extraction_key=extraction_key,
             key_source=key_source,
             state_path=state_path,
+            observer=observer,
         )
 
     async def start(self) -> None:

@@ -39,6 +39,7 @@ from memory.extraction_errors import (
 )
 from memory.extraction_state import MODES, ExtractionState, Mode
 from memory.models import Exchange, Memory, Operation
+from memory.observer import NO_OBSERVER, Observer
 from memory.prompts import OPERATIONS_SCHEMA, SCHEMA_NAME, build_prompt
 from memory.redaction import REDACTED, public_url
 
@@ -124,8 +125,10 @@ class Extractor:
         api_key: str | None = None,
         state_path: Path | None = None,
         call_gate: CallGate | None = None,
+        observer: Observer = NO_OBSERVER,
     ) -> None:
         self._config = config
+        self._observer = observer
         # The key configured for the endpoint (`memory.llm.api_key`, or the key
         # of the upstream it belongs to); users' keys come with each call.
         self._api_key = api_key or config.llm.api_key
@@ -469,6 +472,9 @@ class Extractor:
             response = _decode_completion(raw.content)
         except (msgspec.DecodeError, msgspec.ValidationError) as exc:
             raise invalid_answer(f"the answer is not a chat completion: {exc}") from None
+        usage = response.usage
+        if usage is not None:
+            self._observer.llm_tokens(usage.prompt_tokens or 0, usage.completion_tokens or 0)
         if not response.choices:
             raise invalid_answer("the answer has no choices")
         choice = response.choices[0]
@@ -496,8 +502,15 @@ class _Choice(msgspec.Struct):
     finish_reason: str | None = None
 
 
+class _Usage(msgspec.Struct):
+    # Some servers send nulls here; a usage they cannot count is not an error.
+    prompt_tokens: int | None = None
+    completion_tokens: int | None = None
+
+
 class _Completion(msgspec.Struct):
     choices: list[_Choice] = msgspec.field(default_factory=list)
+    usage: _Usage | None = None
 
 
 _decode_completion = msgspec.json.Decoder(_Completion).decode

@@ -10,6 +10,7 @@ idempotent. `undo` removes what an erased user's job wrote.
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, TypeVar
 
@@ -18,6 +19,7 @@ import msgspec
 from memory.clipping import search_query
 from memory.extraction import ExtractionError
 from memory.models import Exchange, Operation
+from memory.observer import NO_OBSERVER, Observer
 from memory.prompts import conversation_lines
 from memory.redaction import REDACTED
 from memory.workers import Deferred, LeaseLost
@@ -28,6 +30,8 @@ if TYPE_CHECKING:
     from memory.extraction_keys import ExtractionKeys
     from memory.spool import Job, Spool
     from memory.store import MemoryStore
+
+log = logging.getLogger("memory.job_handler")
 
 T = TypeVar("T")
 
@@ -76,8 +80,10 @@ class JobHandler:
         extractor: Extractor,
         keys: ExtractionKeys,
         redact: Callable[[str], str],
+        observer: Observer = NO_OBSERVER,
     ) -> None:
         self._config = config
+        self._observer = observer
         self._store = store
         self._spool = spool
         self._extractor = extractor
@@ -96,6 +102,10 @@ class JobHandler:
             if not ops:
                 # Nothing to apply (most chat turns): completing the job is the
                 # only record needed. A crash before that asks the model again.
+                self._observer.operations_applied(ops)
+                log.debug(
+                    "spool job %s of user %r: nothing to remember", job.id, scope.user_id[:64]
+                )
                 return
             if not await self._spool.save_decision(job, ops):
                 raise LeaseLost(job.id)
@@ -114,6 +124,15 @@ class JobHandler:
                 metadata=exchange.metadata,
             )
         )
+        self._observer.operations_applied(ops)
+        if log.isEnabledFor(logging.DEBUG):
+            # Operations and ids only: never a memory's text.
+            log.debug(
+                "spool job %s of user %r applied: %s",
+                job.id,
+                scope.user_id[:64],
+                ", ".join(f"{op.op} {op.memory_id or '(new)'}" for op in ops),
+            )
 
     async def undo(self, job: Job) -> None:
         """Remove what an erased user's job wrote (`WorkerPool` tells when)."""

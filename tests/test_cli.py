@@ -294,6 +294,19 @@ def test_health_finds_the_gateway_the_way_serve_does(env_gateway):
     )
 
 
+def test_health_goes_straight_to_the_gateway_whatever_proxy_is_set(env_gateway):
+    # A container's proxy would not reach the gateway's loopback port.
+    env = {
+        **env_gateway.env,
+        "HTTP_PROXY": "http://127.0.0.1:9",
+        "http_proxy": "http://127.0.0.1:9",
+    }
+    env.pop("NO_PROXY", None)
+    env.pop("no_proxy", None)
+    result = _run(["health"], env_gateway.cwd, env)
+    assert result.returncode == 0, result.stderr
+
+
 def test_health_of_a_gateway_that_is_not_there_is_exit_1_with_one_line(tmp_path):
     port = _free_port()
     config = tmp_path / "gateway.yaml"

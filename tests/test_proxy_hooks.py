@@ -137,6 +137,9 @@ def test_a_stream_cut_short_by_the_server_is_not_recorded_and_is_logged_sparingl
     assert len(warnings) == 2
     assert "(1 so far)" in warnings[0] and "(10 so far)" in warnings[1]
     assert "--interrupt_requests False" in warnings[0]
+    # Every one is counted for the operator (GET /metrics).
+    metrics = httpx.get(hooked.url + "/metrics").text
+    assert 'memory_gateway_streams_cut_total{upstream="scripted"} 12.0' in metrics
 
 
 def test_no_completion_when_the_client_disconnects(hooked, hooks, upstream):
