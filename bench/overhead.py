@@ -280,6 +280,11 @@ def main() -> None:
         help="every request asks a new question (bench/load.py --fresh): with memory on,"
         " each one pays its query embedding instead of hitting the query cache",
     )
+    parser.add_argument(
+        "--metrics-off",
+        action="store_true",
+        help="also measure each gateway with metrics.enabled: false (the cost of /metrics)",
+    )
     parser.add_argument("--litellm-venv", type=Path, default=LITELLM_VENV)
     parser.add_argument("--litellm-install-timeout", type=float, default=600)
     parser.add_argument("--out", type=Path, help="write the pooled results as JSON here")
@@ -293,9 +298,17 @@ def main() -> None:
         procs.append(upstream)
         targets: dict[str, tuple[int, list[str]]] = {"direct": (up_port, [])}
 
-        def gateway(label: str, name: str, data: Path, memory: bool, **server: Any) -> None:
+        def gateway(
+            label: str, name: str, data: Path, memory: bool, metrics: bool = True, **server: Any
+        ) -> None:
             gw, port = start_gateway(
-                name, workdir, up_port, data, {"enabled": memory}, server=server
+                name,
+                workdir,
+                up_port,
+                data,
+                {"enabled": memory},
+                server=server,
+                metrics={"enabled": metrics},
             )
             procs.append(gw)
             targets[label] = (port, [])
@@ -310,10 +323,29 @@ def main() -> None:
             server: dict[str, Any] = {} if workers == 1 else {"workers": workers}
             off = workdir / f"data-off{tag}"
             gateway(f"gateway, memory off{label}", f"gateway-off{tag}", off, False, **server)
+            if args.metrics_off:
+                gateway(
+                    f"gateway, memory off{label}, metrics off",
+                    f"gateway-off{tag}-nometrics",
+                    workdir / f"data-off{tag}-nometrics",
+                    False,
+                    metrics=False,
+                    **server,
+                )
             if args.no_memory:
                 return
             data = seeded_data(args.memories, workdir, f"data-on{tag}")
             gateway(f"{on}{label}", f"gateway-on{tag}", data, True, **server)
+            if args.metrics_off:
+                data = seeded_data(args.memories, workdir, f"data-on{tag}-nometrics")
+                gateway(
+                    f"{on}{label}, metrics off",
+                    f"gateway-on{tag}-nometrics",
+                    data,
+                    True,
+                    metrics=False,
+                    **server,
+                )
             if args.extraction_process:
                 data = seeded_data(args.memories, workdir, f"data-on{tag}-extraction")
                 gateway(

@@ -145,6 +145,7 @@ def start_gateway(
     memory: dict,
     timeout: float = 120,
     server: dict | None = None,
+    metrics: dict | None = None,
 ) -> tuple[Proc, int]:
     """`memory-gateway serve` with its default server, as a user would run it."""
     port = free_port()
@@ -161,6 +162,7 @@ def start_gateway(
         ],
         "data_dir": str(data_dir),
         "memory": memory,
+        "metrics": metrics or {"enabled": True},
     }
     path = workdir / f"{name}.yaml"
     path.write_text(yaml.safe_dump(config))

@@ -5,7 +5,9 @@ process)."""
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -192,3 +194,24 @@ def test_without_a_given_directory_a_new_one_is_made_and_removed(
     cleanup_multiprocess(path, created=True)
     assert not path.exists()
     assert MULTIPROC_ENV not in os.environ
+
+
+def test_the_grafana_dashboard_charts_only_metrics_that_exist() -> None:
+    """docs/grafana-dashboard.json stays in step with the metrics."""
+    dashboard = Path(__file__).parent.parent / "docs" / "grafana-dashboard.json"
+    exprs = [
+        target["expr"]
+        for panel in json.loads(dashboard.read_text())["panels"]
+        for target in panel["targets"]
+    ]
+    used = {m for e in exprs for m in re.findall(r"memory_gateway_[a-z_]+", e)}
+    metrics = Metrics()
+    metrics.request("/health", "GET", 200, 0.001)
+    metrics.upstream("u", 0.1)
+    metrics.retrieved("ok", 0.001)
+    metrics.chat_memory("ok", 1)
+    metrics.stream_cut("u")
+    metrics.observer().llm_tokens(1, 1)
+    metrics.observer().operations_applied([])
+    exposed = {name for (name, _) in samples(metrics.render(STATE))}
+    assert used and used <= exposed, used - exposed
