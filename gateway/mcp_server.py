@@ -31,6 +31,7 @@ from gateway.errors import GatewayError
 from gateway.identity import IdentityResolver, scope_for
 from gateway.memories_access import Access
 from memory import models
+from memory.clipping import search_query
 from memory.engine import MemoryEngine
 
 logger = logging.getLogger("gateway")
@@ -117,7 +118,7 @@ class MemoryTools:
     ) -> dict[str, Any]:
         """The user's memories most relevant to `query`, best first."""
         engine, scope = self._context(ctx)
-        hits = await engine.store.search(scope, query, limit=_limit(limit, "limit"))
+        hits = await engine.store.search(scope, search_query(query), limit=_limit(limit, "limit"))
         return {"results": [{**_memory(h.memory), "score": round(h.score, 4)} for h in hits]}
 
     async def list_memories(

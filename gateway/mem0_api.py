@@ -40,6 +40,7 @@ from gateway.identity import scope_for
 from gateway.mem0_filters import ENTITIES, Criteria, bound, entity_of, parse
 from gateway.memories_access import Access, Principal
 from gateway.memories_api import provide_engine
+from memory.clipping import search_query
 from memory.engine import MemoryEngine
 from memory.models import HistoryEntry, InvalidScope, Memory, Scope
 from memory.spool import JobInfo
@@ -386,7 +387,7 @@ class Mem0Controller(Controller):
         top_k = int(_number(data, "top_k", 1, MAX_TOP_K) or 10)
         threshold = _number(data, "threshold", -1, 1)
         hits = await engine.store.search(
-            scope, query, limit=min(MAX_TOP_K, top_k * OVERFETCH), min_score=threshold
+            scope, search_query(query), limit=min(MAX_TOP_K, top_k * OVERFETCH), min_score=threshold
         )
         found = [memory_json(h.memory, h.score) for h in hits if criteria.matches(h.memory)]
         return {"results": found[:top_k]}

@@ -36,6 +36,7 @@ from gateway.memories_schemas import (
     UsersResponse,
 )
 from gateway.memory_hooks import MemoryHooks
+from memory.clipping import search_query
 from memory.engine import MemoryEngine
 from memory.errors import InvalidImport
 from memory.models import ImportResult, InvalidScope, Memory, Scope, Stats
@@ -179,7 +180,10 @@ class MemoriesController(Controller):
         if data.limit is not None and not 1 <= data.limit <= 100:
             raise GatewayError(400, "limit must be between 1 and 100", param="limit")
         hits = await engine.store.search(
-            scope, data.query, limit=data.limit, include_superseded=data.include_superseded
+            scope,
+            search_query(data.query),
+            limit=data.limit,
+            include_superseded=data.include_superseded,
         )
         return SearchResponse(
             results=[

@@ -336,6 +336,15 @@ class Extractor:
         the first job instead, it held the event loop for ~0.7 s."""
         if self._base_url:
             self._client_for(self._api_key or _UNTIL_A_KEY)
+            known = self._state.mode(self._base_url, self._model)
+            if known is not None:
+                # Said once per start: the mode learned on an earlier run.
+                log.info(
+                    "extraction at %s model %s uses %s (learned on an earlier run)",
+                    public_url(self._base_url),
+                    self._model,
+                    known,
+                )
         else:
             import openai  # noqa: F401
 

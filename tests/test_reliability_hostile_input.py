@@ -182,3 +182,34 @@ def test_hostile_user_ids_never_500_and_never_reach_another_user(
     assert [
         m["text"] for m in http.get("/v1/memories", params={"user_id": "alice"}).json()["data"]
     ] == ["Alice only"]
+
+
+@pytest.mark.parametrize(
+    "path, body",
+    [
+        ("/v1/memories/search", lambda q: {"query": q, "user_id": "pat"}),
+        ("/mem0/v3/memories/search/", lambda q: {"query": q, "filters": {"user_id": "pat"}}),
+    ],
+)
+def test_a_pasted_search_query_is_searched_by_its_start_and_end_only(
+    http: httpx.Client, upstream: ScriptedUpstream, path: str, body: Callable[[str], dict]
+) -> None:
+    """Search time grows with the query: a 40k-character query costs what a
+    2k one does (its start and its end), as a chat's does."""
+    added = http.post(
+        "/v1/memories", json={"user_id": "pat", "text": "Owns a red bicycle", "infer": False}
+    )
+    assert added.status_code == 201, added.text
+    query = "START " + "filler words " * 3000 + " does pat own a bicycle END"
+    upstream.reset()
+    response = http.post(path, json=body(query))
+    assert response.status_code == 200, response.text
+    embedded = [
+        text
+        for r in upstream.requests
+        if r.path.endswith("/embeddings")
+        for text in ([r.json["input"]] if isinstance(r.json["input"], str) else r.json["input"])
+    ]
+    assert embedded, "the query was not embedded"
+    assert all(len(text) <= 2100 for text in embedded), [len(t) for t in embedded]
+    assert any(t.startswith("START") and t.endswith("END") for t in embedded)

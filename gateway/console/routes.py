@@ -51,6 +51,7 @@ from gateway.errors import GatewayError
 from gateway.identity import scope_for
 from gateway.memories_access import admin_only, scope_of
 from gateway.memories_api import provide_engine
+from memory.clipping import search_query
 from memory.engine import MemoryEngine
 from memory.models import Memory, Scope
 
@@ -307,7 +308,7 @@ async def user_page(
     scores: dict[str, float] = {}
     if query and mode == "semantic":
         hits = await engine.store.search(
-            scope, query, limit=SEARCH_LIMIT, include_superseded=superseded
+            scope, search_query(query), limit=SEARCH_LIMIT, include_superseded=superseded
         )
         memories = [h.memory for h in hits]
         scores = {h.memory.id: h.score for h in hits}

@@ -284,6 +284,17 @@ async def test_the_learned_mode_is_used_first_after_a_restart(make, tmp_path):
     assert [c.response_format for c in llm.calls] == ["json_object"]
 
 
+async def test_a_restart_says_once_which_mode_it_learned_earlier(make, tmp_path, logs):
+    state = tmp_path / "extraction-state.json"
+    await make(ScriptedLLM(responder=refusing("json_schema")), state_path=state).decide(
+        exchange("a"), [], api_key=None
+    )
+    logs.clear()
+    make(ScriptedLLM(), state_path=state).prepare()
+    said = [r.getMessage() for r in logs.records if "learned on an earlier run" in r.getMessage()]
+    assert len(said) == 1 and "uses json_object" in said[0]
+
+
 async def test_a_learned_mode_refused_later_is_probed_again_from_the_top_and_saved(
     make, tmp_path, logs
 ):
