@@ -129,6 +129,8 @@ class Extractor:
     ) -> None:
         self._config = config
         self._observer = observer
+        # Whether the "cannot list the models" warning was given (once per process).
+        self._said_unlisted = False
         # The key configured for the endpoint (`memory.llm.api_key`, or the key
         # of the upstream it belongs to); users' keys come with each call.
         self._api_key = api_key or config.llm.api_key
@@ -284,6 +286,10 @@ class Extractor:
             return DEFAULT_MODEL
         # A hosted API that wants a key for its listing serves the default.
         level = logging.INFO if status in (401, 403) else logging.WARNING
+        if self._said_unlisted:
+            # The probe asks again while the endpoint is down: said once is enough.
+            level = logging.DEBUG
+        self._said_unlisted = True
         log.log(
             level,
             "cannot list the models of %s (%s): extraction asks for %s; if it does not"

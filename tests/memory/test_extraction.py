@@ -410,7 +410,7 @@ async def test_a_failed_listing_keeps_the_default_and_never_raises(make, logs, l
     assert "memory.llm.model" in logs.text
 
 
-async def test_an_unreachable_endpoint_keeps_the_default_and_never_raises(make):
+async def test_an_unreachable_endpoint_keeps_the_default_and_never_raises(make, logs):
     def unreachable(request: httpx.Request) -> httpx.Response:
         raise httpx.ConnectError("Connection refused", request=request)
 
@@ -418,9 +418,15 @@ async def test_an_unreachable_endpoint_keeps_the_default_and_never_raises(make):
         def client(self) -> httpx.AsyncClient:
             return httpx.AsyncClient(transport=httpx.MockTransport(unreachable))
 
-    probe = await make(Down()).probe()
+    extractor = make(Down())
+    probe = await extractor.probe()
     assert (probe.model, probe.models, probe.open) == (DEFAULT_MODEL, None, False)
     assert "unreachable" in (probe.error or "")
+    # The engine probes again while it stays down: one warning, not one per probe.
+    for _ in range(3):
+        await extractor.probe()
+    warned = [r for r in logs.records if "cannot list the models" in r.getMessage()]
+    assert [r.levelname for r in warned] == ["WARNING"]
 
 
 async def test_the_listing_is_tried_without_a_key_then_with_the_configured_one(make, logs):
