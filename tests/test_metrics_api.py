@@ -4,6 +4,7 @@ in it, with one process or with several."""
 
 from __future__ import annotations
 
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -214,7 +215,13 @@ def test_workers_and_the_extraction_process_report_through_one_endpoint(
         "server": {"log_level": "warning", "workers": 2, "extraction": "process"},
         "memory": memory_settings(upstream.url),
     }
+
+    def shared_dirs() -> set[Path]:
+        return set(Path(tempfile.gettempdir()).glob("memory-gateway-metrics-*"))
+
+    before = shared_dirs()
     gateway = GatewayProcess(config, tmp_path).start()
+    assert len(shared_dirs() - before) == 1  # where the processes write their values
     try:
         chats = 12
         for n in range(chats):
@@ -241,6 +248,6 @@ def test_workers_and_the_extraction_process_report_through_one_endpoint(
             )
             assert value(text, "memory_gateway_extraction_jobs", state="done") == chats
     finally:
-        gateway.terminate()
+        assert gateway.terminate() == 0
     # The supervisor removed the directory it made for the processes' values.
-    assert "memory-gateway-metrics-" not in gateway.log()
+    assert shared_dirs() - before == set()
