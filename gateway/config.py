@@ -21,7 +21,15 @@ from typing import Annotated, Any, Literal
 import msgspec
 import yaml
 
-from memory.config import AtLeastOne, MemoryConfig, NonNegative, NonNegativeInt, Positive
+from memory.config import (
+    AtLeastOne,
+    MemoryConfig,
+    NonNegative,
+    NonNegativeInt,
+    Positive,
+    QueueConfig,
+    StorageConfig,
+)
 from memory.errors import InvalidConfig
 
 
@@ -181,6 +189,9 @@ class Config(_Settings):
     auth: AuthConfig = msgspec.field(default_factory=AuthConfig)
     identity: IdentityConfig = msgspec.field(default_factory=IdentityConfig)
     data_dir: str = "./memory-gateway-data"
+    # Shared by replicas (docs/scaling.md): the memory tables and the extraction queue.
+    storage: StorageConfig = msgspec.field(default_factory=StorageConfig)
+    queue: QueueConfig = msgspec.field(default_factory=QueueConfig)
     memory: MemoryConfig = msgspec.field(default_factory=MemoryConfig)
     metrics: MetricsConfig = msgspec.field(default_factory=MetricsConfig)
 
@@ -205,6 +216,10 @@ class Config(_Settings):
                     f"base_url of upstream {u.name!r} must not hold credentials (user:password@):"
                     f" put the key in its api_key - at `$.upstreams[{i}].base_url`"
                 )
+        if self.queue.url != "sqlite" and not self.queue.url.startswith(
+            ("postgresql://", "postgres://")
+        ):
+            raise ValueError("queue.url must be `sqlite` or a postgresql:// URL - at `$.queue.url`")
         if len({k.key for k in self.auth.keys}) != len(self.auth.keys):
             raise ValueError("gateway keys must be unique - at `$.auth.keys`")
 

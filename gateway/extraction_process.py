@@ -102,6 +102,8 @@ async def _extract_with(
         return await MemoryEngine.open(
             config.memory,
             config.data_path,
+            storage=config.storage,
+            queue=config.queue,
             default_base_url=config.default_upstream.base_url,
             http_client=client,
             extraction_key=config.extraction.api_key,

@@ -99,6 +99,8 @@ class MemoryHooks:
         engine = await MemoryEngine.open(
             self.memory,
             self.config.data_path,
+            storage=self.config.storage,
+            queue=self.config.queue,
             default_base_url=self.config.default_upstream.base_url,
             handoff=self._handoff,
             http_client=self._upstream_client() if self._upstream_client is not None else None,

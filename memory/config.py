@@ -154,6 +154,29 @@ class InjectionConfig(_Settings):
     deadline_ms: AtLeastOne = 250
 
 
+class StorageConfig(_Settings):
+    """Where the memory tables live.
+
+    Unset, a directory in the data dir. Any LanceDB URI shares them between
+    replicas: `s3://bucket/prefix`, `gs://...`, `az://...` (`s3+ddb://` for
+    stores without conditional writes). `options` go to LanceDB as
+    `storage_options` (endpoint, region, credentials, `allow_http`); they may
+    hold secrets and are never logged."""
+
+    uri: str | None = None
+    options: dict[str, str] = msgspec.field(default_factory=dict)
+    # How stale a replica's search cache may be about other replicas' writes
+    # (seconds): the table's version is checked at most this often.
+    refresh_seconds: NonNegative = 2.0
+
+
+class QueueConfig(_Settings):
+    """Where exchanges wait for extraction: `sqlite` (a file in the data dir,
+    one machine) or a `postgresql://` URL shared by replicas."""
+
+    url: str = "sqlite"
+
+
 class MemoryConfig(_Settings):
     enabled: bool = True
     # Default `X-Memory-Mode` when a request names none.

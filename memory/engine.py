@@ -29,7 +29,7 @@ import msgspec
 import numpy as np
 
 from memory.clipping import clip_exchange_texts
-from memory.config import MemoryConfig
+from memory.config import MemoryConfig, QueueConfig, StorageConfig
 from memory.embedding import Embedder, create_embedder
 from memory.errors import TRANSIENT, InvalidImport
 from memory.extraction import CallGate, Extractor
@@ -185,6 +185,8 @@ class MemoryEngine:
         config: MemoryConfig,
         data_dir: Path,
         *,
+        storage: StorageConfig | None = None,
+        queue: QueueConfig | None = None,
         default_base_url: str | None = None,
         http_client: httpx.AsyncClient | None = None,
         embedder: Embedder | None = None,
@@ -203,6 +205,8 @@ class MemoryEngine:
         lets chats to a one-slot local server go first); `observer` hears of
         extraction's token usage and decisions (the gateway's metrics)."""
         data_dir = Path(data_dir)
+        storage = storage or StorageConfig()
+        queue = queue or QueueConfig()
         owns_embedder = embedder is None
         if embedder is None:
             embedder = create_embedder(config.embedder, default_base_url=default_base_url)
