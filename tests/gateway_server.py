@@ -53,7 +53,13 @@ def gateway_config_for(
 
     Without a `memory` section the memory engine is off: a plain proxy. Pass
     `memory={...}` (enabled unless it says otherwise) to test with memory.
+    Retrieval's deadline is 10 s unless `memory` sets one: on a loaded CI
+    machine a first search can take longer than the default 250 ms, and a
+    test about what memory does must not turn on how busy the machine is.
     """
+    if memory is not None:
+        injection = {"deadline_ms": 10_000, **memory.get("injection", {})}
+        memory = {**memory, "injection": injection}
     raw: dict[str, Any] = {
         "upstreams": [{"name": "scripted", "base_url": upstream_url, "default": True}],
         "data_dir": str(data_dir),
