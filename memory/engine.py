@@ -38,7 +38,7 @@ from memory.extraction_state import STATE_FILE
 from memory.extraction_status import ExtractionMonitor
 from memory.handoff import HandoffSender
 from memory.job_handler import JobHandler, related_query
-from memory.locks import FileLock, locked
+from memory.locks import locked
 from memory.maintenance import Maintenance
 from memory.messages import user_texts
 from memory.models import (
@@ -52,7 +52,8 @@ from memory.models import (
 )
 from memory.observer import NO_OBSERVER, Observer
 from memory.redaction import redact, redact_exchange
-from memory.spool import JobInfo, JobState, Spool
+from memory.spool import JobInfo, JobState
+from memory.spools import ExclusiveLock, JobQueue, maintenance_lock, open_spool
 from memory.store import MemoryStore
 from memory.workers import WorkerPool
 
@@ -62,7 +63,6 @@ T = TypeVar("T")
 # A recorded exchange keeps at most this many of its messages (the newest).
 RECORD_MAX_MESSAGES = 64
 STORE_DIR = "lancedb"
-SPOOL_FILE = "spool.sqlite3"
 OPEN_LOCK = "open.lock"
 MAINTENANCE_LOCK = "maintenance.lock"
 
@@ -127,9 +127,9 @@ class MemoryEngine:
         store: MemoryStore,
         embedder: Embedder,
         owns_embedder: bool,
-        spool: Spool,
+        spool: JobQueue,
         extractor: Extractor,
-        maintenance_lock: FileLock | None = None,
+        maintenance_lock: ExclusiveLock | None = None,
         handoff: HandoffSender | None = None,
         extraction_key: str | None = None,
         key_source: str | None = None,
@@ -217,9 +217,7 @@ class MemoryEngine:
             # creating tables, indices and the spool's schema is done by one at a time.
             async with locked(data_dir / OPEN_LOCK):
                 store = await MemoryStore.open(data_dir / STORE_DIR, embedder, config)
-                spool = await Spool.open(
-                    data_dir / SPOOL_FILE, lease_seconds=config.spool.lease_seconds
-                )
+                spool = await open_spool(queue, data_dir, lease_seconds=config.spool.lease_seconds)
         except BaseException:
             if store is not None:
                 await store.close()
@@ -243,7 +241,9 @@ class MemoryEngine:
             owns_embedder=owns_embedder,
             spool=spool,
             extractor=extractor,
-            maintenance_lock=FileLock(data_dir / MAINTENANCE_LOCK),
+            # One maintainer among the processes sharing the queue: on this
+            # machine (a file lock), or every replica's (PostgreSQL's lock).
+            maintenance_lock=maintenance_lock(spool, data_dir / MAINTENANCE_LOCK),
             handoff=handoff,
             extraction_key=extraction_key,
             key_source=key_source,

@@ -22,7 +22,7 @@ from memory.extraction_keys import ExtractionKeys
 from memory.extraction_state import SavedState, read_state
 from memory.models import ExtractionStatus, LastError
 from memory.redaction import public_url
-from memory.spool import Spool
+from memory.spools import JobQueue
 
 log = logging.getLogger("memory.extraction_status")
 
@@ -39,7 +39,7 @@ class ExtractionMonitor:
     def __init__(
         self,
         config: MemoryConfig,
-        spool: Spool,
+        spool: JobQueue,
         extractor: Extractor,
         keys: ExtractionKeys,
         *,

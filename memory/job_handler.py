@@ -28,7 +28,8 @@ if TYPE_CHECKING:
     from memory.config import MemoryConfig
     from memory.extraction import Extractor
     from memory.extraction_keys import ExtractionKeys
-    from memory.spool import Job, Spool
+    from memory.spool import Job
+    from memory.spools import JobQueue
     from memory.store import MemoryStore
 
 log = logging.getLogger("memory.job_handler")
@@ -76,7 +77,7 @@ class JobHandler:
         config: MemoryConfig,
         *,
         store: MemoryStore,
-        spool: Spool,
+        spool: JobQueue,
         extractor: Extractor,
         keys: ExtractionKeys,
         redact: Callable[[str], str],

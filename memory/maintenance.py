@@ -10,7 +10,7 @@ import logging
 
 from memory.config import MaintenanceConfig
 from memory.heap import release_free_memory
-from memory.locks import FileLock
+from memory.spools import ExclusiveLock
 from memory.store import MemoryStore
 
 log = logging.getLogger(__name__)
@@ -26,7 +26,7 @@ class Maintenance:
     the lock is free and another process takes over at its next turn."""
 
     def __init__(
-        self, store: MemoryStore, config: MaintenanceConfig, lock: FileLock | None = None
+        self, store: MemoryStore, config: MaintenanceConfig, lock: ExclusiveLock | None = None
     ) -> None:
         self._store = store
         self._config = config

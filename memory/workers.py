@@ -30,7 +30,8 @@ from typing import Any
 from memory.config import SpoolConfig
 from memory.extraction import FOR_GOOD_CATEGORIES, ExtractionError, ExtractionUnavailable
 from memory.redaction import redact
-from memory.spool import Job, Spool
+from memory.spool import Job
+from memory.spools import JobQueue
 
 log = logging.getLogger("memory.workers")
 
@@ -63,7 +64,7 @@ def backoff(config: SpoolConfig, attempts: int) -> float:
 class WorkerPool:
     def __init__(
         self,
-        spool: Spool,
+        spool: JobQueue,
         handler: Handler,
         config: SpoolConfig,
         *,

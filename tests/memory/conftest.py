@@ -25,6 +25,7 @@ from tests.memory.helpers import (
     cached,
     uncached,
 )
+from tests.postgres import postgres_server, postgres_url  # noqa: F401 (fixtures)
 
 
 @pytest.fixture

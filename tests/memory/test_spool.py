@@ -5,6 +5,7 @@ import json
 import subprocess
 import sys
 import textwrap
+import time
 
 import pytest
 
@@ -26,27 +27,56 @@ def clock():
     return Clock()
 
 
+@pytest.fixture(params=["sqlite", "postgres"])
+async def open_spool(request, tmp_path, clock):
+    """Opens the backend's queue (SQLite: one file; PostgreSQL: one database
+    on the session's server); every spool it opened is closed after the test.
+    Another call opens another connection to the same queue."""
+    opened = []
+    if request.param == "postgres":
+        from memory.spool_postgres import PostgresSpool
+
+        url = request.getfixturevalue("postgres_url")
+
+        async def open_(clock=clock):
+            return await PostgresSpool.open(url, lease_seconds=30, clock=clock)
+    else:
+
+        async def open_(clock=clock):
+            return await Spool.open(tmp_path / "spool.sqlite3", lease_seconds=30, clock=clock)
+
+    async def opener(clock=clock):
+        s = await open_(clock)
+        opened.append(s)
+        return s
+
+    yield opener
+    for s in reversed(opened):
+        await s.close()
+
+
 @pytest.fixture
-async def spool(tmp_path, clock):
-    s = await Spool.open(tmp_path / "spool.sqlite3", lease_seconds=30, clock=clock)
-    yield s
-    await s.close()
+async def spool(open_spool):
+    """The queue, on each backend: these tests are its contract."""
+    return await open_spool()
 
 
-async def test_an_enqueued_exchange_is_durable_and_comes_back_intact(tmp_path, spool):
+# For what only the SQLite file has (pragmas, file locks, processes on one file).
+sqlite_only = pytest.mark.parametrize("open_spool", ["sqlite"], indirect=True)
+
+
+async def test_an_enqueued_exchange_is_durable_and_comes_back_intact(open_spool, spool):
     job_id = await spool.enqueue(exchange("u", "我喜欢乌龙茶"))
     # Another connection (another process, or this one after a restart) sees it.
-    other = await Spool.open(tmp_path / "spool.sqlite3")
-    try:
-        claim = await other.claim()
-    finally:
-        await other.close()
+    other = await open_spool(time.time)
+    claim = await other.claim()
     assert claim.job is not None
     assert claim.job.id == job_id
     assert claim.job.exchange == exchange("u", "我喜欢乌龙茶")
     assert claim.job.attempts == 1
 
 
+@sqlite_only
 async def test_the_database_is_wal_with_full_sync(tmp_path, spool):
     import sqlite3
 
@@ -56,6 +86,7 @@ async def test_the_database_is_wal_with_full_sync(tmp_path, spool):
     assert spool._conn().execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL
 
 
+@sqlite_only
 async def test_a_write_waits_for_another_process_holding_the_lock(tmp_path, spool):
     import sqlite3
     import threading
@@ -72,6 +103,7 @@ async def test_a_write_waits_for_another_process_holding_the_lock(tmp_path, spoo
     assert spool._conn().execute("PRAGMA busy_timeout").fetchone()[0] == 30_000
 
 
+@sqlite_only
 async def test_a_write_gives_up_when_the_lock_is_never_released(tmp_path, spool, monkeypatch):
     import sqlite3
 
@@ -256,6 +288,7 @@ CLAIMER = textwrap.dedent(
 )
 
 
+@sqlite_only
 async def test_claims_are_atomic_across_processes(tmp_path, spool):
     path = tmp_path / "spool.sqlite3"
     ids = [await spool.enqueue(exchange(f"user{i % 3}", str(i))) for i in range(45)]
