@@ -89,6 +89,14 @@ FROM jobs AS j
 JOIN (SELECT MIN(seq) AS seq FROM jobs WHERE state IN ('pending', 'running') GROUP BY user_id)
     AS h ON h.seq = j.seq
 """
+# Users with a job under a live lease. Usually that job is their head; but a
+# failed job put back (`retry_failed`) becomes the head while a later one
+# runs, and must wait for it: one user never has two jobs at once.
+_HELD = """
+SELECT user_id, MAX(lease_until) AS until FROM jobs INDEXED BY jobs_unfinished
+WHERE state IN ('pending', 'running') AND state = 'running' AND lease_until > ?
+GROUP BY user_id
+"""
 
 _encoder = msgspec.json.Encoder()
 _exchange_decoder = msgspec.json.Decoder(Exchange)
@@ -315,6 +323,7 @@ class Spool:
                 where = " WHERE j.user_id IN (SELECT value FROM json_each(?))"
                 params.append(allowed)
             heads = db.execute(_HEADS + where, params).fetchall()
+            held = dict(db.execute(_HELD, (now,)).fetchall())
             best: sqlite3.Row | None = None
             soonest: float | None = None
             for row in heads:
@@ -322,6 +331,7 @@ class Spool:
                     due = row["next_attempt_at"]
                 else:
                     due = row["lease_until"] if row["lease_until"] is not None else now
+                due = max(due, held.get(row["user_id"], due))
                 if due <= now:
                     if best is None or (row["next_attempt_at"], row["seq"]) < (
                         best["next_attempt_at"],

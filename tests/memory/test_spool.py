@@ -392,3 +392,18 @@ async def test_a_spool_made_before_reasons_existed_gains_the_column(tmp_path):
         assert (await spool.get(job_id)).reason == "no_key"
     finally:
         await spool.close()
+
+
+async def test_a_parked_job_put_back_waits_while_a_later_one_runs(spool):
+    first = await spool.enqueue(exchange("alice", "1"))
+    await spool.enqueue(exchange("alice", "2"))
+    await spool.fail((await spool.claim()).job, "bad answer", retry_in=None)
+    second = (await spool.claim()).job
+    assert await spool.retry_failed("alice") == 1
+    # The older job is the head again, but the user already has a job running:
+    # it comes due when that job's lease ends.
+    claim = await spool.claim()
+    assert claim.job is None
+    assert claim.wait == pytest.approx(30)
+    assert await spool.complete(second)
+    assert (await spool.claim()).job.id == first

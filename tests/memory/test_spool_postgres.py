@@ -144,22 +144,6 @@ async def test_an_erase_on_one_replica_is_seen_by_a_worker_on_another(replicas):
     assert await worker.get(job.id) is None
 
 
-async def test_a_parked_job_put_back_waits_while_a_later_one_runs(replicas):
-    spool = await replicas()
-    first = await spool.enqueue(exchange("alice", "1"))
-    await spool.enqueue(exchange("alice", "2"))
-    await spool.fail((await spool.claim()).job, "bad answer", retry_in=None)
-    second = (await spool.claim()).job
-    assert await spool.retry_failed("alice") == 1
-    # The older job is the head again, but the user already has a job running:
-    # it comes due when that job's lease ends.
-    claim = await spool.claim()
-    assert claim.job is None
-    assert claim.wait == pytest.approx(30)
-    assert await spool.complete(second)
-    assert (await spool.claim()).job.id == first
-
-
 async def test_a_job_committed_after_a_later_one_was_claimed_waits_for_it(
     replicas, postgres_url, clock
 ):
