@@ -37,6 +37,7 @@ def describe(config: Config, source: Path | None) -> str:
         f"listening on: http://{address(config.server.host, config.server.port)}",
         *(f"upstream {_upstream(config, u)}" for u in config.upstreams),
         f"data dir: {config.data_path.absolute()}",
+        *_storage(config),
         *_memory(config),
         f"auth: {_auth(config)}",
         f"processes: {_processes(config)}",
@@ -151,6 +152,19 @@ def _memory(config: Config) -> list[str]:
         f"embedder: {embedder}",
         f"extraction model: {memory.llm.model or AUTO_MODEL}",
         f"extraction endpoint: {at}; key: {endpoint.key_source}",
+    ]
+
+
+def _storage(config: Config) -> list[str]:
+    """Where the memory tables are, when not in the data dir: the URI without
+    credentials or query; the options (keys) are never shown, only named."""
+    storage = config.storage
+    if not config.memory.enabled or storage.uri is None:
+        return []
+    options = ", ".join(sorted(storage.options)) or "none"
+    return [
+        f"memory tables: {public_url(storage.uri)} (shared; checked for other replicas'"
+        f" writes every {storage.refresh_seconds:g} s); options set: {options}"
     ]
 
 

@@ -216,7 +216,9 @@ class MemoryEngine:
             # Several gateway processes may start at once on one directory:
             # creating tables, indices and the spool's schema is done by one at a time.
             async with locked(data_dir / OPEN_LOCK):
-                store = await MemoryStore.open(data_dir / STORE_DIR, embedder, config)
+                store = await MemoryStore.open(
+                    data_dir / STORE_DIR, embedder, config, storage=storage
+                )
                 spool = await open_spool(queue, data_dir, lease_seconds=config.spool.lease_seconds)
         except BaseException:
             if store is not None:

@@ -5,8 +5,10 @@
     |   +-- EmbedderError           the embedder unreachable or failing
     |   |                           (memory.embedding; also a RuntimeError)
     |   +-- ExtractionUnavailable   the extraction model unreachable or
-    |                               overloaded (memory.extraction; also an
-    |                               ExtractionError, below)
+    |   |                           overloaded (memory.extraction; also an
+    |   |                           ExtractionError, below)
+    |   +-- StorageUnavailable      the object store holding the tables
+    |                               unreachable or refusing (memory.store)
     +-- RejectedError               the input or the setup is wrong: trying
     |   |                           again gives the same answer
     |   +-- InvalidScope            an id that cannot name a user, agent or
@@ -41,6 +43,7 @@ __all__ = [
     "InvalidImport",
     "MemoryLibraryError",
     "RejectedError",
+    "StorageUnavailable",
     "TransientError",
 ]
 
@@ -51,6 +54,12 @@ class MemoryLibraryError(Exception):
 
 class TransientError(MemoryLibraryError):
     """A failure that passes (an outage, an overload): waiting and trying again helps."""
+
+
+class StorageUnavailable(TransientError):
+    """The object store holding the tables (`storage.uri`) could not be
+    reached or refused a request: LanceDB reports it as a `ValueError`, which
+    would read as a configuration to fix rather than an outage to wait out."""
 
 
 class RejectedError(MemoryLibraryError):

@@ -548,3 +548,24 @@ def test_the_start_up_summary_says_where_anthropic_requests_go():
     text = describe(config, None)
     assert "upstream claude (api: anthropic): https://api.anthropic.com/v1" in text
     assert "every /v1/messages model no other anthropic upstream claims" in text
+
+
+def test_the_summary_names_the_memory_tables_uri_without_credentials():
+    config = load_config(
+        None,
+        env={},
+        overrides={
+            "storage": {
+                "uri": "s3://key:pw-in-uri@memories/prod?ddbTableName=t",
+                "options": {"aws_secret_access_key": "opt-secret-4b1e", "region": "eu-west-1"},
+                "refresh_seconds": 0.5,
+            }
+        },
+    )
+    text = describe(config, None)
+    assert (
+        "memory tables: s3://memories/prod (shared; checked for other replicas' writes"
+        " every 0.5 s); options set: aws_secret_access_key, region"
+    ) in text
+    assert "pw-in-uri" not in text and "opt-secret-4b1e" not in text and "eu-west-1" not in text
+    assert "memory tables" not in describe(_config(), None)

@@ -5,6 +5,13 @@ Other processes' writes show as table versions that moved without us: the
 change log beside the tables (memory/changelog.py) says which users' rows
 each version changed, and those rows are re-read here; a version nobody
 logged (for longer than `_UNLOGGED_GRACE`) drops the whole cache.
+
+On a shared store (`storage.uri`, replicas on several machines) each version
+check is a LIST on the object store, so it runs at most every `refresh`
+seconds, in the background while searches are steady (a cached search then
+makes no request at all). Another machine's versions are never in this
+machine's log: one seen while no local writer is between commit and log
+(`_local_writers_quiet`) drops the cache at once, without the grace.
 """
 
 from __future__ import annotations
@@ -40,6 +47,12 @@ def _retrieve(future: asyncio.Future[Any]) -> None:
         future.exception()
 
 
+def _report(future: asyncio.Future[Any]) -> None:
+    """A background check's error: nobody awaits it, so it is logged here."""
+    if not future.cancelled() and (exc := future.exception()) is not None:
+        log.warning("checking the memories table's version failed: %s", str(exc)[:300])
+
+
 class CacheCoherence(SearchState):
     """Loading scopes into the cache and following the table's versions."""
 
@@ -55,15 +68,24 @@ class CacheCoherence(SearchState):
         assert self._cache is not None
         if not versions:
             return None
+        # Probed before the log is read: a local writer that committed one of
+        # `versions` has logged it by the time the probe succeeds.
+        foreign = self._refresh is not None and await self._local_writers_quiet()
         try:
             logged = await asyncio.to_thread(self._changes.logged, min(versions), max(versions))
         except Exception as exc:
             log.warning("change log unreadable (%s); search cache dropped", exc)
             self._cache.clear()
             return None
-        await self._refresh({v: c for v, c in logged.items() if v in versions})
+        await self._refresh_rows({v: c for v, c in logged.items() if v in versions})
         missing = sorted(v for v in versions if v not in logged)
         if not missing:
+            self._unlogged_since = None
+            return None
+        if foreign:
+            # Another machine's (or a dead writer's): never logged here.
+            log.debug("memories table moved by other replicas; search cache dropped")
+            self._cache.clear()
             self._unlogged_since = None
             return None
         now = time.monotonic()
@@ -136,6 +158,18 @@ class CacheCoherence(SearchState):
         if not shared:
             return await self._read_version()
         checking = self._checking
+        if self._refresh is not None and self._version is not None:
+            now = time.monotonic()
+            if now < self._fresh_until and self._unlogged_since is None:
+                return True  # checked less than `refresh` ago: no request
+            if now < self._fresh_until + self._refresh:
+                # Due: one check in the background, the search goes on with
+                # the cache (at most about two `refresh` behind).
+                if checking is None or checking.done():
+                    checking = self._checking = asyncio.ensure_future(self._read_version())
+                    checking.add_done_callback(_report)
+                return False
+            # Idle for longer: this search waits, so the bound holds.
         if checking is None or checking.done():
             checking = self._checking = asyncio.ensure_future(self._read_version())
             checking.add_done_callback(_retrieve)
@@ -144,6 +178,10 @@ class CacheCoherence(SearchState):
     async def _read_version(self) -> bool:
         assert self._cache is not None
         known = self._version
+        if self._refresh is not None:
+            # LanceDB's `read_consistency_interval` is `refresh` too: this
+            # `version()` is a LIST at most that often.
+            self._fresh_until = time.monotonic() + self._refresh
         version = await self._memories.version()
         if self._own_writes:
             return False
@@ -160,7 +198,9 @@ class CacheCoherence(SearchState):
             return pending is None
         return False
 
-    async def _refresh(self, logged: Mapping[int, Mapping[str, frozenset[str] | None]]) -> None:
+    async def _refresh_rows(
+        self, logged: Mapping[int, Mapping[str, frozenset[str] | None]]
+    ) -> None:
         """Re-read into the cache the rows other processes' versions changed.
 
         Only users with a cached scope are read; a user logged as a whole

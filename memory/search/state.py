@@ -45,8 +45,15 @@ class SearchState:
     _version: int | None
     _unlogged_since: float | None
     _own_writes: int
+    # Shared store (`storage.uri`): seconds between version checks, and the
+    # monotonic time before which the last check stands; None: a local store.
+    _refresh: float | None
+    _fresh_until: float
 
     async def _embed(self, texts: Sequence[str]) -> np.ndarray:
+        raise NotImplementedError
+
+    async def _local_writers_quiet(self) -> bool:
         raise NotImplementedError
 
     async def _rows_by_ids(

@@ -19,7 +19,7 @@ import pyarrow as pa
 
 from memory.changelog import Changes
 from memory.filters import scope_filter
-from memory.locks import locked
+from memory.locks import FileLock, locked
 from memory.models import Scope
 from memory.rows import changed
 from memory.store.reads import StoreReads
@@ -55,6 +55,19 @@ class Commits(StoreReads):
                 log.warning("LanceDB commit conflict, retrying (%s)", exc)
                 await asyncio.sleep(0.02 * 2**attempt)
         raise AssertionError("unreachable")
+
+    async def _local_writers_quiet(self) -> bool:
+        """Whether no process of this machine is between a commit and its log
+        record: `WRITES_LOCK` is free (taken exclusively, let go at once). A
+        version unlogged then came from another machine (shared store)."""
+        lock = FileLock(self._writes_lock)
+        try:
+            if not await lock.acquire(blocking=False):
+                return False
+        except OSError:
+            return False
+        lock.release()
+        return True
 
     def _wrote(self, n: int = 1) -> None:
         self._writes += n

@@ -34,7 +34,7 @@ import pyarrow.compute as pc
 from lancedb.query import ColumnOrdering
 
 from memory.changelog import ChangeLog
-from memory.config import MemoryConfig
+from memory.config import MemoryConfig, StorageConfig
 from memory.embedding import Embedder, EmbedderError, QueryCache
 from memory.filters import scope_filter, unscoped
 from memory.models import Actor, HistoryEntry, Memory, Scope
@@ -63,7 +63,7 @@ from memory.search.scope_index import ScopeIndex
 from memory.store.apply import ApplyRequest
 from memory.store.commit import CHANGES_FILE, WRITES_LOCK
 from memory.store.imports import Imports
-from memory.store.tables import connect
+from memory.store.tables import TableLocation, connect, storage_error
 
 _ORDER = [ColumnOrdering(column_name="created_at"), ColumnOrdering(column_name="id")]
 
@@ -82,8 +82,14 @@ class MemoryStore(Imports):
         *,
         path: Path,
         changes: ChangeLog,
+        location: TableLocation | None = None,
     ) -> None:
         self._path = path
+        # Where the tables are; `path` holds the lock and the change log.
+        self._location = location or TableLocation.of(path, None)
+        # Shared store: the table's version is checked at most this often.
+        self._refresh = self._location.refresh
+        self._fresh_until = 0.0
         self._changes = changes
         self._writes_lock = path / WRITES_LOCK
         self._db = db
@@ -124,19 +130,44 @@ class MemoryStore(Imports):
         self._applier: asyncio.Future[None] | None = None
 
     @classmethod
-    async def open(cls, path: Path, embedder: Embedder, config: MemoryConfig) -> MemoryStore:
-        """Create or open the tables under `path`; warm the embedder.
+    async def open(
+        cls,
+        path: Path,
+        embedder: Embedder,
+        config: MemoryConfig,
+        *,
+        storage: StorageConfig | None = None,
+    ) -> MemoryStore:
+        """Create or open the tables under `path`, or at `storage.uri` when
+        set (`path` then holds only this machine's lock and change log); warm
+        the embedder.
 
         Raises `EmbedderMismatch` when the tables were built with another
-        embedder name or dimension.
+        embedder name or dimension, `StorageUnavailable` (transient) when the
+        object store cannot be reached.
         """
         warm: Callable[[], Awaitable[None]] | None = getattr(embedder, "warm", None)
         if warm is not None:
             await warm()
         if not embedder.dimensions:
             raise EmbedderError(f"embedder {embedder.name!r} does not know its dimension")
+        location = TableLocation.of(Path(path), storage)
         await asyncio.to_thread(Path(path).mkdir, parents=True, exist_ok=True)
-        db = await connect(path, config)
+        if location.shared and location.local_dir is not None:
+            await asyncio.to_thread(location.local_dir.mkdir, parents=True, exist_ok=True)
+        try:
+            return await cls._open_tables(Path(path), location, embedder, config)
+        except Exception as exc:
+            error = storage_error(exc, location)
+            if error is exc:
+                raise
+            raise error from exc
+
+    @classmethod
+    async def _open_tables(
+        cls, path: Path, location: TableLocation, embedder: Embedder, config: MemoryConfig
+    ) -> MemoryStore:
+        db = await connect(location, config)
         names = set((await db.list_tables()).tables)
         if MEMORIES in names:
             memories = await db.open_table(MEMORIES)
@@ -150,9 +181,15 @@ class MemoryStore(Imports):
             schema = memories_schema(embedder.name, embedder.dimensions)
             memories = await db.create_table(MEMORIES, schema=schema, exist_ok=True)
         history = await db.create_table(HISTORY, schema=history_schema(), exist_ok=True)
-        changes = await asyncio.to_thread(ChangeLog, Path(path) / CHANGES_FILE)
-        store = cls(db, memories, history, embedder, config, path=Path(path), changes=changes)
-        await store._ensure_indices()
+        changes = await asyncio.to_thread(ChangeLog, path / CHANGES_FILE)
+        store = cls(
+            db, memories, history, embedder, config, path=path, changes=changes, location=location
+        )
+        try:
+            await store._ensure_indices()
+        except BaseException:
+            await store.close()
+            raise
         return store
 
     # ---------- direct API ----------

@@ -4,6 +4,11 @@
 `_ensure_indices`; `optimize` (run by maintenance) compacts them under the
 exclusive `WRITES_LOCK`, so every version in its span is its own, logged as
 changing nothing, and reconnects to let LanceDB's stale file handles go.
+
+The tables live in the local store directory, or at `storage.uri` (object
+storage shared by replicas: `TableLocation`); the lock and the change log
+always stay in the local directory. On a shared store another machine may
+commit inside an optimize's span, so that span is not logged as unchanged.
 """
 
 from __future__ import annotations
@@ -11,6 +16,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -18,9 +26,11 @@ from typing import Any
 import lancedb
 from lancedb.index import FTS, BTree, IvfPq
 
-from memory.config import MemoryConfig
+from memory.config import MemoryConfig, StorageConfig
+from memory.errors import StorageUnavailable
 from memory.filters import unscoped
 from memory.locks import locked
+from memory.redaction import public_url
 from memory.schema import HISTORY, MEMORIES
 from memory.store.commit import Commits
 
@@ -39,19 +49,83 @@ _FTS_CONFIG = FTS(
 )
 
 
-async def connect(path: Path, config: MemoryConfig) -> Any:
+# What LanceDB's errors say when the object store failed (its Rust `IO` and
+# `object_store` errors, surfaced as ValueError or OSError).
+_STORE_FAILURE = re.compile(r"\bIO \{|object_store|ObjectStore|store: \"")
+_USERINFO = re.compile(r"://[^/@\s]*@")
+
+
+@dataclass(frozen=True)
+class TableLocation:
+    """Where LanceDB opens the tables: the local store directory (`uri` unset)
+    or `storage.uri`, with its options. `refresh` is None for a local store;
+    for a shared one, how stale (seconds) a replica may be about the others'
+    writes, the bound that spares a LIST per request."""
+
+    uri: str
+    options: Mapping[str, str] = field(default_factory=dict, repr=False)
+    refresh: float | None = None
+
+    @classmethod
+    def of(cls, local: Path, storage: StorageConfig | None) -> TableLocation:
+        if storage is None or storage.uri is None:
+            return cls(str(local))
+        return cls(storage.uri, dict(storage.options), storage.refresh_seconds)
+
+    @property
+    def shared(self) -> bool:
+        return self.refresh is not None
+
+    @property
+    def local_dir(self) -> Path | None:
+        """The directory to create first, when the tables are on this file system."""
+        if "://" in self.uri:
+            return None
+        return Path(self.uri)
+
+    @property
+    def public(self) -> str:
+        """The URI without credentials or query, for logs (options are never shown)."""
+        return public_url(self.uri)
+
+
+def storage_error(exc: Exception, location: TableLocation) -> Exception:
+    """`exc` as a `StorageUnavailable` when it is the object store failing
+    (unreachable, refused): opening is then retried rather than given up."""
+    if isinstance(exc, StorageUnavailable) or not location.shared:
+        return exc
+    text = str(exc)
+    if not _STORE_FAILURE.search(text):
+        return exc
+    first = _USERINFO.sub("://", text.splitlines()[0] if text else type(exc).__name__)
+    return StorageUnavailable(f"object store at {location.public}: {first[:500]}")
+
+
+async def connect(location: TableLocation, config: MemoryConfig) -> Any:
     session = lancedb.Session(
         index_cache_size_bytes=config.maintenance.index_cache_bytes,
         metadata_cache_size_bytes=config.maintenance.metadata_cache_bytes,
     )
-    consistency = timedelta(seconds=config.maintenance.read_consistency_seconds)
+    if not location.shared:
+        consistency = timedelta(seconds=config.maintenance.read_consistency_seconds)
+        return await lancedb.connect_async(
+            location.uri, session=session, read_consistency_interval=consistency
+        )
+    # Each consistency check on object storage is a LIST: at most one per
+    # `refresh` (the search cache checks no more often either).
+    assert location.refresh is not None
     return await lancedb.connect_async(
-        str(path), session=session, read_consistency_interval=consistency
+        location.uri,
+        session=session,
+        read_consistency_interval=timedelta(seconds=location.refresh),
+        storage_options=dict(location.options) or None,
     )
 
 
 class Tables(Commits):
     """The tables' handles, indices and maintenance."""
+
+    _location: TableLocation
 
     async def _ensure_indices(self) -> None:
         have = {tuple(i.columns): i.index_type for i in await self._memories.list_indices()}
@@ -74,7 +148,7 @@ class Tables(Commits):
         superseded index file open, deleted or not (about 2 descriptors per
         optimize, forever); a new session lets them go. Old handles are
         dropped, not closed: a read still running on them finishes."""
-        db = await connect(self._path, self._config)
+        db = await connect(self._location, self._config)
         memories = await db.open_table(MEMORIES)
         history = await db.open_table(HISTORY)
         self._db, self._memories, self._history = db, memories, history
@@ -83,6 +157,10 @@ class Tables(Commits):
         if self._closed:
             return
         self._closed = True
+        checking = self._checking
+        if checking is not None and not checking.done():
+            # A background version check (shared store) must not outlive the handles.
+            await asyncio.wait([checking])
         async with self._lock:
             self._memories.close()
             self._history.close()
@@ -120,12 +198,19 @@ class Tables(Commits):
                 await self._reconnect()
             finally:
                 end = await self._memories.version()
-                ours = range(start + 1, end + 1)
-                try:
-                    await asyncio.to_thread(self._changes.record_unchanged, ours)
-                except Exception as exc:
-                    # Others then see unlogged versions and drop their caches: safe.
-                    log.warning("could not log the maintenance versions: %s", exc)
+                if self._location.shared:
+                    # Another machine may have committed inside the span: it is
+                    # not all ours, so it is left unlogged (this machine's other
+                    # processes then drop their caches) and ours is dropped too.
+                    if self._cache is not None:
+                        self._cache.clear()
+                else:
+                    ours = range(start + 1, end + 1)
+                    try:
+                        await asyncio.to_thread(self._changes.record_unchanged, ours)
+                    except Exception as exc:
+                        # Others then see unlogged versions and drop their caches: safe.
+                        log.warning("could not log the maintenance versions: %s", exc)
                 if self._cache is not None:
                     self._version = end
                 self._own_writes -= 1
