@@ -15,10 +15,15 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
 
 WORKDIR /app
 
+# Optional extras to install, separated by commas: `postgres` for a shared
+# extraction queue (docs/scaling.md; deploy/compose.yaml builds with it).
+ARG EXTRAS=""
+
 # The dependencies first, in a layer of their own: editing the source does not
-# reinstall them. The list is pyproject.toml's [project].dependencies.
+# reinstall them. The list is pyproject.toml's [project].dependencies and the
+# EXTRAS' [project.optional-dependencies].
 COPY pyproject.toml ./
-RUN python -c "import tomllib; deps = tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies']; open('/tmp/requirements.txt', 'w').write('\n'.join(deps) + '\n')" \
+RUN EXTRAS="$EXTRAS" python -c "import os, tomllib; p = tomllib.load(open('pyproject.toml', 'rb'))['project']; deps = p['dependencies'] + [d for e in os.environ['EXTRAS'].split(',') if e.strip() for d in p['optional-dependencies'][e.strip()]]; open('/tmp/requirements.txt', 'w').write('\n'.join(deps) + '\n')" \
     && pip install --no-cache-dir -r /tmp/requirements.txt \
     && rm /tmp/requirements.txt \
     && useradd --create-home --uid 10001 gateway \

@@ -65,7 +65,7 @@ def create_app(
             hooks = memory
         else:
             hooks = NoHooks()
-    issued_keys = KeyStore(config.data_path, config.auth.keys_secret)
+    issued_keys = KeyStore(config.data_path, config.auth.keys_secret, queue_url=config.queue.url)
     proxy = Proxy(config, hooks, activity, issued_keys, metrics)
     access = Access(config.auth.admin_key, proxy.identity.keys)
     mcp_handlers = []

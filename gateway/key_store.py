@@ -6,12 +6,14 @@ that one must be sent upstream, so it cannot be hashed; it is stored only
 encrypted (AES-GCM, with a key derived from `auth.keys_secret`, which lives
 in the environment, never in the data directory), and refused without one.
 
-The table is `<data_dir>/keys.sqlite3`, shared by every worker process. Each
-process keeps the active keys in memory and re-reads them when another
-connection committed a change (`PRAGMA data_version`), checked twice a
-second by a background task: a key created or revoked on one worker works,
-or stops working, on every worker within a second. Every SQLite call runs
-in a thread, off the event loop.
+The table is `<data_dir>/keys.sqlite3`, shared by every worker process; with
+`queue.url` on PostgreSQL it is a table there (`gateway_keys`), shared by
+every replica. Each process keeps the active keys in memory and re-reads
+them when the table changed (SQLite's `PRAGMA data_version`; a counter
+bumped with each change on PostgreSQL), checked twice a second by a
+background task: a key created or revoked on one worker or replica works, or
+stops working, on every other within a second. Every database call runs in
+a thread, off the event loop.
 """
 
 from __future__ import annotations
@@ -26,8 +28,10 @@ import secrets
 import sqlite3
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, TypeVar
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
@@ -35,6 +39,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from gateway.config import UserKey
 
 logger = logging.getLogger("gateway")
+T = TypeVar("T")
 
 FILE = "keys.sqlite3"
 # Every issued key starts so: a revoked or expired one is recognised (and
@@ -53,6 +58,27 @@ CREATE TABLE IF NOT EXISTS keys (
     expires_at REAL
 )
 """
+_PG_SCHEMA = """
+CREATE TABLE IF NOT EXISTS gateway_keys (
+    id TEXT PRIMARY KEY,
+    user_id TEXT NOT NULL,
+    name TEXT,
+    digest BYTEA NOT NULL UNIQUE,
+    hint TEXT NOT NULL,
+    upstream_key BYTEA,
+    created_at DOUBLE PRECISION NOT NULL,
+    expires_at DOUBLE PRECISION
+);
+CREATE TABLE IF NOT EXISTS gateway_keys_version (
+    one BOOLEAN PRIMARY KEY DEFAULT TRUE CHECK (one),
+    version BIGINT NOT NULL
+);
+INSERT INTO gateway_keys_version VALUES (TRUE, 0) ON CONFLICT DO NOTHING;
+"""
+# Replicas starting together create the tables one at a time.
+_PG_SCHEMA_LOCK = 0x4D475703
+# One key's row, in the tables' column order.
+Row = tuple[str, str, str | None, bytes, str, bytes | None, float, float | None]
 
 
 class KeySecretMissing(Exception):
@@ -98,20 +124,14 @@ class _Cipher:
         return self._aead.decrypt(blob[:12], blob[12:], key_id.encode()).decode()
 
 
-class KeyStore:
-    """The issued keys of one data directory."""
+class _SQLiteTable:
+    """The keys of one data directory. Blocking: called in threads, one at a time."""
 
-    def __init__(self, data_dir: Path, secret: str | None = None) -> None:
-        self.path = data_dir / FILE
-        self._cipher = _Cipher(secret) if secret else None
+    errors: tuple[type[Exception], ...] = (sqlite3.Error, OSError)
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
         self._db: sqlite3.Connection | None = None
-        # SQLite calls come from worker threads, one at a time.
-        self._lock = threading.Lock()
-        self._active: dict[bytes, _Active] = {}
-        self._version: int | None = None
-        self._task: asyncio.Task[None] | None = None
-
-    # -- lifecycle ------------------------------------------------------------
 
     def _conn(self) -> sqlite3.Connection:
         if self._db is None:
@@ -125,13 +145,131 @@ class KeyStore:
             self._db = db
         return self._db
 
+    def version(self) -> object | None:
+        """Moves when another connection commits (not for this one's own
+        writes); None while no key was ever issued here."""
+        if self._db is None and not self.path.exists():
+            return None
+        return self._conn().execute("PRAGMA data_version").fetchone()[0]
+
+    def rows(self) -> list[Row]:
+        sql = "SELECT id, user_id, name, digest, hint, upstream_key, created_at, expires_at"
+        return self._conn().execute(sql + " FROM keys").fetchall()
+
+    def insert(self, row: Row) -> None:
+        self._conn().execute("INSERT INTO keys VALUES (?, ?, ?, ?, ?, ?, ?, ?)", row)
+
+    def delete(self, key_id: str) -> bool:
+        return self._conn().execute("DELETE FROM keys WHERE id = ?", (key_id,)).rowcount > 0
+
+    def close(self) -> None:
+        if self._db is not None:
+            db, self._db = self._db, None
+            db.close()
+
+
+class _PostgresTable:
+    """The keys every replica shares, beside the extraction queue. A dropped
+    connection (the server restarted) is replaced at the next call."""
+
+    def __init__(self, url: str) -> None:
+        import psycopg
+
+        from memory.spool_postgres import Target
+
+        self._psycopg = psycopg
+        self.errors: tuple[type[Exception], ...] = (psycopg.Error, OSError)
+        self._target = Target(url)
+        self._db: psycopg.Connection[Any] | None = None
+
+    def _conn(self) -> Any:
+        if self._db is not None and self._db.closed:
+            self._db = None
+        if self._db is None:
+            try:
+                db = self._psycopg.connect(
+                    self._target.conninfo, autocommit=True, **self._target.kwargs
+                )
+            except self._psycopg.Error as exc:
+                # libpq's messages may quote the connection string.
+                raise self._psycopg.OperationalError(self._target.scrub(str(exc))) from None
+            with db.transaction():
+                db.execute("SELECT pg_advisory_xact_lock(%s)", (_PG_SCHEMA_LOCK,))
+                db.execute(_PG_SCHEMA)
+            self._db = db
+        return self._db
+
+    def _call(self, fn: Callable[[Any], T]) -> T:
+        try:
+            return fn(self._conn())
+        except self._psycopg.OperationalError:
+            # The connection may be dead: a fresh one next time.
+            self.close()
+            raise
+
+    def version(self) -> object | None:
+        return self._call(
+            lambda db: db.execute("SELECT version FROM gateway_keys_version").fetchone()[0]
+        )
+
+    def rows(self) -> list[Row]:
+        sql = (
+            "SELECT id, user_id, name, digest, hint, upstream_key, created_at, expires_at"
+            " FROM gateway_keys"
+        )
+        return self._call(lambda db: db.execute(sql).fetchall())
+
+    def _change(self, db: Any, sql: str, params: tuple[Any, ...]) -> int:
+        with db.transaction():
+            count = int(db.execute(sql, params).rowcount)
+            db.execute("UPDATE gateway_keys_version SET version = version + 1")
+        return count
+
+    def insert(self, row: Row) -> None:
+        sql = "INSERT INTO gateway_keys VALUES (%s, %s, %s, %s, %s, %s, %s, %s)"
+        self._call(lambda db: self._change(db, sql, row))
+
+    def delete(self, key_id: str) -> bool:
+        sql = "DELETE FROM gateway_keys WHERE id = %s"
+        return self._call(lambda db: self._change(db, sql, (key_id,))) > 0
+
+    def close(self) -> None:
+        if self._db is not None:
+            db, self._db = self._db, None
+            with contextlib.suppress(Exception):
+                db.close()
+
+
+class KeyStore:
+    """The issued keys: of one data directory, or of every replica sharing
+    a PostgreSQL `queue_url`."""
+
+    def __init__(
+        self, data_dir: Path, secret: str | None = None, *, queue_url: str | None = None
+    ) -> None:
+        self.path = data_dir / FILE
+        self._table: _SQLiteTable | _PostgresTable = (
+            _PostgresTable(queue_url)
+            if queue_url is not None and queue_url.startswith(("postgresql://", "postgres://"))
+            else _SQLiteTable(self.path)
+        )
+        self._cipher = _Cipher(secret) if secret else None
+        # Database calls come from worker threads, one at a time.
+        self._lock = threading.Lock()
+        self._active: dict[bytes, _Active] = {}
+        self._version: object | None = None
+        self._task: asyncio.Task[None] | None = None
+
+    # -- lifecycle ------------------------------------------------------------
+
     async def start(self) -> None:
         """Load the keys, then follow other processes' changes. A store that
-        cannot be read (a read-only data directory) leaves only gateway.yaml's
-        keys working, and is tried again; it never stops the gateway."""
+        cannot be read (a read-only data directory, a queue server that is
+        down) leaves only gateway.yaml's keys working, and is tried again; it
+        never stops the gateway."""
         try:
             await asyncio.to_thread(self._reload, True)
-        except (sqlite3.Error, OSError) as exc:
+        except self._table.errors as exc:
             logger.error("issued keys cannot be read (%s): only gateway.yaml's keys work", exc)
         self._task = asyncio.create_task(self._follow(), name="key-store")
 
@@ -141,32 +279,28 @@ class KeyStore:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
-        if self._db is not None:
-            db, self._db = self._db, None
-            await asyncio.to_thread(db.close)
+        await asyncio.to_thread(self._closed)
+
+    def _closed(self) -> None:
+        with self._lock:
+            self._table.close()
 
     async def _follow(self) -> None:
         while True:
             await asyncio.sleep(REFRESH_SECONDS)
             try:
                 await asyncio.to_thread(self._reload, False)
-            except (sqlite3.Error, OSError) as exc:
+            except self._table.errors as exc:
                 logger.warning("could not re-read the issued keys: %s", exc)
 
     def _reload(self, force: bool) -> None:
-        """Re-read the keys if another connection changed them (`data_version`
-        does not move for this connection's own writes: `force` after those)."""
+        """Re-read the keys if the table's version moved (`force` after this
+        process's own writes, which SQLite's version does not count)."""
         with self._lock:
-            if self._db is None and not self.path.exists():
-                return  # no key was ever issued here: nothing to create yet
-            db = self._conn()
-            version = db.execute("PRAGMA data_version").fetchone()[0]
-            if version == self._version and not force:
+            version = self._table.version()
+            if version is None or (version == self._version and not force):
                 return
-            rows = db.execute(
-                "SELECT id, user_id, name, digest, hint, upstream_key, created_at, expires_at"
-                " FROM keys"
-            ).fetchall()
+            rows = self._table.rows()
             self._version = version
         self._active = {
             bytes(r[3]): _Active(
@@ -239,21 +373,20 @@ class KeyStore:
             key_id, user_id, name, token[-4:], sealed is not None, time.time(), expires_at
         )
 
+        row: Row = (
+            issued.id,
+            user_id,
+            name,
+            digest(token),
+            issued.hint,
+            sealed,
+            issued.created_at,
+            expires_at,
+        )
+
         def insert() -> None:
             with self._lock:
-                self._conn().execute(
-                    "INSERT INTO keys VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                    (
-                        issued.id,
-                        user_id,
-                        name,
-                        digest(token),
-                        issued.hint,
-                        sealed,
-                        issued.created_at,
-                        expires_at,
-                    ),
-                )
+                self._table.insert(row)
 
         await asyncio.to_thread(insert)
         await asyncio.to_thread(self._reload, True)
@@ -269,7 +402,7 @@ class KeyStore:
     async def revoke(self, key_id: str) -> bool:
         def delete() -> bool:
             with self._lock:
-                return self._conn().execute("DELETE FROM keys WHERE id = ?", (key_id,)).rowcount > 0
+                return self._table.delete(key_id)
 
         deleted = await asyncio.to_thread(delete)
         await asyncio.to_thread(self._reload, True)

@@ -57,6 +57,10 @@ log = logging.getLogger("memory.spool_postgres")
 POOL_MIN_SIZE = 1
 POOL_MAX_SIZE = 8
 POOL_TIMEOUT_SECONDS = 10.0
+# An enqueue holds a chat's last bytes: with the server out of reach, the
+# exchange is given up (logged as not recorded) after this long, not after
+# the pool's timeout.
+ENQUEUE_TIMEOUT_SECONDS = 3.0
 # Heads looked at per claim: the due ones, oldest first.
 CLAIM_CANDIDATES = 16
 # When every due user was being claimed by another replica: look again soon.
@@ -410,9 +414,16 @@ class PostgresSpool:
         self._locks.append(lock)
         return lock
 
-    async def _execute(self, sql: str, params: Sequence[Any] | dict[str, Any] = ()) -> int:
-        """One statement in its own committed transaction; its row count."""
-        async with self._pool.connection() as conn:
+    async def _execute(
+        self,
+        sql: str,
+        params: Sequence[Any] | dict[str, Any] = (),
+        *,
+        wait: float | None = None,
+    ) -> int:
+        """One statement in its own committed transaction; its row count.
+        `wait`: the longest wait for a connection (default: the pool's)."""
+        async with self._pool.connection(timeout=wait) as conn:
             cur = await conn.execute(sql, params)
             return cur.rowcount
 
@@ -460,12 +471,12 @@ class PostgresSpool:
             " ON CONFLICT (id) DO NOTHING"
         )
         try:
-            await self._execute(sql, params)
+            await self._execute(sql, params, wait=ENQUEUE_TIMEOUT_SECONDS)
         except PoolTimeout:
             raise  # the server is out of reach: waiting twice helps no chat
         except psycopg.OperationalError as exc:
             log.warning("enqueue: %s; trying once more", self._target.scrub(str(exc)))
-            await self._execute(sql, params)
+            await self._execute(sql, params, wait=ENQUEUE_TIMEOUT_SECONDS)
         return job_id
 
     # -- consuming -----------------------------------------------------------

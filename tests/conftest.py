@@ -24,6 +24,7 @@ import pytest
 from gateway.config import Config
 from gateway.hooks import ChatHooks
 from tests.gateway_server import GatewayServer, gateway_config_for
+from tests.postgres import postgres_server, postgres_url  # noqa: F401 (fixtures)
 from tests.s3 import s3_prefix, s3_server  # noqa: F401 (fixtures)
 from tests.upstream import ScriptedUpstream, ServerThread
 

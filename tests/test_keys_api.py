@@ -17,6 +17,7 @@ import pytest
 
 from gateway.key_store import FILE
 from tests.gateway_server import GatewayServer, gateway_config_for
+from tests.postgres import PASSWORD, PostgresServer
 from tests.upstream import ScriptedUpstream
 
 ADMIN = {"Authorization": "Bearer adm-secret"}
@@ -27,17 +28,25 @@ SECRET = "an operator secret from the environment"
 def start_keyed_gateway(
     start_gateway: Callable[..., GatewayServer], upstream: ScriptedUpstream, tmp_path: Path
 ) -> Callable[..., GatewayServer]:
-    def start(memory: dict[str, Any] | None = None, **auth: Any) -> GatewayServer:
+    def start(
+        memory: dict[str, Any] | None = None,
+        *,
+        data: str = "data",
+        shared: dict[str, Any] | None = None,
+        **auth: Any,
+    ) -> GatewayServer:
+        """`shared`: the sections replicas share (`queue`)."""
         upstreams = [
             {"name": "scripted", "base_url": upstream.url, "default": True},
             {"name": "claude", "base_url": upstream.url, "api": "anthropic", "models": ["c*"]},
         ]
         config = gateway_config_for(
             upstream.url,
-            tmp_path / "data",
+            tmp_path / data,
             upstreams=upstreams,
             memory=memory,
             auth={"admin_key": "adm-secret", "keys_secret": SECRET, **auth},
+            **(shared or {}),
         )
         return start_gateway(config)
 
@@ -196,6 +205,34 @@ def test_a_key_issued_through_one_process_works_in_another_within_a_second(
     assert time.monotonic() - started < 1.5
     httpx.delete(first.url + f"/v1/keys/{created['id']}", headers=ADMIN)
     until(lambda: not works(second), timeout=5)
+
+
+def test_replicas_sharing_a_postgresql_queue_share_their_issued_keys(
+    start_keyed_gateway: Callable[..., GatewayServer],
+    postgres_server: PostgresServer,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Two gateways on two machines (data directories of their own): a key
+    issued on one works on the other within a second, and stops when revoked."""
+    shared = {"queue": {"url": postgres_server.create_database()}}
+    first = start_keyed_gateway(data="replica-1", shared=shared)
+    second = start_keyed_gateway(data="replica-2", shared=shared)
+    created = httpx.post(first.url + "/v1/keys", headers=ADMIN, json={"user_id": "alice"}).json()
+    headers = {"Authorization": f"Bearer {created['key']}"}
+
+    def works(gateway: GatewayServer) -> bool:
+        return httpx.get(gateway.url + "/v1/keys", headers=headers).status_code == 403
+
+    started = time.monotonic()
+    until(lambda: works(second), timeout=5)
+    assert time.monotonic() - started < 1.5
+    listed = httpx.get(second.url + "/v1/keys", headers=ADMIN).json()["data"]
+    assert [k["id"] for k in listed] == [created["id"]]
+    httpx.delete(second.url + f"/v1/keys/{created['id']}", headers=ADMIN)
+    until(lambda: not works(first), timeout=5)
+    # Nothing of the keys in the replicas' own directories.
+    assert not (first.config.data_path / FILE).exists()
+    assert PASSWORD not in caplog.text
 
 
 def test_a_revoked_key_from_a_local_client_is_not_taken_for_the_local_admin(

@@ -59,6 +59,9 @@ class JSONReply(Reply):
     status: int = 200
     headers: dict[str, str] = field(default_factory=dict)
     content_type: str = "application/json"
+    # Answer only once this is set (waiting up to `gate_timeout`).
+    gate: threading.Event | None = None
+    gate_timeout: float = 30.0
 
 
 @dataclass
@@ -554,6 +557,8 @@ class ScriptedUpstream:
                 await asyncio.sleep(0.02)
             return
         if isinstance(reply, JSONReply):
+            if reply.gate is not None:
+                await asyncio.to_thread(reply.gate.wait, reply.gate_timeout)
             data = reply.body if isinstance(reply.body, bytes) else msgspec.json.encode(reply.body)
             headers = {"content-type": reply.content_type, **reply.headers}
             await send(

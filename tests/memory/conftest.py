@@ -25,7 +25,6 @@ from tests.memory.helpers import (
     cached,
     uncached,
 )
-from tests.postgres import postgres_server, postgres_url  # noqa: F401 (fixtures)
 
 
 @pytest.fixture
