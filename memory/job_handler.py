@@ -114,17 +114,20 @@ class JobHandler:
             return
         if not await self._spool.owns(job):
             raise LeaseLost(job.id)
-        await _uncancellable(
-            self._store.apply(
-                scope,
-                ops,
-                source=job.id,
-                actor="extractor",
-                at=exchange.at,
-                fresh=fresh,
-                metadata=exchange.metadata,
+        try:
+            await _uncancellable(
+                self._store.apply(
+                    scope,
+                    ops,
+                    source=job.id,
+                    actor="extractor",
+                    at=exchange.at,
+                    fresh=fresh,
+                    metadata=exchange.metadata,
+                )
             )
-        )
+        except Exception as exc:
+            raise self._store.outage(exc) from exc
         self._observer.operations_applied(ops)
         if log.isEnabledFor(logging.DEBUG):
             # Operations and ids only: never a memory's text.
@@ -146,7 +149,10 @@ class JobHandler:
             raise Deferred(job.id, "no_key")
         text = related_query(job.exchange)
         k = self._config.search.extraction_context
-        existing = await self._store.related(job.exchange.scope, text, k) if text else []
+        try:
+            existing = await self._store.related(job.exchange.scope, text, k) if text else []
+        except Exception as exc:
+            raise self._store.outage(exc) from exc
         try:
             ops = await self._extractor.decide(job.exchange, existing, api_key=key)
         except ExtractionError as exc:

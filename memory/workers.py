@@ -28,6 +28,7 @@ from collections.abc import Awaitable, Callable, Coroutine, Iterable
 from typing import Any
 
 from memory.config import SpoolConfig
+from memory.errors import StorageUnavailable
 from memory.extraction import FOR_GOOD_CATEGORIES, ExtractionError, ExtractionUnavailable
 from memory.redaction import redact
 from memory.spool import Job
@@ -253,15 +254,19 @@ class WorkerPool:
             if isinstance(exc, LeaseLost):
                 return
             error = redact(str(exc) or type(exc).__name__)[:MAX_ERROR_CHARS]
-            if isinstance(exc, ExtractionUnavailable):
+            if isinstance(exc, ExtractionUnavailable | StorageUnavailable):
                 # An outage: back off (up to backoff_max) and try again, however
-                # long it lasts; the streak is shared since the model is down for all.
+                # long it lasts; the streak is shared since the model (or the
+                # object store) is down for all.
                 self._outage_streak += 1
                 delay = backoff(self._config, self._outage_streak)
-                log.warning("spool job %s waits for the extraction model: %s", job.id, error)
-                await self._spool.fail(
-                    job, error, retry_in=delay, counted=False, reason="model_unavailable"
+                what, reason = (
+                    ("the object store", "storage_unavailable")
+                    if isinstance(exc, StorageUnavailable)
+                    else ("the extraction model", "model_unavailable")
                 )
+                log.warning("spool job %s waits for %s: %s", job.id, what, error)
+                await self._spool.fail(job, error, retry_in=delay, counted=False, reason=reason)
                 return
             category = exc.category if isinstance(exc, ExtractionError) else "error"
             if job.attempts >= self._config.max_attempts or category in FOR_GOOD_CATEGORIES:

@@ -162,13 +162,17 @@ def s3_prefix(s3_server: S3Server) -> S3Prefix:
 
 class CountingProxy:
     """An HTTP/1.1 proxy in front of the emulator that records each request
-    (method, path): point a client's `endpoint` at `self.endpoint`."""
+    (method, path), or refuses them all while `down`: point a client's
+    `endpoint` at `self.endpoint`."""
 
     def __init__(self, target: str) -> None:
         host, port = target.removeprefix("http://").split(":")
         self.requests: list[tuple[str, str]] = []
+        # While set, every request is answered 503 (an object store outage).
+        self.down = False
         lock = threading.Lock()
         seen = self.requests
+        proxy = self
 
         class Handler(BaseHTTPRequestHandler):
             protocol_version = "HTTP/1.1"
@@ -181,6 +185,11 @@ class CountingProxy:
                 body = self.rfile.read(length) if length else None
                 with lock:
                     seen.append((self.command, self.path))
+                if proxy.down:
+                    self.send_response(503)
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                    return
                 upstream = http.client.HTTPConnection(host, int(port), timeout=30)
                 try:
                     upstream.request(self.command, self.path, body=body, headers=dict(self.headers))

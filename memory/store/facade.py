@@ -129,6 +129,12 @@ class MemoryStore(Imports):
         self._applies: list[ApplyRequest] = []
         self._applier: asyncio.Future[None] | None = None
 
+    def outage(self, exc: Exception) -> Exception:
+        """`exc` as a `StorageUnavailable` when it is the shared object store
+        failing mid-run (a job then waits the outage out instead of spending
+        its attempts); any other error unchanged."""
+        return storage_error(exc, self._location)
+
     @classmethod
     async def open(
         cls,

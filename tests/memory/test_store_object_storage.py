@@ -10,13 +10,16 @@ import asyncio
 import logging
 import socket
 import time
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
+from scripted_llm import ScriptedLLM, ops
 
-from memory.config import MemoryConfig, SearchConfig, StorageConfig
+from memory.config import LLMConfig, MemoryConfig, SearchConfig, SpoolConfig, StorageConfig
 from memory.engine import STORE_DIR, MemoryEngine
 from memory.errors import TRANSIENT, StorageUnavailable
+from memory.models import Exchange
 from memory.schema import HISTORY, MEMORIES
 from memory.search import coherence
 from memory.store import MemoryStore
@@ -295,3 +298,55 @@ async def test_the_engine_opens_its_tables_at_the_uri_and_the_rest_locally(tmp_p
     )
     with pytest.raises(TRANSIENT):
         await MemoryEngine.open(cached(), tmp_path / "other", storage=dead, embedder=HashEmbedder())
+
+
+async def test_a_job_waits_out_an_object_store_outage_without_spending_its_attempts(
+    tmp_path, s3_prefix
+):
+    """Mid-run, a store that refuses every request is an outage: the job
+    waits (`storage_unavailable`, attempts uncounted) however long it lasts,
+    where an error of its own would fail it for good after `max_attempts`."""
+    proxy = CountingProxy(s3_prefix.server.endpoint)
+    llm = ScriptedLLM([ops({"op": "ADD", "text": "Plays the violin"})])
+    client = llm.client()
+    config = MemoryConfig(
+        llm=LLMConfig(api_key="sk-test"),
+        spool=SpoolConfig(max_attempts=1, backoff_initial=0.05, backoff_max=0.1),
+    )
+    storage = _storage(
+        s3_prefix, endpoint=proxy.endpoint, client_max_retries="0", client_retry_timeout="1"
+    )
+    engine = await MemoryEngine.open(
+        config,
+        tmp_path / "data",
+        storage=storage,
+        embedder=HashEmbedder(),
+        default_base_url="http://llm.test/v1",
+        http_client=client,
+    )
+    try:
+        await engine.start()
+        proxy.down = True
+        job_id = await engine.record_exchange(
+            Exchange(
+                scope=ALICE,
+                messages=[{"role": "user", "content": "I play the violin"}],
+                reply="OK",
+                at=datetime.now(UTC),
+            )
+        )
+
+        async def waiting() -> bool:
+            info = await engine.spool.get(job_id)
+            return info is not None and info.reason == "storage_unavailable"
+
+        await _eventually(waiting, within=30)
+        info = await engine.spool.get(job_id)
+        assert info.state == "pending" and info.attempts == 0
+        proxy.down = False
+        assert (await engine.wait(job_id, timeout=30)).state == "done"
+        assert await texts(engine.store, ALICE, "violin") == ["Plays the violin"]
+    finally:
+        await engine.close()
+        await client.aclose()
+        proxy.close()
