@@ -25,6 +25,7 @@ import sqlite3
 import threading
 from collections.abc import Collection, Iterable, Mapping
 from pathlib import Path
+from typing import Protocol
 
 import msgspec
 
@@ -44,13 +45,57 @@ KEEP_VERSIONS = 100_000
 MAX_IDS = 256
 
 # The user of a version logged as changing no memory (user ids are never empty).
-_NOBODY = ""
+NOBODY = ""
 
 # user_id -> the ids a version changed, or None for "any of that user's rows".
 Changes = Mapping[str, Collection[str] | None]
 
 
+class VersionLog(Protocol):
+    """A change log: this machine's (`ChangeLog`), or one every replica shares
+    (memory/changelog_postgres.py)."""
+
+    # Whether other machines' writers record in it too: then a version not
+    # logged yet may be another machine's writer about to log it.
+    shared: bool
+
+    def record(self, version: int, changes: Changes) -> None: ...
+
+    def record_unchanged(self, versions: Iterable[int]) -> None: ...
+
+    def logged(self, first: int, last: int) -> dict[int, dict[str, frozenset[str] | None]]: ...
+
+    def prune(self, current: int) -> None: ...
+
+    def close(self) -> None: ...
+
+
+def encode_ids(ids: Collection[str] | None) -> str | None:
+    """A version's ids of one user as stored: None for "the whole user"."""
+    if ids is None or len(ids) > MAX_IDS:
+        return None
+    return msgspec.json.encode(sorted(ids)).decode()
+
+
+def decode_rows(
+    rows: Iterable[tuple[int, str, str | None]],
+) -> dict[int, dict[str, frozenset[str] | None]]:
+    """Stored `(version, user, ids)` rows as `logged` returns them."""
+    out: dict[int, dict[str, frozenset[str] | None]] = {}
+    for version, user, ids in rows:
+        changes = out.setdefault(version, {})
+        if user != NOBODY:
+            changes[user] = (
+                None if ids is None else frozenset(msgspec.json.decode(ids, type=list[str]))
+            )
+    return out
+
+
 class ChangeLog:
+    """The log of one machine's processes, in SQLite beside the tables."""
+
+    shared = False
+
     def __init__(self, path: Path) -> None:
         self.path = Path(path)
         self._lock = threading.Lock()
@@ -64,22 +109,12 @@ class ChangeLog:
 
     def record(self, version: int, changes: Changes) -> None:
         """The rows of each user that `version` changed."""
-        rows = [
-            (
-                version,
-                user,
-                None
-                if ids is None or len(ids) > MAX_IDS
-                else msgspec.json.encode(sorted(ids)).decode(),
-            )
-            for user, ids in changes.items()
-        ]
-        self._insert(rows)
+        self._insert([(version, user, encode_ids(ids)) for user, ids in changes.items()])
 
     def record_unchanged(self, versions: Iterable[int]) -> None:
         """Versions that changed no memory (compaction, index updates): other
         processes' caches stay as they are."""
-        self._insert([(version, _NOBODY, "[]") for version in versions])
+        self._insert([(version, NOBODY, "[]") for version in versions])
 
     def _insert(self, rows: list[tuple[int, str, str | None]]) -> None:
         if not rows:
@@ -105,14 +140,7 @@ class ChangeLog:
                 "SELECT version, user_id, ids FROM changed_rows WHERE version BETWEEN ? AND ?",
                 (first, last),
             ).fetchall()
-        out: dict[int, dict[str, frozenset[str] | None]] = {}
-        for version, user, ids in rows:
-            changes = out.setdefault(version, {})
-            if user != _NOBODY:
-                changes[user] = (
-                    None if ids is None else frozenset(msgspec.json.decode(ids, type=list[str]))
-                )
-        return out
+        return decode_rows(rows)
 
     def prune(self, current: int) -> None:
         with self._lock:

@@ -217,7 +217,7 @@ class MemoryEngine:
             # creating tables, indices and the spool's schema is done by one at a time.
             async with locked(data_dir / OPEN_LOCK):
                 store = await MemoryStore.open(
-                    data_dir / STORE_DIR, embedder, config, storage=storage
+                    data_dir / STORE_DIR, embedder, config, storage=storage, queue_url=queue.url
                 )
                 spool = await open_spool(queue, data_dir, lease_seconds=config.spool.lease_seconds)
         except BaseException:

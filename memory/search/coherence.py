@@ -9,9 +9,12 @@ logged (for longer than `_UNLOGGED_GRACE`) drops the whole cache.
 On a shared store (`storage.uri`, replicas on several machines) each version
 check is a LIST on the object store, so it runs at most every `refresh`
 seconds, in the background while searches are steady (a cached search then
-makes no request at all). Another machine's versions are never in this
-machine's log: one seen while no local writer is between commit and log
-(`_local_writers_quiet`) drops the cache at once, without the grace.
+makes no request at all). With the change log in the queue's database
+(memory/changelog_postgres.py) every replica logs its versions there, and
+they are followed as a local process's are. With a log of this machine's
+only, another machine's versions are never in it: one seen while no local
+writer is between commit and log (`_local_writers_quiet`) drops the cache at
+once, without the grace.
 """
 
 from __future__ import annotations
@@ -70,7 +73,11 @@ class CacheCoherence(SearchState):
             return None
         # Probed before the log is read: a local writer that committed one of
         # `versions` has logged it by the time the probe succeeds.
-        foreign = self._refresh is not None and await self._local_writers_quiet()
+        foreign = (
+            self._refresh is not None
+            and not self._changes.shared
+            and await self._local_writers_quiet()
+        )
         try:
             logged = await asyncio.to_thread(self._changes.logged, min(versions), max(versions))
         except Exception as exc:

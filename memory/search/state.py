@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from memory.changelog import ChangeLog
+from memory.changelog import VersionLog
 from memory.config import MemoryConfig
 from memory.embedding import Embedder, QueryCache
 from memory.models import Scope
@@ -34,7 +34,7 @@ class SearchState:
     _memories: Any
     _embedder: Embedder
     _config: MemoryConfig
-    _changes: ChangeLog
+    _changes: VersionLog
     _cache: ScopeCache | None
     _loading: dict[ScopeKey, asyncio.Future[ScopeIndex]]
     _recent: OrderedDict[tuple[ScopeKey, str], Nearest]

@@ -33,7 +33,7 @@ import msgspec
 import pyarrow.compute as pc
 from lancedb.query import ColumnOrdering
 
-from memory.changelog import ChangeLog
+from memory.changelog import ChangeLog, VersionLog
 from memory.config import MemoryConfig, StorageConfig
 from memory.embedding import Embedder, EmbedderError, QueryCache
 from memory.filters import scope_filter, unscoped
@@ -81,7 +81,7 @@ class MemoryStore(Imports):
         config: MemoryConfig,
         *,
         path: Path,
-        changes: ChangeLog,
+        changes: VersionLog,
         location: TableLocation | None = None,
     ) -> None:
         self._path = path
@@ -143,10 +143,12 @@ class MemoryStore(Imports):
         config: MemoryConfig,
         *,
         storage: StorageConfig | None = None,
+        queue_url: str | None = None,
     ) -> MemoryStore:
         """Create or open the tables under `path`, or at `storage.uri` when
         set (`path` then holds only this machine's lock and change log); warm
-        the embedder.
+        the embedder. Tables on object storage with a PostgreSQL `queue_url`
+        keep their change log in that database, shared by every replica.
 
         Raises `EmbedderMismatch` when the tables were built with another
         embedder name or dimension, `StorageUnavailable` (transient) when the
@@ -162,7 +164,7 @@ class MemoryStore(Imports):
         if location.shared and location.local_dir is not None:
             await asyncio.to_thread(location.local_dir.mkdir, parents=True, exist_ok=True)
         try:
-            return await cls._open_tables(Path(path), location, embedder, config)
+            return await cls._open_tables(Path(path), location, embedder, config, queue_url)
         except Exception as exc:
             error = storage_error(exc, location)
             if error is exc:
@@ -171,7 +173,12 @@ class MemoryStore(Imports):
 
     @classmethod
     async def _open_tables(
-        cls, path: Path, location: TableLocation, embedder: Embedder, config: MemoryConfig
+        cls,
+        path: Path,
+        location: TableLocation,
+        embedder: Embedder,
+        config: MemoryConfig,
+        queue_url: str | None,
     ) -> MemoryStore:
         db = await connect(location, config)
         names = set((await db.list_tables()).tables)
@@ -187,7 +194,17 @@ class MemoryStore(Imports):
             schema = memories_schema(embedder.name, embedder.dimensions)
             memories = await db.create_table(MEMORIES, schema=schema, exist_ok=True)
         history = await db.create_table(HISTORY, schema=history_schema(), exist_ok=True)
-        changes = await asyncio.to_thread(ChangeLog, path / CHANGES_FILE)
+        changes: VersionLog
+        if (
+            location.shared
+            and queue_url is not None
+            and queue_url.startswith(("postgresql://", "postgres://"))
+        ):
+            from memory.changelog_postgres import PostgresChangeLog
+
+            changes = await asyncio.to_thread(PostgresChangeLog, queue_url)
+        else:
+            changes = await asyncio.to_thread(ChangeLog, path / CHANGES_FILE)
         store = cls(
             db, memories, history, embedder, config, path=path, changes=changes, location=location
         )

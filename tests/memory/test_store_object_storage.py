@@ -137,6 +137,39 @@ async def test_replicas_see_each_others_writes_within_the_refresh(tmp_path, s3_p
         await a.close()
 
 
+async def test_replicas_sharing_a_postgresql_log_reread_only_what_another_changed(
+    tmp_path, s3_prefix, postgres_url
+):
+    """With the change log in the queue's database, B follows A's write by
+    re-reading the rows it changed: the users A did not touch stay cached."""
+
+    async def replica(name: str) -> MemoryStore:
+        return await MemoryStore.open(
+            tmp_path / name,
+            HashEmbedder(),
+            cached(),
+            storage=_storage(s3_prefix),
+            queue_url=postgres_url,
+        )
+
+    a, b = await replica("a"), await replica("b")
+    try:
+        assert b._changes.shared
+        await b.add(BOB, "Plays the drums")
+        await _has(b, "drums", "Plays the drums", scope=BOB)
+        assert b._cache is not None
+        bob_entry = b._cache.peek(BOB.key)
+        assert bob_entry is not None
+        await a.add(ALICE, "Plays the violin")
+        await _eventually(lambda: _has(b, "violin", "Plays the violin"))
+        assert b._cache.peek(BOB.key) is bob_entry  # kept, not reloaded
+        # The log is A's and B's: nothing of it in their local directories.
+        assert not (tmp_path / "a" / CHANGES_FILE).exists()
+    finally:
+        await b.close()
+        await a.close()
+
+
 async def _has(store: MemoryStore, query: str, text: str, scope=ALICE) -> bool:
     return text in await texts(store, scope, query)
 
@@ -184,12 +217,13 @@ async def test_a_cached_search_makes_no_request_between_refreshes(tmp_path, s3_p
         await _eventually(lambda: _listed(proxy))
         assert checks == 1
 
-        # Without the cache, LanceDB's own consistency check is bounded alike.
+        # Without the cache, LanceDB's own consistency check is bounded alike
+        # (a long bound: five searches on a loaded machine can take a second).
         plain = await MemoryStore.open(
             tmp_path / "p",
             HashEmbedder(),
             MemoryConfig(search=SearchConfig(cache_bytes=0, min_score=-1.0)),
-            storage=_storage(s3_prefix, refresh, endpoint=proxy.endpoint),
+            storage=_storage(s3_prefix, 30.0, endpoint=proxy.endpoint),
         )
         try:
             await texts(plain, ALICE, "violin")
