@@ -46,6 +46,8 @@ FILE = "keys.sqlite3"
 # refused) instead of being passed upstream as if it were the client's own.
 PREFIX = "mgk-"
 REFRESH_SECONDS = 0.5
+# A database host that does not answer is given up on after this long.
+CONNECT_TIMEOUT_SECONDS = 5
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS keys (
     id TEXT PRIMARY KEY,
@@ -188,7 +190,10 @@ class _PostgresTable:
         if self._db is None:
             try:
                 db = self._psycopg.connect(
-                    self._target.conninfo, autocommit=True, **self._target.kwargs
+                    self._target.conninfo,
+                    autocommit=True,
+                    connect_timeout=CONNECT_TIMEOUT_SECONDS,
+                    **self._target.kwargs,
                 )
             except self._psycopg.Error as exc:
                 # libpq's messages may quote the connection string.
@@ -286,12 +291,25 @@ class KeyStore:
             self._table.close()
 
     async def _follow(self) -> None:
+        # Said once when re-reading starts failing and once when it works
+        # again, not twice a second while the database is away.
+        failing = False
         while True:
             await asyncio.sleep(REFRESH_SECONDS)
             try:
                 await asyncio.to_thread(self._reload, False)
             except self._table.errors as exc:
-                logger.warning("could not re-read the issued keys: %s", exc)
+                if not failing:
+                    logger.warning(
+                        "could not re-read the issued keys (the keys known before still"
+                        " work; trying again): %s",
+                        exc,
+                    )
+                failing = True
+            else:
+                if failing:
+                    logger.warning("the issued keys can be read again")
+                failing = False
 
     def _reload(self, force: bool) -> None:
         """Re-read the keys if the table's version moved (`force` after this

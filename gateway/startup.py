@@ -38,6 +38,7 @@ def describe(config: Config, source: Path | None) -> str:
         *(f"upstream {_upstream(config, u)}" for u in config.upstreams),
         f"data dir: {config.data_path.absolute()}",
         *_storage(config),
+        *_queue(config),
         *_memory(config),
         f"auth: {_auth(config)}",
         f"processes: {_processes(config)}",
@@ -166,6 +167,15 @@ def _storage(config: Config) -> list[str]:
         f"memory tables: {public_url(storage.uri)} (shared; checked for other replicas'"
         f" writes every {storage.refresh_seconds:g} s); options set: {options}"
     ]
+
+
+def _queue(config: Config) -> list[str]:
+    """Where exchanges wait for extraction (and issued keys live), when not
+    in the data dir: the URL without user info or query."""
+    url = config.queue.url
+    if url == "sqlite":
+        return []
+    return [f"extraction queue and issued keys: {public_url(url)} (shared by replicas)"]
 
 
 def _auth(config: Config) -> str:

@@ -36,6 +36,8 @@ CREATE TABLE IF NOT EXISTS memory_changes (
 """
 # Replicas starting together create the table one at a time.
 _SCHEMA_LOCK = 0x4D475704
+# A database host that does not answer is given up on after this long.
+CONNECT_TIMEOUT_SECONDS = 5
 
 
 class PostgresChangeLog:
@@ -53,7 +55,12 @@ class PostgresChangeLog:
             self._db = None
         if self._db is None:
             try:
-                db = psycopg.connect(self._target.conninfo, autocommit=True, **self._target.kwargs)
+                db = psycopg.connect(
+                    self._target.conninfo,
+                    autocommit=True,
+                    connect_timeout=CONNECT_TIMEOUT_SECONDS,
+                    **self._target.kwargs,
+                )
             except psycopg.Error as exc:
                 # libpq's messages may quote the connection string.
                 raise psycopg.OperationalError(self._target.scrub(str(exc))) from None

@@ -569,3 +569,16 @@ def test_the_summary_names_the_memory_tables_uri_without_credentials():
     ) in text
     assert "pw-in-uri" not in text and "opt-secret-4b1e" not in text and "eu-west-1" not in text
     assert "memory tables" not in describe(_config(), None)
+
+
+def test_the_summary_names_a_shared_queue_without_its_password():
+    config = load_config(
+        None, env={"GATEWAY_QUEUE_URL": "postgresql://gw:pg-pw-71c2@db.internal:5432/gateway"}
+    )
+    text = describe(config, None)
+    assert (
+        "extraction queue and issued keys: postgresql://db.internal:5432/gateway"
+        " (shared by replicas)"
+    ) in text
+    assert "pg-pw-71c2" not in text
+    assert "extraction queue" not in describe(_config(), None)

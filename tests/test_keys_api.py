@@ -4,6 +4,7 @@ of creation, refused within a second of revocation or at expiry."""
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
@@ -15,7 +16,8 @@ import httpx
 import openai
 import pytest
 
-from gateway.key_store import FILE
+from gateway import key_store
+from gateway.key_store import FILE, KeyStore
 from tests.gateway_server import GatewayServer, gateway_config_for
 from tests.postgres import PASSWORD, PostgresServer
 from tests.upstream import ScriptedUpstream
@@ -245,3 +247,28 @@ def test_a_revoked_key_from_a_local_client_is_not_taken_for_the_local_admin(
     response = httpx.get(gateway.url + "/v1/keys", headers=headers)
     assert response.status_code == 401
     assert "revoked or expired" in response.json()["error"]["message"]
+
+
+async def test_an_unreachable_key_database_is_said_once_not_twice_a_second(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setattr(key_store, "REFRESH_SECONDS", 0.01)
+    store = KeyStore(tmp_path, queue_url="postgresql://gw:pw-3b9e@127.0.0.1:1/keys")
+    tries = 0
+    version = store._table.version
+
+    def counted() -> object | None:
+        nonlocal tries
+        tries += 1
+        return version()
+
+    store._table.version = counted  # type: ignore[method-assign]
+    await store.start()
+    try:
+        while tries < 10:
+            await asyncio.sleep(0.01)
+    finally:
+        await store.close()
+    assert caplog.text.count("issued keys cannot be read") == 1
+    assert caplog.text.count("could not re-read the issued keys") == 1
+    assert "pw-3b9e" not in caplog.text
