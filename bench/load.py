@@ -12,6 +12,9 @@ By default 64 distinct bodies are cycled, so with memory on most questions
 were asked before and their embeddings come from the gateway's query cache;
 `--fresh` makes every measured question new, as a real user's would be.
 
+With several ports (`--port 8081 8082 8083`: replicas behind no load
+balancer), each connection's requests go to them in turn, one after the other.
+
 Example:
     python bench/load.py --port 8080 --concurrency 16 --duration 5 --stream
 """
@@ -154,10 +157,14 @@ async def run(args: argparse.Namespace) -> Result:
     for h in args.header:
         k, _, v = h.partition(":")
         headers[k.strip()] = v.strip()
-    reqs = [
-        request_bytes(args.host, args.port, args.path, b, headers)
-        for b in bodies(args.model, args.stream, api=args.api)
-    ]
+    ports = args.port
+    reqs = {
+        port: [
+            request_bytes(args.host, port, args.path, b, headers)
+            for b in bodies(args.model, args.stream, api=args.api)
+        ]
+        for port in ports
+    }
     # --fresh: question numbers from a random start, so that no question of
     # this run was asked in an earlier one either.
     fresh = itertools.count(random.randrange(10**6, 10**9))
@@ -167,30 +174,40 @@ async def run(args: argparse.Namespace) -> Result:
     warmed = [0]
 
     async def worker(w: int) -> None:
-        reader, writer = await asyncio.open_connection(args.host, args.port)
+        # One connection to each port; request n goes to port n % len(ports).
+        conns = [await asyncio.open_connection(args.host, port) for port in ports]
+
+        async def reopen(k: int) -> None:
+            conns[k][1].close()
+            conns[k] = await asyncio.open_connection(args.host, ports[k])
+
         i = w * 7
+        n = 0
         try:
-            for _ in range(args.warmup):
-                *_, keep = await one(reader, writer, reqs[i % len(reqs)], args.stream)
+            for _ in range(args.warmup * len(ports)):
+                k = n % len(ports)
+                reqs_k = reqs[ports[k]]
+                *_, keep = await one(*conns[k], reqs_k[i % len(reqs_k)], args.stream)
                 i += 1
+                n += 1
                 if not keep:
-                    writer.close()
-                    reader, writer = await asyncio.open_connection(args.host, args.port)
+                    await reopen(k)
             warmed[0] += 1
             await start.wait()
             while time.perf_counter() < deadline[0]:
+                k = n % len(ports)
+                n += 1
                 if args.fresh:
                     new = body(args.model, args.stream, next(fresh), args.api)
-                    req = request_bytes(args.host, args.port, args.path, new, headers)
+                    req = request_bytes(args.host, ports[k], args.path, new, headers)
                 else:
-                    req = reqs[i % len(reqs)]
+                    req = reqs[ports[k]][i % len(reqs[ports[k]])]
                 i += 1
                 try:
-                    status, lat, ttfb, ok, keep = await one(reader, writer, req, args.stream)
+                    status, lat, ttfb, ok, keep = await one(*conns[k], req, args.stream)
                 except (OSError, asyncio.IncompleteReadError, ValueError):
                     result.errors += 1
-                    writer.close()
-                    reader, writer = await asyncio.open_connection(args.host, args.port)
+                    await reopen(k)
                     continue
                 key = str(status)
                 result.statuses[key] = result.statuses.get(key, 0) + 1
@@ -200,10 +217,10 @@ async def run(args: argparse.Namespace) -> Result:
                 else:
                     result.errors += 1
                 if not keep:
-                    writer.close()
-                    reader, writer = await asyncio.open_connection(args.host, args.port)
+                    await reopen(k)
         finally:
-            writer.close()
+            for _, writer in conns:
+                writer.close()
 
     workers = [asyncio.create_task(worker(w)) for w in range(args.concurrency)]
     # The clock starts once every connection is open and warmed up.
@@ -243,7 +260,9 @@ def summary(result: Result) -> dict[str, Any]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=int, required=True)
+    parser.add_argument(
+        "--port", type=int, nargs="+", required=True, help="several: requests go to each in turn"
+    )
     parser.add_argument(
         "--api", choices=sorted(PATHS), default="chat", help="the request shape (and its path)"
     )

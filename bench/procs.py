@@ -146,8 +146,10 @@ def start_gateway(
     timeout: float = 120,
     server: dict | None = None,
     metrics: dict | None = None,
+    extra: dict | None = None,
 ) -> tuple[Proc, int]:
-    """`memory-gateway serve` with its default server, as a user would run it."""
+    """`memory-gateway serve` with its default server, as a user would run it;
+    `extra`: more top-level sections of its configuration (`storage`, `queue`)."""
     port = free_port()
     config = {
         "server": {"host": "127.0.0.1", "port": port, "log_level": "warning", **(server or {})},
@@ -163,6 +165,7 @@ def start_gateway(
         "data_dir": str(data_dir),
         "memory": memory,
         "metrics": metrics or {"enabled": True},
+        **(extra or {}),
     }
     path = workdir / f"{name}.yaml"
     path.write_text(yaml.safe_dump(config))
