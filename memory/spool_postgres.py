@@ -354,6 +354,11 @@ class PostgresSpool:
         self.lease_seconds = lease_seconds
         self._clock = clock
         self._locks: list[AdvisoryLock] = []
+        # This replica's workers claim one at a time: woken together, they
+        # would otherwise all read the same candidates and race for the same
+        # users' locks (a claim is about a millisecond; replicas still claim
+        # side by side, kept apart by the locks).
+        self._claiming = asyncio.Lock()
 
     @classmethod
     async def open(
@@ -484,6 +489,10 @@ class PostgresSpool:
     async def claim(self, *, users: Iterable[str] | None = None) -> Claim:
         """Lease the next claimable job; `users` limits the choice (e.g. users with a key)."""
         lease = str(uuid.uuid4())
+        async with self._claiming:
+            return await self._claim(lease, users)
+
+    async def _claim(self, lease: str, users: Iterable[str] | None) -> Claim:
         now = self._clock()
         params = {**_users_param(users), "now": now, "limit": CLAIM_CANDIDATES}
         async with self._pool.connection() as conn, conn.transaction():
