@@ -46,7 +46,7 @@ class Unreachable(Exception):
     """No answer from the gateway: exit 3."""
 
 
-def add_commands(commands: Any, connection: Callable[[argparse.ArgumentParser], None]) -> None:
+def add_commands(commands: Any, connection: Callable[..., None]) -> None:
     """The `memories` and `keys` commands, on the CLI's sub-parsers."""
     formatter = argparse.RawDescriptionHelpFormatter
     memories = commands.add_parser(
@@ -61,6 +61,7 @@ def add_commands(commands: Any, connection: Callable[[argparse.ArgumentParser], 
     def action(name: str, help: str) -> argparse.ArgumentParser:
         parser = sub.add_parser(name, help=help)
         parser.add_argument("--json", action="store_true", help="machine-readable output")
+        connection(parser, again=True)
         return parser
 
     p = action("list", "a user's memories")
@@ -101,14 +102,17 @@ def add_commands(commands: Any, connection: Callable[[argparse.ArgumentParser], 
     connection(keys)
     ksub = keys.add_subparsers(dest="action", required=True)
     p = ksub.add_parser("create", help="issue a key for a user (printed once)")
+    connection(p, again=True)
     p.add_argument("user")
     p.add_argument("--name")
     p.add_argument("--expires", help="ISO 8601 time after which the key is refused")
     p.add_argument("--json", action="store_true")
     p = ksub.add_parser("list", help="issued keys (never the keys themselves)")
+    connection(p, again=True)
     p.add_argument("--user")
     p.add_argument("--json", action="store_true")
     p = ksub.add_parser("revoke", help="revoke a key by id")
+    connection(p, again=True)
     p.add_argument("id")
     p.add_argument("--json", action="store_true")
 

@@ -78,24 +78,33 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _connection_flags(command: argparse.ArgumentParser) -> None:
-    _config_flags(command)
+def _connection_flags(command: argparse.ArgumentParser, *, again: bool = False) -> None:
+    """`again`: the same flags on an action (`memories search --url ...`),
+    where a flag not given leaves the one given before the action alone."""
+    extra: dict[str, Any] = {"default": argparse.SUPPRESS} if again else {}
+    _config_flags(command, **extra)
     command.add_argument(
-        "--url", help="the gateway (default: where `serve` with this configuration listens)"
+        "--url",
+        help="the gateway (default: where `serve` with this configuration listens)",
+        **extra,
     )
     command.add_argument(
         "--admin-key",
         help="the admin key (default: $GATEWAY_ADMIN_KEY; none needed locally"
         " when no admin key is set)",
+        **extra,
     )
 
 
-def _config_flags(command: argparse.ArgumentParser) -> None:
+def _config_flags(command: argparse.ArgumentParser, **extra: Any) -> None:
     command.add_argument(
-        "--config", type=Path, help="configuration file (default: ./gateway.yaml if present)"
+        "--config",
+        type=Path,
+        help="configuration file (default: ./gateway.yaml if present)",
+        **extra,
     )
-    command.add_argument("--host", help="address to listen on (server.host)")
-    command.add_argument("--port", type=int, help="port to listen on (server.port)")
+    command.add_argument("--host", help="address to listen on (server.host)", **extra)
+    command.add_argument("--port", type=int, help="port to listen on (server.port)", **extra)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -133,3 +133,23 @@ def test_exit_statuses_scripts_can_trust(
     assert usage.value.code == 2
     code, _, err = cli("memories", "export")
     assert code == 2 and "USER or --all" in err
+
+
+def test_connection_flags_work_before_or_after_the_action(
+    cli, gateway: GatewayServer, capsys, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`memories search --url U ...` as well as `memories --url U search ...`;
+    one given after the action wins, one not given leaves the earlier alone."""
+    cli("memories", "add", "alice", "Allergic to peanuts")
+    monkeypatch.delenv("GATEWAY_ADMIN_KEY")
+    code = main(
+        ["memories", "list", "alice", "--url", gateway.url, "--admin-key", "adm-secret", "--json"]
+    )
+    assert code == 0
+    assert [m["text"] for m in json.loads(capsys.readouterr().out)] == ["Allergic to peanuts"]
+    dead = "http://127.0.0.1:9"
+    code = main(["keys", "--url", dead, "list", "--url", gateway.url, "--admin-key", "adm-secret"])
+    assert code == 0, capsys.readouterr().err
+    capsys.readouterr()
+    code = main(["memories", "--url", gateway.url, "--admin-key", "adm-secret", "stats"])
+    assert code == 0 and "memories" in capsys.readouterr().out
