@@ -93,6 +93,8 @@ CREATE TABLE IF NOT EXISTS extraction_jobs (
 CREATE INDEX IF NOT EXISTS extraction_jobs_unfinished ON extraction_jobs (user_id, seq)
     WHERE state IN ('pending', 'running');
 CREATE INDEX IF NOT EXISTS extraction_jobs_state ON extraction_jobs (state, updated_at);
+CREATE INDEX IF NOT EXISTS extraction_jobs_running ON extraction_jobs (user_id)
+    WHERE state = 'running';
 """
 
 # Each user's head (the oldest unfinished job) and when it may be claimed: when
@@ -100,11 +102,24 @@ CREATE INDEX IF NOT EXISTS extraction_jobs_state ON extraction_jobs (state, upda
 # of the user runs under a live lease. Due heads first, oldest due first; the
 # window gives the soonest future due time over all of them.
 _CANDIDATES = """
-WITH heads AS (
-    SELECT DISTINCT ON (user_id) seq, user_id, state, next_attempt_at, lease_until
-    FROM extraction_jobs
-    WHERE state IN ('pending', 'running') AND (%(all)s OR user_id = ANY(%(users)s))
-    ORDER BY user_id, seq
+WITH RECURSIVE waiting AS (
+    -- Each user with unfinished jobs, one index probe per user (a skip
+    -- scan), however many jobs each has queued.
+    (SELECT user_id FROM extraction_jobs
+        WHERE state IN ('pending', 'running') ORDER BY user_id LIMIT 1)
+    UNION ALL
+    SELECT (SELECT j.user_id FROM extraction_jobs AS j
+            WHERE j.state IN ('pending', 'running') AND j.user_id > w.user_id
+            ORDER BY j.user_id LIMIT 1)
+    FROM waiting AS w WHERE w.user_id IS NOT NULL
+), heads AS (
+    SELECT h.seq, h.user_id, h.state, h.next_attempt_at, h.lease_until
+    FROM waiting AS w CROSS JOIN LATERAL (
+        SELECT seq, user_id, state, next_attempt_at, lease_until FROM extraction_jobs AS j
+        WHERE j.user_id = w.user_id AND j.state IN ('pending', 'running')
+        ORDER BY j.seq LIMIT 1
+    ) AS h
+    WHERE w.user_id IS NOT NULL AND (%(all)s OR w.user_id = ANY(%(users)s))
 ), live AS (
     SELECT user_id, MAX(lease_until) AS until
     FROM extraction_jobs
@@ -529,20 +544,21 @@ class PostgresSpool:
         if not (row and row[0]):
             return None
         # A fresh statement, so a fresh snapshot: it sees every claim of this
-        # user committed before the lock was ours.
+        # user committed before the lock was ours. The user's head, unless
+        # any job of theirs runs under a live lease (two index probes, not a
+        # read of their whole backlog).
         cur = await conn.execute(
             "SELECT seq, state, next_attempt_at, lease_until FROM extraction_jobs"
-            " WHERE user_id = %s AND state IN ('pending', 'running') ORDER BY seq",
-            (user_id,),
+            " WHERE user_id = %(user)s AND state IN ('pending', 'running')"
+            " AND NOT EXISTS (SELECT 1 FROM extraction_jobs"
+            "   WHERE user_id = %(user)s AND state = 'running' AND lease_until > %(now)s)"
+            " ORDER BY seq LIMIT 1",
+            {"user": user_id, "now": now},
         )
-        jobs = await cur.fetchall()
-        if not jobs:
+        head = await cur.fetchone()
+        if head is None:
             return None
-        if any(
-            state == "running" and until is not None and until > now for _, state, _, until in jobs
-        ):
-            return None
-        seq, state, next_attempt_at, lease_until = jobs[0]
+        seq, state, next_attempt_at, lease_until = head
         due = (
             next_attempt_at
             if state == "pending"
