@@ -58,9 +58,13 @@ POOL_MIN_SIZE = 1
 POOL_MAX_SIZE = 8
 POOL_TIMEOUT_SECONDS = 10.0
 # An enqueue holds a chat's last bytes: with the server out of reach, the
-# exchange is given up (logged as not recorded) after this long, not after
-# the pool's timeout.
+# exchange is given up (logged as not recorded) after waiting this long for a
+# pooled connection and one attempt of its own (`ALONE_CONNECT_SECONDS`), not
+# after the pool's timeout.
 ENQUEUE_TIMEOUT_SECONDS = 3.0
+RECONNECT_TIMEOUT_SECONDS = 15.0
+# The connection an enqueue makes on its own when the pool has none (above).
+ALONE_CONNECT_SECONDS = 2
 # Heads looked at per claim: the due ones, oldest first.
 CLAIM_CANDIDATES = 16
 # When every due user was being claimed by another replica: look again soon.
@@ -396,6 +400,11 @@ class PostgresSpool:
             # A connection the server dropped (a restart, a failover) is
             # replaced before it is handed out, instead of failing a job write.
             check=AsyncConnectionPool.check_connection,
+            # The pool retries a server that is down with a backoff that
+            # doubles; giving up after this long starts the next attempt from
+            # a second again, so a queue back after a long outage is used
+            # again within seconds, not minutes.
+            reconnect_timeout=RECONNECT_TIMEOUT_SECONDS,
             name="extraction-queue",
             open=False,
         )
@@ -493,11 +502,28 @@ class PostgresSpool:
         try:
             await self._execute(sql, params, wait=ENQUEUE_TIMEOUT_SECONDS)
         except PoolTimeout:
-            raise  # the server is out of reach: waiting twice helps no chat
+            # No pooled connection: the server was away, and the pool may be
+            # between two reconnection attempts although it is back. One
+            # connection of its own tells, without waiting for the pool.
+            await self._insert_alone(sql, params)
         except psycopg.OperationalError as exc:
             log.warning("enqueue: %s; trying once more", self._target.scrub(str(exc)))
             await self._execute(sql, params, wait=ENQUEUE_TIMEOUT_SECONDS)
         return job_id
+
+    async def _insert_alone(self, sql: str, params: Sequence[Any]) -> None:
+        try:
+            conn = await psycopg.AsyncConnection.connect(
+                self._target.conninfo,
+                autocommit=True,
+                connect_timeout=ALONE_CONNECT_SECONDS,
+                **self._target.kwargs,
+            )
+        except psycopg.Error as exc:
+            raise psycopg.OperationalError(self._target.scrub(str(exc))) from None
+        async with conn:
+            await _configure(conn)
+            await conn.execute(sql, params)
 
     # -- consuming -----------------------------------------------------------
 
