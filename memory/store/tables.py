@@ -6,8 +6,9 @@ exclusive `WRITES_LOCK`, so every version in its span is its own, logged as
 changing nothing, and reconnects to let LanceDB's stale file handles go.
 
 The tables live in the local store directory, or at `storage.uri` (object
-storage shared by replicas: `TableLocation`); the lock and the change log
-always stay in the local directory. On a shared store another machine may
+storage shared by replicas: `TableLocation`); the lock always stays in the
+local directory, and so does the change log unless the replicas share one in
+the queue's PostgreSQL database. On a shared store another machine may
 commit inside an optimize's span, so that span is not logged as unchanged.
 """
 
