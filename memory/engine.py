@@ -53,7 +53,7 @@ from memory.models import (
 from memory.observer import NO_OBSERVER, Observer
 from memory.redaction import redact, redact_exchange
 from memory.spool import JobInfo, JobState
-from memory.spools import ExclusiveLock, JobQueue, maintenance_lock, open_spool
+from memory.spools import ExclusiveLock, JobQueue, maintenance_lock, open_spool, opening
 from memory.store import MemoryStore
 from memory.workers import WorkerPool
 
@@ -213,9 +213,10 @@ class MemoryEngine:
         store: MemoryStore | None = None
         try:
             await asyncio.to_thread(data_dir.mkdir, parents=True, exist_ok=True)
-            # Several gateway processes may start at once on one directory:
-            # creating tables, indices and the spool's schema is done by one at a time.
-            async with locked(data_dir / OPEN_LOCK):
+            # Several gateway processes may start at once on one directory, and
+            # replicas on one shared store: creating tables, indices and the
+            # spool's schema is done by one at a time.
+            async with locked(data_dir / OPEN_LOCK), opening(queue):
                 store = await MemoryStore.open(
                     data_dir / STORE_DIR, embedder, config, storage=storage, queue_url=queue.url
                 )

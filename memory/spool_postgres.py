@@ -354,6 +354,13 @@ class AdvisoryLock:
             await asyncio.gather(*self._closing, return_exceptions=True)
 
 
+def opening_lock(url: str) -> AdvisoryLock:
+    """The lock replicas sharing the queue at `url` open their stores under,
+    one at a time: the first creates the shared tables and their indices,
+    the others find them (created at once, their commits conflict)."""
+    return AdvisoryLock(Target(url), "%s, hashtext('open ' || current_schema())", (_SCHEMA_LOCKS,))
+
+
 class PostgresSpool:
     """The job queue in PostgreSQL. Open with `await PostgresSpool.open(url)`;
     close with `await close()`."""

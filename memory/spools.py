@@ -13,8 +13,9 @@ only when a PostgreSQL URL is configured.
 
 from __future__ import annotations
 
+import contextlib
 import logging
-from collections.abc import Iterable, Sequence
+from collections.abc import AsyncIterator, Iterable, Sequence
 from pathlib import Path
 from typing import Protocol
 
@@ -116,6 +117,27 @@ async def open_spool(queue: QueueConfig, data_dir: Path, *, lease_seconds: float
             " pip install 'memory-gateway[postgres]'"
         ) from exc
     return await PostgresSpool.open(queue.url, lease_seconds=lease_seconds)
+
+
+@contextlib.asynccontextmanager
+async def opening(queue: QueueConfig) -> AsyncIterator[None]:
+    """Replicas that share a PostgreSQL queue open their stores one at a
+    time (memory/spool_postgres.py, `opening_lock`); with SQLite, the data
+    directory's own lock does that for one machine's processes."""
+    if not is_postgres(queue.url):
+        yield
+        return
+    from memory.spool_postgres import Target, opening_lock
+
+    lock = opening_lock(queue.url)
+    try:
+        if not await lock.acquire(blocking=True):
+            raise ConnectionError(
+                f"cannot reach the extraction queue at {Target(queue.url).masked}"
+            )
+        yield
+    finally:
+        await lock.aclose()
 
 
 def maintenance_lock(spool: JobQueue, path: Path) -> ExclusiveLock:

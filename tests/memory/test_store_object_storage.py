@@ -16,7 +16,14 @@ from pathlib import Path
 import pytest
 from scripted_llm import ScriptedLLM, ops
 
-from memory.config import LLMConfig, MemoryConfig, SearchConfig, SpoolConfig, StorageConfig
+from memory.config import (
+    LLMConfig,
+    MemoryConfig,
+    QueueConfig,
+    SearchConfig,
+    SpoolConfig,
+    StorageConfig,
+)
 from memory.engine import STORE_DIR, MemoryEngine
 from memory.errors import TRANSIENT, StorageUnavailable
 from memory.models import Exchange
@@ -384,3 +391,36 @@ async def test_a_job_waits_out_an_object_store_outage_without_spending_its_attem
         await engine.close()
         await client.aclose()
         proxy.close()
+
+
+async def test_replicas_starting_together_on_an_empty_prefix_all_open(
+    tmp_path, s3_prefix, postgres_url
+):
+    """Three engines sharing a PostgreSQL queue open their store one at a
+    time: created at once, the tables' and indices' commits would conflict
+    and two of the three fail to start."""
+    queue = QueueConfig(url=postgres_url)
+
+    async def replica(name: str) -> MemoryEngine:
+        return await MemoryEngine.open(
+            cached(),
+            tmp_path / name,
+            storage=_storage(s3_prefix),
+            queue=queue,
+            embedder=HashEmbedder(),
+        )
+
+    opened = await asyncio.gather(*(replica(f"r{i}") for i in range(3)), return_exceptions=True)
+    engines = [e for e in opened if isinstance(e, MemoryEngine)]
+    try:
+        assert len(engines) == 3, [e for e in opened if not isinstance(e, MemoryEngine)]
+        for i, engine in enumerate(engines):
+            await engine.store.add(ALICE, f"Fact {i}")
+
+        async def all_seen() -> bool:
+            return len(await engines[0].store.list(ALICE)) == 3
+
+        await _eventually(all_seen)
+    finally:
+        for engine in engines:
+            await engine.close()
