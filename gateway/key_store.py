@@ -188,19 +188,9 @@ class _PostgresTable:
         if self._db is not None and self._db.closed:
             self._db = None
         if self._db is None:
-            try:
-                db = self._psycopg.connect(
-                    self._target.conninfo,
-                    autocommit=True,
-                    connect_timeout=CONNECT_TIMEOUT_SECONDS,
-                    **self._target.kwargs,
-                )
-            except self._psycopg.Error as exc:
-                # libpq's messages may quote the connection string.
-                raise self._psycopg.OperationalError(self._target.scrub(str(exc))) from None
-            with db.transaction():
-                db.execute("SELECT pg_advisory_xact_lock(%s)", (_PG_SCHEMA_LOCK,))
-                db.execute(_PG_SCHEMA)
+            db = self._target.connect_blocking(
+                schema=_PG_SCHEMA, schema_lock=_PG_SCHEMA_LOCK, timeout=CONNECT_TIMEOUT_SECONDS
+            )
             self._db = db
         return self._db
 

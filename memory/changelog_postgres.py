@@ -54,19 +54,9 @@ class PostgresChangeLog:
         if self._db is not None and self._db.closed:
             self._db = None
         if self._db is None:
-            try:
-                db = psycopg.connect(
-                    self._target.conninfo,
-                    autocommit=True,
-                    connect_timeout=CONNECT_TIMEOUT_SECONDS,
-                    **self._target.kwargs,
-                )
-            except psycopg.Error as exc:
-                # libpq's messages may quote the connection string.
-                raise psycopg.OperationalError(self._target.scrub(str(exc))) from None
-            with db.transaction():
-                db.execute("SELECT pg_advisory_xact_lock(%s)", (_SCHEMA_LOCK,))
-                db.execute(_SCHEMA)
+            db = self._target.connect_blocking(
+                schema=_SCHEMA, schema_lock=_SCHEMA_LOCK, timeout=CONNECT_TIMEOUT_SECONDS
+            )
             self._db = db
         return self._db
 

@@ -239,8 +239,32 @@ class Target:
     def scrub(self, text: str) -> str:
         return _scrubbed(text, self._url)
 
-    async def connect(self) -> psycopg.AsyncConnection[Any]:
-        return await psycopg.AsyncConnection.connect(self.conninfo, autocommit=True, **self.kwargs)
+    async def connect(self, **options: Any) -> psycopg.AsyncConnection[Any]:
+        return await psycopg.AsyncConnection.connect(
+            self.conninfo, autocommit=True, **options, **self.kwargs
+        )
+
+    def connect_blocking(
+        self, *, schema: str, schema_lock: int, timeout: int
+    ) -> psycopg.Connection[Any]:
+        """An autocommit connection for code that runs in a thread (the
+        change log, the issued keys), with `schema` created first under the
+        advisory lock `schema_lock` (replicas may start together). Errors
+        come scrubbed: libpq's messages may quote the connection string."""
+        try:
+            db = psycopg.connect(
+                self.conninfo, autocommit=True, connect_timeout=timeout, **self.kwargs
+            )
+        except psycopg.Error as exc:
+            raise psycopg.OperationalError(self.scrub(str(exc))) from None
+        try:
+            with db.transaction():
+                db.execute("SELECT pg_advisory_xact_lock(%s)", (schema_lock,))
+                db.execute(schema)
+        except BaseException:
+            db.close()
+            raise
+        return db
 
 
 def _users_param(users: Iterable[str] | None) -> dict[str, Any]:
@@ -520,12 +544,7 @@ class PostgresSpool:
 
     async def _insert_alone(self, sql: str, params: Sequence[Any]) -> None:
         try:
-            conn = await psycopg.AsyncConnection.connect(
-                self._target.conninfo,
-                autocommit=True,
-                connect_timeout=ALONE_CONNECT_SECONDS,
-                **self._target.kwargs,
-            )
+            conn = await self._target.connect(connect_timeout=ALONE_CONNECT_SECONDS)
         except psycopg.Error as exc:
             raise psycopg.OperationalError(self._target.scrub(str(exc))) from None
         async with conn:
