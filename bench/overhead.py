@@ -69,12 +69,14 @@ def memory_texts(n: int) -> list[str]:
     return out
 
 
-async def _seed(data_dir: Path, n: int) -> None:
+async def seed(data_dir: Path, n: int, storage: Any = None) -> None:
+    """`n` memories of the bench user and 20 other users, in `data_dir`'s
+    tables or at `storage.uri` (a `StorageConfig`: bench/replicas.py)."""
     from memory.config import MemoryConfig
     from memory.engine import MemoryEngine
     from memory.models import Memory, Scope
 
-    engine = await MemoryEngine.open(MemoryConfig(), data_dir)
+    engine = await MemoryEngine.open(MemoryConfig(), data_dir, storage=storage)
     try:
         scope = Scope(user_id=USER)
         now = datetime.now(UTC)
@@ -109,7 +111,7 @@ def seeded_data(n: int, workdir: Path, name: str = "data-on") -> Path:
         cache.mkdir(parents=True)
         t = time.perf_counter()
         print(f"seeding {n} memories into {cache} (embedding them, once) ...", flush=True)
-        asyncio.run(_seed(cache, n))
+        asyncio.run(seed(cache, n))
         (cache / "done").write_text(f"{time.perf_counter() - t:.1f}s\n")
     data = workdir / name
     shutil.copytree(cache, data)

@@ -59,7 +59,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from overhead import USER, drain, memory_texts, pooled, seeded_data
+from overhead import USER, drain, pooled, seed, seeded_data
 from procs import PYTHON, ROOT, Proc, free_port, start_fake_upstream, start_gateway, wait_http
 
 PG_BIN = Path("/usr/lib/postgresql/15/bin")
@@ -198,37 +198,6 @@ def bucket_mib(client: Any, prefix: str) -> float:
     return total / 2**20
 
 
-async def seed_shared(storage: Any, data_dir: Path, n: int) -> None:
-    """bench/overhead.py's seed (`n` memories of the bench user, 20 other
-    users), written to the shared tables at `storage.uri`."""
-    from memory.config import MemoryConfig
-    from memory.engine import MemoryEngine
-    from memory.models import Memory, Scope
-
-    engine = await MemoryEngine.open(MemoryConfig(), data_dir, storage=storage)
-    try:
-        now = datetime.now(UTC)
-        memories = [
-            Memory(
-                id=f"bench-{i:07d}",
-                user_id=USER,
-                agent_id=None,
-                session_id=None,
-                text=t,
-                metadata={},
-                created_at=now,
-                updated_at=now,
-            )
-            for i, t in enumerate(memory_texts(n))
-        ]
-        await engine.store.import_memories(Scope(user_id=USER), memories)
-        for u in range(20):
-            await engine.store.add(Scope(user_id=f"other-{u}"), f"Other user {u} likes tea.")
-        await engine.store.optimize()
-    finally:
-        await engine.close()
-
-
 def memory_statuses(ports: list[int]) -> dict[str, float]:
     """Chat requests by X-Memory-Status so far, summed over the gateways at `ports`."""
     out: dict[str, float] = {}
@@ -326,7 +295,7 @@ def chat_part(
         options = storage_options(endpoint)
         t = time.perf_counter()
         storage = StorageConfig(uri=uri, options=options, refresh_seconds=args.refresh)
-        asyncio.run(seed_shared(storage, workdir / "seed-shared", args.memories))
+        asyncio.run(seed(workdir / "seed-shared", args.memories, storage))
         print(f"seeded {args.memories} memories on S3 in {time.perf_counter() - t:.1f} s")
 
         upstream, up_port = start_fake_upstream(workdir)
@@ -433,24 +402,14 @@ async def search_case(
     `requests()` counts the object store's requests so far."""
     size, user_rows, queries, direct = args.rows, args.user_rows, args.queries, args.direct
     import numpy as np
-    from search_scale import BATCH, OTHER_ROWS, RandomEmbedder, batch, config, texts
+    from search_scale import RandomEmbedder, build, config, texts
     from search_scale import pct as fraction_pct
 
     from memory.models import Scope
     from memory.store import MemoryStore
 
     rng = np.random.default_rng(size)
-    mine = min(user_rows, size)
-    owners = ["target"] * mine + [f"user-{i // OTHER_ROWS}" for i in range(size - mine)]
-    store = await MemoryStore.open(root, RandomEmbedder(), config(True, False), storage=storage)
-    start = time.perf_counter()
-    for i in range(0, size, BATCH):
-        await store._memories.add(batch(rng, owners[i : i + BATCH], store._schema))
-    write_s = time.perf_counter() - start
-    start = time.perf_counter()
-    await store.optimize()
-    index_s = time.perf_counter() - start
-    await store.close()
+    write_s, index_s = await build(root, rng, size, user_rows, vector_index=False, storage=storage)
 
     scope = Scope(user_id="target")
     query_texts = texts(rng, max(queries, direct, args.cold))

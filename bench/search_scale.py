@@ -133,22 +133,40 @@ async def timed(fn: Any) -> float:
     return (time.perf_counter() - start) * 1e3
 
 
-async def scale(size: int, user_rows: int, queries: int, vector_index: bool) -> dict[str, Any]:
-    root = Path(tempfile.mkdtemp(prefix="search-scale-"))
-    rng = np.random.default_rng(size)
+async def build(
+    root: Path,
+    rng: np.random.Generator,
+    size: int,
+    user_rows: int,
+    *,
+    vector_index: bool,
+    storage: Any = None,
+) -> tuple[float, float]:
+    """The table: `size` rows, `user_rows` of them the target user's, the
+    others `OTHER_ROWS` per user; in `root`, or at `storage.uri` (a
+    `StorageConfig`: bench/replicas.py). Seconds writing, then indexing."""
     mine = min(user_rows, size)
     others = [f"user-{i // OTHER_ROWS}" for i in range(size - mine)]
     owners = ["target"] * mine + others
+    store = await MemoryStore.open(
+        root, RandomEmbedder(), config(True, vector_index), storage=storage
+    )
+    start = time.perf_counter()
+    for i in range(0, size, BATCH):
+        await store._memories.add(batch(rng, owners[i : i + BATCH], store._schema))
+    write_s = time.perf_counter() - start
+    start = time.perf_counter()
+    await store.optimize()
+    index_s = time.perf_counter() - start
+    await store.close()
+    return write_s, index_s
+
+
+async def scale(size: int, user_rows: int, queries: int, vector_index: bool) -> dict[str, Any]:
+    root = Path(tempfile.mkdtemp(prefix="search-scale-"))
+    rng = np.random.default_rng(size)
     try:
-        store = await MemoryStore.open(root, RandomEmbedder(), config(True, vector_index))
-        start = time.perf_counter()
-        for i in range(0, size, BATCH):
-            await store._memories.add(batch(rng, owners[i : i + BATCH], store._schema))
-        write_s = time.perf_counter() - start
-        start = time.perf_counter()
-        await store.optimize()
-        index_s = time.perf_counter() - start
-        await store.close()
+        write_s, index_s = await build(root, rng, size, user_rows, vector_index=vector_index)
 
         scope = Scope(user_id="target")
         query_texts = texts(rng, queries)
