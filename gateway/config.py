@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
 
 import msgspec
 import yaml
@@ -219,7 +220,13 @@ class Config(_Settings):
         if self.queue.url != "sqlite" and not self.queue.url.startswith(
             ("postgresql://", "postgres://")
         ):
-            raise ValueError("queue.url must be `sqlite` or a postgresql:// URL - at `$.queue.url`")
+            raise ValueError("must be `sqlite` or a postgresql:// URL - at `$.queue.url`")
+        if self.queue.url != "sqlite":
+            try:
+                _ = urlsplit(self.queue.url).port
+            except ValueError as exc:
+                # A URL that cannot work must stop the start, not be retried as an outage.
+                raise ValueError(f"{exc} - at `$.queue.url`") from None
         if len({k.key for k in self.auth.keys}) != len(self.auth.keys):
             raise ValueError("gateway keys must be unique - at `$.auth.keys`")
 

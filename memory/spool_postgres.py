@@ -300,8 +300,17 @@ class AdvisoryLock:
     crashed holder never keeps it; a holder whose connection died finds out
     at its next `acquire` and competes for the lock again like the others."""
 
-    def __init__(self, target: Target, key_sql: str, key_params: Sequence[Any]) -> None:
+    def __init__(
+        self,
+        target: Target,
+        key_sql: str,
+        key_params: Sequence[Any],
+        *,
+        name: str = "the maintenance lock",
+    ) -> None:
         self._target = target
+        # What the lock is for, in log lines.
+        self._name = name
         self._key_sql = key_sql
         self._key_params = tuple(key_params)
         self._conn: psycopg.AsyncConnection[Any] | None = None
@@ -321,7 +330,7 @@ class AdvisoryLock:
                 await self._conn.execute("SELECT 1")
                 return True
             except psycopg.Error:
-                log.warning("the connection holding the maintenance lock was lost")
+                log.warning("the connection holding %s was lost", self._name)
                 self._drop()
         try:
             if self._conn is None or self._conn.closed:
@@ -334,7 +343,7 @@ class AdvisoryLock:
             cur = await self._conn.execute(sql, self._key_params)
             row = await cur.fetchone()
         except psycopg.Error as exc:
-            log.warning("maintenance lock: %s", self._target.scrub(str(exc)))
+            log.warning("%s: %s", self._name, self._target.scrub(str(exc)))
             self._drop()
             return False
         except BaseException:
@@ -382,7 +391,12 @@ def opening_lock(url: str) -> AdvisoryLock:
     """The lock replicas sharing the queue at `url` open their stores under,
     one at a time: the first creates the shared tables and their indices,
     the others find them (created at once, their commits conflict)."""
-    return AdvisoryLock(Target(url), "%s, hashtext('open ' || current_schema())", (_SCHEMA_LOCKS,))
+    return AdvisoryLock(
+        Target(url),
+        "%s, hashtext('open ' || current_schema())",
+        (_SCHEMA_LOCKS,),
+        name="the lock replicas open their store under",
+    )
 
 
 class PostgresSpool:

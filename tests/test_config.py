@@ -180,6 +180,8 @@ def test_the_built_in_defaults_are_within_range():
             "memory.maintenance.vector_index_min_rows: Expected `int` >= 256",
         ),
         ("memory.maintenance.index_cache_bytes", -1, "memory.maintenance.index_cache_bytes:"),
+        ("queue.url", "redis://localhost:6379/0", "queue.url: must be `sqlite` or a postgresql"),
+        ("queue.url", "postgresql://gw:pw@db:notaport/q", "queue.url: Port could not be cast"),
     ],
 )
 def test_a_value_that_cannot_work_is_refused_naming_its_key(key, value, expected):
